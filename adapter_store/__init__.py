@@ -1,0 +1,1 @@
+"""Adapter formats, validation and (later) durable storage."""

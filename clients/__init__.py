@@ -1,0 +1,1 @@
+"""Switchboard clients: the command line, the Python SDK and the training kit."""

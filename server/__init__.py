@@ -1,0 +1,1 @@
+"""Switchboard server: frozen encoder + per-task modules served in mixed batches."""

@@ -1,0 +1,239 @@
+"""The multi-task engine: one frozen encoder, per-task modules in slot pools, mixed batches.
+
+Each resident task owns a *task slot*; the task slot routes to one slot in each component pool it
+uses ((IA)3 site, Houlsby width/activation, LayerNorm, head shape). Pools are keyed by shape, so a
+task occupies exactly its own parameter bytes. A batch gathers every row's parameters by index:
+no Python loop over examples.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from server.backbone import Backbone, BackboneSpec
+from server.forward import BatchParams, HeadGroup, HoulsbyGroup, encoder_forward
+from server.slot_pool import StackedPool
+from server.task_adapter import TaskAdapter
+from server.tuners.ia3.config import IA3_SITES, site_dim
+from server.tuners.layer_norm.config import LayerNormWeights
+
+PoolKey = tuple[object, ...]
+
+
+class CapacityError(RuntimeError):
+    """Loading the task would exceed the engine's byte budget for resident adapters."""
+
+
+@dataclass(frozen=True)
+class ResidentTask:
+    slot: int
+    num_labels: int
+    nbytes: int
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, max_adapter_bytes: int = 1 << 30,
+                 segment_max_tasks: int = 4, initial_slots: int = 16) -> None:
+        """max_adapter_bytes bounds the bytes of resident task parameters (the pools' used slots).
+
+        segment_max_tasks: a Houlsby pool used by at most this many distinct tasks in a batch runs one
+        GEMM per task (segment matmul) instead of a per-row batched matmul over gathered weights.
+        """
+        self.backbone = backbone
+        self.spec: BackboneSpec = backbone.spec
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        self.model = backbone.model.to(self.device, dtype)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.segment_max_tasks = segment_max_tasks
+        self._initial_slots = initial_slots
+        self._pools: dict[PoolKey, StackedPool] = {}
+        self._routes: dict[PoolKey, torch.Tensor] = {}  # pool key → [task capacity] pool slot (CPU)
+        self._task_pools: dict[int, list[PoolKey]] = {}
+        self._task_bytes: dict[int, int] = {}
+        self._task_capacity = 0
+        self._free_tasks: list[int] = []
+        self._grow_tasks(initial_slots)
+        self._lock = threading.RLock()
+        self._backbone_ln = LayerNormWeights.from_backbone(self.model)
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def resident_tasks(self) -> int:
+        return len(self._task_pools)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._task_bytes.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(p.allocated_nbytes for p in self._pools.values())
+
+    def task_nbytes(self, slot: int) -> int:
+        return self._task_bytes[slot]
+
+    def _grow_tasks(self, capacity: int) -> None:
+        old = self._task_capacity
+        for key, route in self._routes.items():
+            self._routes[key] = torch.cat([route, torch.zeros(capacity - old, dtype=torch.long)])
+        self._free_tasks.extend(range(capacity - 1, max(old, 1) - 1, -1))
+        self._task_capacity = capacity
+
+    def _pool(self, key: PoolKey, fields: dict[str, tuple[tuple[int, ...], float | torch.Tensor]]) -> StackedPool:
+        if key not in self._pools:
+            self._pools[key] = StackedPool(fields, self._initial_slots, self.dtype, self.device)
+            self._routes[key] = torch.zeros(self._task_capacity, dtype=torch.long)
+        return self._pools[key]
+
+    def _components(self, adapter: TaskAdapter) -> list[tuple[PoolKey, dict, dict[str, torch.Tensor]]]:
+        """(pool key, pool fields, this task's values) for every component the adapter uses."""
+        L, d = self.spec.num_layers, self.spec.hidden_size
+        parts: list[tuple[PoolKey, dict, dict[str, torch.Tensor]]] = []
+        if adapter.ia3 is not None:
+            for site, vec in adapter.ia3.vectors.items():
+                dim = site_dim(site, self.spec)
+                parts.append((("ia3", site), {"v": ((L, 1, dim), 1.0)}, {"v": vec}))
+        if adapter.houlsby is not None:
+            hb = adapter.houlsby
+            m = hb.width
+            parts.append((("houlsby", m, hb.activation),
+                          {"down": ((L, 2, d, m), 0.0), "down_b": ((L, 2, 1, m), 0.0),
+                           "up": ((L, 2, m, d), 0.0), "up_b": ((L, 2, 1, d), 0.0)},
+                          {"down": hb.down_w.transpose(-1, -2), "down_b": hb.down_b,
+                           "up": hb.up_w.transpose(-1, -2), "up_b": hb.up_b}))
+        if adapter.layer_norm is not None:
+            ln = adapter.layer_norm
+            parts.append((("ln",),
+                          {"weight": ((L, 2, 1, d), self._backbone_ln.weight),
+                           "bias": ((L, 2, 1, d), self._backbone_ln.bias)},
+                          {"weight": ln.weight, "bias": ln.bias}))
+        head = adapter.head
+        c = head.num_labels
+        fields: dict[str, tuple[tuple[int, ...], float | torch.Tensor]] = {
+            "out_w": ((d, c), 0.0), "out_b": ((1, c), 0.0)}
+        values = {"out_w": head.out_w.t(), "out_b": head.out_b}
+        if head.hidden_w is not None and head.hidden_b is not None:
+            fields |= {"hidden_w": ((d, d), 0.0), "hidden_b": ((1, d), 0.0)}
+            values |= {"hidden_w": head.hidden_w.t(), "hidden_b": head.hidden_b}
+        parts.append((("head", head.pooling, c, head.has_hidden), fields, values))
+        return parts
+
+    # ----- load / unload ---------------------------------------------------------------------------
+    def load(self, adapter: TaskAdapter) -> ResidentTask:
+        """Validate and copy a task into free slots; raises CapacityError past the byte budget."""
+        adapter.validate(self.spec)
+        parts = self._components(adapter)
+        with self._lock:
+            nbytes = 0
+            for key, fields, _ in parts:
+                nbytes += sum(int(torch.Size(shape).numel()) for shape, _ in fields.values())
+            nbytes *= torch.empty((), dtype=self.dtype).element_size()
+            if self.resident_bytes + nbytes > self.max_adapter_bytes:
+                raise CapacityError(
+                    f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
+            if not self._free_tasks:
+                self._grow_tasks(self._task_capacity * 2)
+            task = self._free_tasks.pop()
+            for key, fields, values in parts:
+                pool = self._pool(key, fields)
+                slot = pool.allocate()
+                pool.set_slot(slot, values)
+                self._routes[key][task] = slot
+            self._task_pools[task] = [key for key, _, _ in parts]
+            self._task_bytes[task] = nbytes
+            return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
+
+    def unload(self, task: int) -> None:
+        with self._lock:
+            for key in self._task_pools.pop(task):
+                route = self._routes[key]
+                self._pools[key].reset_slot(int(route[task]))
+                route[task] = 0
+            del self._task_bytes[task]
+            self._free_tasks.append(task)
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def _rows(self, pool_slots: torch.Tensor) -> torch.Tensor | None:
+        """Row indices that use a pool (None = every row), on the engine's device."""
+        used = pool_slots > 0
+        if bool(used.all()):
+            return None
+        return used.nonzero().squeeze(1).to(self.device)
+
+    def batch_params(self, task_slots: torch.Tensor) -> BatchParams:
+        """Gather every row's parameters from the pools. task_slots: [B] long on the CPU."""
+        params = BatchParams()
+        to_dev = self.device
+        for key, route in self._routes.items():
+            slots = route.index_select(0, task_slots)
+            if not bool((slots > 0).any()):
+                continue
+            pool = self._pools[key]
+            kind = key[0]
+            if kind == "ia3":
+                # Rows of other tasks gather slot 0, the ones vector: the product is exact.
+                params.ia3[str(key[1])] = pool.gather("v", slots.to(to_dev))
+            elif kind == "ln":
+                s = slots.to(to_dev)
+                params.layer_norm = (pool.gather("weight", s), pool.gather("bias", s))
+            elif kind == "houlsby":
+                params.houlsby.extend(self._houlsby_groups(pool, slots, str(key[2])))
+            elif kind == "head":
+                rows = self._rows(slots)
+                used = slots if rows is None else slots[slots > 0]
+                s = used.to(to_dev)
+                hidden = bool(key[3])
+                params.heads.append(HeadGroup(
+                    rows=rows, pooling=str(key[1]),
+                    out_w=pool.gather("out_w", s), out_b=pool.gather("out_b", s),
+                    hidden_w=pool.gather("hidden_w", s) if hidden else None,
+                    hidden_b=pool.gather("hidden_b", s) if hidden else None))
+        return params
+
+    def _houlsby_groups(self, pool: StackedPool, slots: torch.Tensor, activation: str) -> list[HoulsbyGroup]:
+        used_mask = slots > 0
+        distinct = torch.unique(slots[used_mask])
+        if len(distinct) <= self.segment_max_tasks:
+            # Segment matmul: one GEMM per task over its rows, weights not copied per row.
+            groups = []
+            for s in distinct.tolist():
+                rows = self._rows(slots == s)
+                idx = torch.tensor([s], device=self.device)
+                groups.append(HoulsbyGroup(rows, pool.gather("down", idx), pool.gather("down_b", idx),
+                                           pool.gather("up", idx), pool.gather("up_b", idx), activation))
+            return groups
+        rows = self._rows(slots)
+        s = (slots if rows is None else slots[used_mask]).to(self.device)
+        return [HoulsbyGroup(rows, pool.gather("down", s), pool.gather("down_b", s), pool.gather("up", s),
+                             pool.gather("up_b", s), activation)]
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C_max] (float32, -inf past each row's label count) for a batch mixing tasks."""
+        task_slots = task_slots.to("cpu", torch.long)
+        with self._lock:
+            for t in torch.unique(task_slots).tolist():
+                if t not in self._task_pools:
+                    raise KeyError(f"task slot {t} is not resident")
+            params = self.batch_params(task_slots)
+            return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
+
+    @torch.inference_mode()
+    def bare_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone alone through the same code path (used by tests and benchmarks)."""
+        from server.forward import encode
+
+        return encode(self.model, input_ids.to(self.device), attention_mask.to(self.device), BatchParams())
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        return self.backbone.tokenizer(texts, padding=True, truncation=True,
+                                       max_length=max_length or self.spec.max_length, return_tensors="pt")

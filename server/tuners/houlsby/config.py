@@ -1,0 +1,77 @@
+"""Houlsby bottleneck adapters (Houlsby et al. 2019): h + up(f(down(h))) after both sublayers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from server.backbone import BackboneSpec
+
+# AdapterHub calls SiLU "swish"; both names are accepted and stored as "silu".
+ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu", "tanh")
+ACTIVATION_ALIASES: dict[str, str] = {"swish": "silu", "gelu_new": "gelu", "gelu_orig": "gelu"}
+# Sublayer index: 0 = after the attention output projection, 1 = after the FFN output projection.
+SITES: tuple[str, ...] = ("attention", "ffn")
+
+
+def canonical_activation(name: str) -> str:
+    name = ACTIVATION_ALIASES.get(name.lower(), name.lower())
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported adapter activation {name!r}; use one of {', '.join(ACTIVATIONS)}")
+    return name
+
+
+@dataclass
+class HoulsbyWeights:
+    """Weights in torch.nn.Linear layout: down_w [L, 2, m, d], up_w [L, 2, d, m]."""
+
+    down_w: torch.Tensor
+    down_b: torch.Tensor
+    up_w: torch.Tensor
+    up_b: torch.Tensor
+    activation: str = "gelu"
+
+    @property
+    def width(self) -> int:
+        return int(self.down_w.shape[2])
+
+    @classmethod
+    def near_identity(cls, spec: BackboneSpec, width: int = 64, activation: str = "gelu",
+                      std: float = 1e-2, generator: torch.Generator | None = None) -> "HoulsbyWeights":
+        """The paper's init: small truncated-normal weights, zero biases, so the adapter starts ≈ identity."""
+        shape_l = (spec.num_layers, len(SITES))
+        d = spec.hidden_size
+
+        def small(*shape: int) -> torch.Tensor:
+            w = torch.empty(*shape)
+            torch.nn.init.trunc_normal_(w, std=std, a=-2 * std, b=2 * std, generator=generator)
+            return w
+
+        return cls(
+            down_w=small(*shape_l, width, d),
+            down_b=torch.zeros(*shape_l, width),
+            up_w=small(*shape_l, d, width),
+            up_b=torch.zeros(*shape_l, d),
+            activation=canonical_activation(activation),
+        )
+
+    def expected_shapes(self, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
+        L, d, m = spec.num_layers, spec.hidden_size, self.width
+        return {
+            "houlsby.down_w": (L, 2, m, d),
+            "houlsby.down_b": (L, 2, m),
+            "houlsby.up_w": (L, 2, d, m),
+            "houlsby.up_b": (L, 2, d),
+        }
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"houlsby.down_w": self.down_w, "houlsby.down_b": self.down_b,
+                "houlsby.up_w": self.up_w, "houlsby.up_b": self.up_b}
+
+
+def params_per_layer_pair(d: int, m: int) -> int:
+    """The paper's count for one adapter, 2md + d + m."""
+    return 2 * m * d + d + m
+
+

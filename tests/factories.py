@@ -1,0 +1,66 @@
+"""Tiny random backbones and random (non-identity) task adapters for fast tests."""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+from server.backbone import Backbone, BackboneSpec, default_model_path, wrap_model
+from server.task_adapter import TaskAdapter
+from server.tuners.head.config import HeadWeights
+from server.tuners.houlsby.config import HoulsbyWeights
+from server.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
+from server.tuners.layer_norm.config import LayerNormWeights
+
+TINY_CONFIG = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
+                   intermediate_size=128, max_position_embeddings=128, hidden_act="gelu")
+
+
+def tiny_backbone(seed: int = 0) -> Backbone:
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**TINY_CONFIG), add_pooling_layer=True)
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    return wrap_model(model, tokenizer, name="tiny-bert", max_length=128)
+
+
+def random_adapter(spec: BackboneSpec, *, seed: int, kind: str = "ia3", num_labels: int = 3,
+                   width: int = 8, activation: str = "gelu", pooling: str = "cls", hidden: bool = False,
+                   layer_norm: bool = False, ia3_sites: tuple[str, ...] = tuple(IA3_SITES),
+                   backbone_model: torch.nn.Module | None = None) -> TaskAdapter:
+    """Random adapters far from the identity, so a wrong row/task mapping changes the logits."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape: int, std: float = 0.3) -> torch.Tensor:
+        return torch.randn(*shape, generator=g) * std
+
+    L, d = spec.num_layers, spec.hidden_size
+    ia3 = houlsby = ln = None
+    if kind in ("ia3", "mixed"):
+        ia3 = Ia3Weights({s: 1.0 + rnd(L, site_dim(s, spec)) for s in ia3_sites})
+    if kind in ("houlsby", "mixed"):
+        houlsby = HoulsbyWeights(down_w=rnd(L, 2, width, d), down_b=rnd(L, 2, width, std=0.1),
+                                 up_w=rnd(L, 2, d, width), up_b=rnd(L, 2, d, std=0.1), activation=activation)
+    if layer_norm:
+        assert backbone_model is not None
+        base = LayerNormWeights.from_backbone(backbone_model)
+        ln = LayerNormWeights(weight=base.weight + rnd(L, 2, d, std=0.1), bias=base.bias + rnd(L, 2, d, std=0.1))
+    head = HeadWeights(out_w=rnd(num_labels, d, std=1.0), out_b=rnd(num_labels, std=0.5), pooling=pooling,
+                       hidden_w=rnd(d, d) if hidden else None, hidden_b=rnd(d, std=0.1) if hidden else None)
+    return TaskAdapter(head=head, labels=[f"label{i}" for i in range(num_labels)], ia3=ia3, houlsby=houlsby,
+                       layer_norm=ln)
+
+
+TEXTS = [
+    "library for parsing command line options",
+    "A fast, small web server.",
+    "fonts",
+    "ham radio logging program with a graphical interface and support for many rigs and contest modes",
+    "tools for managing git repositories",
+    "Scientific plotting package for python; produces publication quality figures in many formats",
+    "mail transfer agent",
+    "an arcade game with falling blocks",
+    "database server (metapackage depending on the latest version)",
+    "Video editor",
+    "text editor for programmers with syntax highlighting",
+    "electronic circuit simulator",
+]
