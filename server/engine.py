@@ -34,6 +34,18 @@ class ResidentTask:
     nbytes: int
 
 
+def reduce_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Mixed precision: the encoder's Linear weights in `dtype`; embeddings, LayerNorms, the pooler and
+    the residual stream stay float32, which keeps bf16 logits close to fp32 at almost no cost."""
+    model.float()
+    if dtype != torch.float32:
+        for layer in model.encoder.layer:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(dtype)
+    return model
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -41,19 +53,23 @@ def default_device() -> torch.device:
 class Engine:
     def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32,
                  device: torch.device | str | None = None, max_adapter_bytes: int = 1 << 30,
-                 segment_max_tasks: int = 4, initial_slots: int = 16) -> None:
+                 segment_max_tasks: int = 4, chunk_rows: int = 8, initial_slots: int = 16) -> None:
         """max_adapter_bytes bounds the bytes of resident task parameters (the pools' used slots).
 
         segment_max_tasks: a Houlsby pool used by at most this many distinct tasks in a batch runs one
         GEMM per task (segment matmul) instead of a per-row batched matmul over gathered weights.
+        chunk_rows: a batch is run as length-sorted chunks of this many rows, each padded only to its
+        own longest row (0 = one chunk). CPU throughput stops growing past ~8 rows, so this wins back
+        padding at no cost (docs/benchmarks.md).
         """
         self.backbone = backbone
         self.spec: BackboneSpec = backbone.spec
         self.device = torch.device(device) if device is not None else default_device()
         self.dtype = dtype
-        self.model = backbone.model.to(self.device, dtype)
+        self.model = reduce_precision(backbone.model.to(self.device), dtype)
         self.max_adapter_bytes = max_adapter_bytes
         self.segment_max_tasks = segment_max_tasks
+        self.chunk_rows = chunk_rows
         self._initial_slots = initial_slots
         self._pools: dict[PoolKey, StackedPool] = {}
         self._routes: dict[PoolKey, torch.Tensor] = {}  # pool key → [task capacity] pool slot (CPU)
@@ -88,9 +104,13 @@ class Engine:
         self._free_tasks.extend(range(capacity - 1, max(old, 1) - 1, -1))
         self._task_capacity = capacity
 
+    def _pool_dtype(self, key: PoolKey) -> torch.dtype:
+        """Heads and LayerNorms stay float32 whatever the compute dtype: tiny, and they set precision."""
+        return torch.float32 if key[0] in ("head", "ln") else self.dtype
+
     def _pool(self, key: PoolKey, fields: dict[str, tuple[tuple[int, ...], float | torch.Tensor]]) -> StackedPool:
         if key not in self._pools:
-            self._pools[key] = StackedPool(fields, self._initial_slots, self.dtype, self.device)
+            self._pools[key] = StackedPool(fields, self._initial_slots, self._pool_dtype(key), self.device)
             self._routes[key] = torch.zeros(self._task_capacity, dtype=torch.long)
         return self._pools[key]
 
@@ -133,10 +153,8 @@ class Engine:
         adapter.validate(self.spec)
         parts = self._components(adapter)
         with self._lock:
-            nbytes = 0
-            for key, fields, _ in parts:
-                nbytes += sum(int(torch.Size(shape).numel()) for shape, _ in fields.values())
-            nbytes *= torch.empty((), dtype=self.dtype).element_size()
+            nbytes = sum(sum(int(torch.Size(shape).numel()) for shape, _ in fields.values())
+                         * torch.empty((), dtype=self._pool_dtype(key)).element_size() for key, fields, _ in parts)
             if self.resident_bytes + nbytes > self.max_adapter_bytes:
                 raise CapacityError(
                     f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
@@ -216,16 +234,44 @@ class Engine:
         return [HoulsbyGroup(rows, pool.gather("down", s), pool.gather("down_b", s), pool.gather("up", s),
                              pool.gather("up_b", s), activation)]
 
+    def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(rows, padded width) per chunk: rows sorted by length, `chunk_rows` at a time."""
+        lengths = attention_mask.sum(1)
+        B, T = attention_mask.shape
+        right_padded = bool((attention_mask[:, 0] > 0).all()) or T == 0
+        if self.chunk_rows <= 0 or B <= self.chunk_rows:
+            return [(torch.arange(B), int(lengths.max()) if right_padded and B else T)]
+        order = torch.argsort(lengths, descending=True, stable=True)
+        plan = []
+        for rows in torch.split(order, self.chunk_rows):
+            plan.append((rows, int(lengths[rows].max()) if right_padded else T))
+        return plan
+
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
         """Logits [B, C_max] (float32, -inf past each row's label count) for a batch mixing tasks."""
         task_slots = task_slots.to("cpu", torch.long)
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         with self._lock:
             for t in torch.unique(task_slots).tolist():
                 if t not in self._task_pools:
                     raise KeyError(f"task slot {t} is not resident")
-            params = self.batch_params(task_slots)
-            return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
+            plan = self.chunks(attention_mask)
+            if len(plan) == 1:
+                rows, width = plan[0]
+                return self._forward_chunk(input_ids[:, :width], attention_mask[:, :width], task_slots)
+            parts = [(rows, self._forward_chunk(input_ids[rows, :width], attention_mask[rows, :width],
+                                                task_slots[rows])) for rows, width in plan]
+            out = torch.full((len(task_slots), max(p.shape[1] for _, p in parts)), float("-inf"),
+                             device=parts[0][1].device)
+            for rows, logits in parts:
+                out[rows.to(out.device), : logits.shape[1]] = logits
+            return out
+
+    def _forward_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       task_slots: torch.Tensor) -> torch.Tensor:
+        params = self.batch_params(task_slots)
+        return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
 
     @torch.inference_mode()
     def bare_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -35,9 +35,9 @@ def run_alone(engine: Engine, slot: int, text: str) -> torch.Tensor:
 
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(specs=st.lists(task_spec, min_size=8, max_size=11), rows=st.integers(12, 24), seed=st.integers(0, 10_000),
-       segment_max=st.sampled_from([0, 4, 64]))
-def test_mixed_batch_rows_equal_rows_run_alone(tiny, specs, rows, seed, segment_max):
-    engine = Engine(tiny, segment_max_tasks=segment_max)
+       segment_max=st.sampled_from([0, 4, 64]), chunk_rows=st.sampled_from([0, 5, 8]))
+def test_mixed_batch_rows_equal_rows_run_alone(tiny, specs, rows, seed, segment_max, chunk_rows):
+    engine = Engine(tiny, segment_max_tasks=segment_max, chunk_rows=chunk_rows)
     slots = []
     for i, spec in enumerate(specs):
         adapter = random_adapter(tiny.spec, seed=seed + i, backbone_model=tiny.model, **spec)
