@@ -1,10 +1,29 @@
-"""The `switchboard` command line."""
+"""The `switchboard` command line: serve, upload, classify, tasks, backbone."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
+
+DEFAULT_URL = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000")
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from server.api import create_app
+    from server.settings import Settings
+
+    overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
+                                   "data_dir": args.data_dir, "dtype": args.dtype,
+                                   "threads": args.threads, "max_length": args.max_length}.items() if v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
+                timeout_graceful_shutdown=int(settings.request_timeout_s))
+    return 0
 
 
 def _cmd_backbone(args: argparse.Namespace) -> int:
@@ -14,12 +33,73 @@ def _cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_upload(args: argparse.Namespace) -> int:
+    import httpx
+
+    paths: list[Path] = []
+    for p in map(Path, args.paths):
+        paths.extend(sorted(x for x in p.iterdir() if x.is_file() and x.suffix in (".json", ".safetensors"))
+                     if p.is_dir() else [p])
+    files = [("files", (p.name, p.read_bytes())) for p in paths]
+    data = {"labels": json.dumps(args.labels)} if args.labels else None
+    r = httpx.put(f"{args.url}/v1/tasks/{args.task}", files=files, data=data, timeout=120)
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code < 400 else 1
+
+
+def _cmd_classify(args: argparse.Namespace) -> int:
+    import httpx
+
+    body = {"task": args.task, "inputs": args.texts, "top_k": args.top_k}
+    r = httpx.post(f"{args.url}/v1/classify", json=body, timeout=60)
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code < 400 else 1
+
+
+def _cmd_tasks(args: argparse.Namespace) -> int:
+    import httpx
+
+    r = httpx.get(f"{args.url}/v1/tasks", timeout=30)
+    print(json.dumps(r.json(), indent=2))
+    return 0 if r.status_code < 400 else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="start the server (flags also read SWITCHBOARD_<FLAG>)")
+    serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
+    serve.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
+    serve.add_argument("--data-dir", default=None, help="data directory (default ./switchboard-data)")
+    serve.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32)")
+    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_cmd_serve)
+
     backbone = sub.add_parser("backbone", help="load the backbone and print its description and fingerprint")
-    backbone.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
+    backbone.add_argument("--model", default=None)
     backbone.set_defaults(func=_cmd_backbone)
+
+    upload = sub.add_parser("upload", help="upload an adapter directory or files as a new version of TASK")
+    upload.add_argument("task")
+    upload.add_argument("paths", nargs="+")
+    upload.add_argument("--labels", nargs="+", default=None, help="label names, in head order")
+    upload.add_argument("--url", default=DEFAULT_URL)
+    upload.set_defaults(func=_cmd_upload)
+
+    classify = sub.add_parser("classify", help="classify texts with TASK")
+    classify.add_argument("task")
+    classify.add_argument("texts", nargs="+")
+    classify.add_argument("--top-k", type=int, default=None)
+    classify.add_argument("--url", default=DEFAULT_URL)
+    classify.set_defaults(func=_cmd_classify)
+
+    tasks = sub.add_parser("tasks", help="list the server's tasks")
+    tasks.add_argument("--url", default=DEFAULT_URL)
+    tasks.set_defaults(func=_cmd_tasks)
     return parser
 
 

@@ -198,8 +198,11 @@ class Engine:
             pool = self._pools[key]
             kind = key[0]
             if kind == "ia3":
-                # Rows of other tasks gather slot 0, the ones vector: the product is exact.
-                params.ia3[str(key[1])] = pool.gather("v", slots.to(to_dev))
+                # Rows of other tasks gather slot 0, the ones vector: the product is exact. One slot for
+                # the whole chunk is gathered once and broadcast.
+                first = slots[:1]
+                one = bool((slots == first).all())
+                params.ia3[str(key[1])] = pool.gather("v", (first if one else slots).to(to_dev))
             elif kind == "ln":
                 s = slots.to(to_dev)
                 params.layer_norm = (pool.gather("weight", s), pool.gather("bias", s))

@@ -52,13 +52,17 @@ class BatchParams:
 
 
 def _add_houlsby(out: torch.Tensor, groups: list[HoulsbyGroup], layer: int, sublayer: int) -> torch.Tensor:
+    """out is a fresh projection output, so in inference the adapter is added in place."""
+    inplace = not torch.is_grad_enabled()
     for g in groups:
         w = (g.down[:, layer, sublayer], g.down_b[:, layer, sublayer], g.up[:, layer, sublayer],
              g.up_b[:, layer, sublayer])
         if g.rows is None:
-            out = out + bottleneck(out, *w, g.activation)
+            delta = bottleneck(out, *w, g.activation)
+            out = out.add_(delta) if inplace else out + delta
         else:
-            out = out.index_add(0, g.rows, bottleneck(out.index_select(0, g.rows), *w, g.activation))
+            delta = bottleneck(out.index_select(0, g.rows), *w, g.activation)
+            out = out.index_add_(0, g.rows, delta) if inplace else out.index_add(0, g.rows, delta)
     return out
 
 

@@ -1,0 +1,70 @@
+"""Turn the files of one upload into a validated TaskAdapter. Safetensors only; never unpickles."""
+
+from __future__ import annotations
+
+import json
+import re
+
+from safetensors.torch import load as st_load
+
+from adapter_store.formats import native, peft
+from server.backbone import BackboneSpec
+from server.task_adapter import AdapterValidationError, TaskAdapter
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _safetensors(name: str, data: bytes) -> dict:
+    try:
+        return st_load(data)
+    except Exception as exc:  # safetensors raises its own error types for malformed files
+        raise AdapterValidationError(f"{name}: not a valid safetensors file ({exc})") from exc
+
+
+def _json(name: str, data: bytes) -> dict:
+    try:
+        value = json.loads(data)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AdapterValidationError(f"{name}: not valid JSON") from exc
+    if not isinstance(value, dict):
+        raise AdapterValidationError(f"{name}: expected a JSON object")
+    return value
+
+
+def parse_upload(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None = None) -> TaskAdapter:
+    """files: plain file name → content. Raises AdapterValidationError naming the first problem."""
+    if not files:
+        raise AdapterValidationError("no files uploaded")
+    for name, data in files.items():
+        if not _SAFE_NAME.match(name) or ".." in name:
+            raise AdapterValidationError(f"file name {name!r} is not a plain file name")
+        if name.lower().endswith(PICKLE_SUFFIXES):
+            raise AdapterValidationError(
+                f"{name}: pickle files are never loaded by the server; convert them to safetensors on your "
+                f"side with `switchboard convert DIR`")
+        if not data:
+            raise AdapterValidationError(f"{name}: empty file")
+    if "adapter_config.json" in files:
+        config = _json("adapter_config.json", files["adapter_config.json"])
+        if "peft_type" in config:
+            if "adapter_model.safetensors" not in files:
+                raise AdapterValidationError("a PEFT adapter needs adapter_model.safetensors")
+            adapter = peft.parse(config, _safetensors("adapter_model.safetensors", files["adapter_model.safetensors"]),
+                                 spec, labels)
+        else:
+            raise AdapterValidationError(
+                "adapter_config.json is not a PEFT config (no peft_type); AdapterHub import is not available yet")
+    else:
+        weights = [n for n in files if n.endswith(".safetensors")]
+        if len(weights) != 1:
+            raise AdapterValidationError(
+                "upload one native .safetensors file, or a PEFT directory (adapter_config.json + "
+                "adapter_model.safetensors)")
+        adapter = native.loads(files[weights[0]], spec.fingerprint)
+    if labels is not None:
+        if len(labels) != adapter.num_labels:
+            raise AdapterValidationError(f"{len(labels)} labels given for a head with {adapter.num_labels} outputs")
+        adapter.labels = list(labels)
+    adapter.validate(spec)
+    return adapter

@@ -1,0 +1,201 @@
+"""Dynamic mixed-task batching: an asyncio front and one inference worker thread.
+
+A batch closes when the next request would pass the row limit or the token budget (rows × padded
+length), or `batch_wait_ms` after the worker started collecting. Requests past their deadline or whose
+client left are dropped before inference. The queue is bounded in rows: past it, `Overloaded` (429).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from server.engine import Engine
+from server.errors import DeadlineExceeded, Overloaded
+from server.metrics import Metrics
+from server.registry import TaskVersion
+from server.settings import Settings
+
+
+@dataclass
+class WorkItem:
+    version: TaskVersion
+    input_ids: np.ndarray  # [rows, length], right-padded with pad_id
+    attention_mask: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    deadline: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def _resolve(item: WorkItem, result: object = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if item.future.done():
+            return
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+
+    item.loop.call_soon_threadsafe(settle)
+
+
+class Batcher:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics,
+                 release: Callable[[TaskVersion], None]) -> None:
+        self._engine = engine
+        self._settings = settings
+        self._metrics = metrics
+        self._release = release
+        self._queue: collections.deque[WorkItem] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
+        self.pad_id = int(engine.backbone.tokenizer.pad_token_id or 0)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish every admitted request, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    async def submit(self, version: TaskVersion, input_ids: np.ndarray, attention_mask: np.ndarray,
+                     timeout_s: float) -> torch.Tensor:
+        """Queue one request's rows; resolves to its logits [rows, C_max]. Releases the version's pin."""
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = WorkItem(version, input_ids, attention_mask, loop.create_future(), loop, now, now + timeout_s)
+        with self._cond:
+            if self._stopping:
+                self._release(version)
+                raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
+            if self._queued_rows + item.rows > self._settings.max_queue_rows:
+                self._release(version)
+                self._metrics.dropped.labels("queue_full").inc()
+                raise Overloaded(f"queue is full ({self._queued_rows} rows waiting); retry later",
+                                 {"Retry-After": str(self._settings.retry_after_s)})
+            self._queue.append(item)
+            self._queued_rows += item.rows
+            self._metrics.queue_depth.set(self._queued_rows)
+            self._cond.notify()
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout=max(0.0, timeout_s) + 1.0)
+        except asyncio.TimeoutError as exc:
+            item.future.cancel()
+            raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f} s") from exc
+        except asyncio.CancelledError:
+            item.future.cancel()  # the client left: the worker drops it if not started yet
+            raise
+
+    # ----- worker thread -----------------------------------------------------------------------------
+    def _take(self) -> list[WorkItem]:
+        """Collect one batch (called with no lock held)."""
+        s = self._settings
+        batch: list[WorkItem] = []
+        rows = width = 0
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            close_at = time.monotonic() + s.batch_wait_ms / 1000.0
+            while True:
+                full = False
+                while self._queue:
+                    item = self._queue[0]
+                    new_rows, new_width = rows + item.rows, max(width, item.length)
+                    if batch and (new_rows > s.max_batch_rows or new_rows * new_width > s.max_batch_tokens):
+                        full = True
+                        break
+                    self._queue.popleft()
+                    self._queued_rows -= item.rows
+                    if self._drop(item):
+                        continue
+                    batch.append(item)
+                    rows, width = new_rows, new_width
+                self._metrics.queue_depth.set(self._queued_rows)
+                remaining = close_at - time.monotonic()
+                if full or remaining <= 0 or self._stopping:
+                    return batch
+                self._cond.wait(remaining)
+
+    def _drop(self, item: WorkItem) -> bool:
+        reason = None
+        if item.future.cancelled():
+            reason = "client_gone"
+        elif time.monotonic() > item.deadline:
+            reason = "deadline"
+            _resolve(item, error=DeadlineExceeded("request waited past its deadline"))
+        if reason:
+            self._metrics.dropped.labels(reason).inc()
+            self._release(item.version)
+        return reason is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping and not self._queue:
+                    return
+            batch = self._take()
+            if batch:
+                self._run_batch(batch)
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        start = time.monotonic()
+        rows = sum(i.rows for i in batch)
+        width = max(i.length for i in batch)
+        ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        slots = np.empty(rows, dtype=np.int64)
+        offset = 0
+        for item in batch:  # a loop over requests, copying whole blocks
+            n = item.rows
+            ids[offset:offset + n, : item.length] = item.input_ids
+            mask[offset:offset + n, : item.length] = item.attention_mask
+            slots[offset:offset + n] = item.version.resident.slot if item.version.resident else -1
+            offset += n
+            self._metrics.queue_duration.observe(start - item.enqueued)
+        try:
+            logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
+        except Exception as exc:  # surfaced to every request of the batch as a 500
+            for item in batch:
+                _resolve(item, error=exc)
+                self._release(item.version)
+            return
+        elapsed = time.monotonic() - start
+        real_tokens = int(mask.sum())
+        computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
+        m = self._metrics
+        m.batches.inc()
+        m.inference_duration.observe(elapsed)
+        m.batch_rows.observe(rows)
+        m.batch_tokens.observe(real_tokens)
+        m.batch_padding.observe(1.0 - real_tokens / max(1, computed))
+        m.batch_tasks.observe(len(np.unique(slots)))
+        offset = 0
+        for item in batch:
+            _resolve(item, result=logits[offset:offset + item.rows])
+            offset += item.rows
+            self._release(item.version)

@@ -1,0 +1,49 @@
+"""API errors: every failure leaves as {"error": {"type", "message"}} with a fitting status."""
+
+from __future__ import annotations
+
+
+class ApiError(Exception):
+    status: int = 500
+    type: str = "internal_error"
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class TaskNotFound(ApiError):
+    status, type = 404, "task_not_found"
+
+
+class VersionNotFound(ApiError):
+    status, type = 404, "version_not_found"
+
+
+class InvalidAdapter(ApiError):
+    status, type = 422, "invalid_adapter"
+
+
+class InvalidRequest(ApiError):
+    status, type = 422, "invalid_request"
+
+
+class PayloadTooLarge(ApiError):
+    status, type = 413, "payload_too_large"
+
+
+class Overloaded(ApiError):
+    status, type = 429, "overloaded"
+
+
+class NotReady(ApiError):
+    status, type = 503, "not_ready"
+
+
+class DeadlineExceeded(ApiError):
+    status, type = 503, "deadline_exceeded"
+
+
+class InsufficientCapacity(ApiError):
+    status, type = 507, "insufficient_capacity"

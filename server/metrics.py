@@ -1,0 +1,45 @@
+"""Prometheus metrics with bounded label sets (no per-task labels), one registry per app."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter("switchboard_requests", "HTTP requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.failures = Counter("switchboard_request_failures", "Failed requests by error type", ["type"], registry=r)
+        self.request_duration = Histogram("switchboard_request_duration_seconds", "Request latency",
+                                          ["endpoint"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_duration = Histogram("switchboard_queue_duration_seconds",
+                                        "Time a classify request waited before its batch started",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+        self.inference_duration = Histogram("switchboard_inference_duration_seconds",
+                                            "Forward pass time per batch", buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_rows = Histogram("switchboard_batch_rows", "Rows per batch",
+                                    buckets=(1, 2, 4, 8, 16, 32, 48, 64, 128, 256), registry=r)
+        self.batch_tokens = Histogram("switchboard_batch_tokens", "Real (unpadded) tokens per batch",
+                                      buckets=(32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384), registry=r)
+        self.batch_padding = Histogram("switchboard_batch_padding_fraction",
+                                       "Fraction of computed positions that were padding",
+                                       buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0), registry=r)
+        self.batch_tasks = Histogram("switchboard_batch_tasks", "Distinct tasks per batch",
+                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.batches = Counter("switchboard_batches", "Forward passes run", registry=r)
+        self.dropped = Counter("switchboard_dropped_requests",
+                               "Requests dropped before inference", ["reason"], registry=r)
+        self.queue_depth = Gauge("switchboard_queue_depth_rows", "Rows waiting in the batcher queue", registry=r)
+        self.resident_adapters = Gauge("switchboard_resident_adapters", "Task versions resident in device slots",
+                                       registry=r)
+        self.resident_bytes = Gauge("switchboard_resident_adapter_bytes", "Bytes of resident task parameters",
+                                    registry=r)
+        self.registered_tasks = Gauge("switchboard_registered_tasks", "Tasks with a current version", registry=r)
+        self.adapter_loads = Counter("switchboard_adapter_loads", "Adapter loads into device slots", registry=r)
+        self.adapter_load_duration = Histogram("switchboard_adapter_load_duration_seconds",
+                                               "Time to parse, validate and load an adapter",
+                                               buckets=LATENCY_BUCKETS, registry=r)
+        self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

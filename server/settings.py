@@ -1,0 +1,38 @@
+"""Every knob of the server in one place; each reads SWITCHBOARD_<NAME> from the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model: Path | None = Field(None, description="local model directory; default: embedded all-MiniLM-L6-v2")
+    data_dir: Path = Path("./switchboard-data")
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
+
+    max_length: int = Field(128, description="inputs are truncated to this many tokens (≤ the model's limit)")
+    max_inputs_per_request: int = 64
+    max_body_bytes: int = 1 << 20
+    max_upload_bytes: int = 256 << 20
+    max_labels: int = 1024
+
+    # Batcher. A batch closes at max_batch_rows rows, at max_batch_tokens (rows × padded length), or
+    # after batch_wait_ms once the worker is free. Tuned on 2 cores with MiniLM: see docs/benchmarks.md.
+    max_batch_rows: int = 64
+    max_batch_tokens: int = 8192
+    batch_wait_ms: float = 2.0
+    chunk_rows: int = 8
+    max_queue_rows: int = 2048
+    request_timeout_s: float = 30.0
+    retry_after_s: int = 1
+
+    max_adapter_bytes: int = 1 << 30
