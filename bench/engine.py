@@ -20,32 +20,17 @@ from collections.abc import Callable
 import torch
 from peft import IA3Config, PeftModel, TaskType, get_peft_model
 
+from bench.adapters import bench_adapter
 from bench.texts import sample_texts
 from server.backbone import load_backbone
 from server.engine import Engine
 from server.task_adapter import TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.houlsby.config import HoulsbyWeights
-from server.tuners.ia3.config import PAPER_SITES, Ia3Weights, site_dim
 
 NUM_LABELS = 8
 
 
 def make_adapter(spec, kind: str, seed: int, width: int = 64) -> TaskAdapter:
-    """Adapters with trained-like magnitudes (not the identity) so no work can be skipped."""
-    g = torch.Generator().manual_seed(seed)
-    L, d = spec.num_layers, spec.hidden_size
-    ia3 = houlsby = None
-    if kind == "ia3":
-        ia3 = Ia3Weights({s: 1.0 + 0.1 * torch.randn(L, site_dim(s, spec), generator=g) for s in PAPER_SITES})
-    else:
-        houlsby = HoulsbyWeights(down_w=0.02 * torch.randn(L, 2, width, d, generator=g),
-                                 down_b=torch.zeros(L, 2, width),
-                                 up_w=0.02 * torch.randn(L, 2, d, width, generator=g),
-                                 up_b=torch.zeros(L, 2, d), activation="gelu")
-    head = HeadWeights(out_w=0.3 * torch.randn(NUM_LABELS, d, generator=g), out_b=torch.zeros(NUM_LABELS),
-                       pooling="mean")
-    return TaskAdapter(head=head, labels=[f"l{i}" for i in range(NUM_LABELS)], ia3=ia3, houlsby=houlsby)
+    return bench_adapter(spec, kind, seed, width=width, num_labels=NUM_LABELS)
 
 
 def peft_model(backbone_model, num_tasks: int, dtype: torch.dtype) -> PeftModel:
