@@ -25,7 +25,7 @@ def _safetensors(name: str, data: bytes) -> dict:
 def _json(name: str, data: bytes) -> dict:
     try:
         value = json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterValidationError(f"{name}: not valid JSON") from exc
     if not isinstance(value, dict):
         raise AdapterValidationError(f"{name}: expected a JSON object")
@@ -34,6 +34,19 @@ def _json(name: str, data: bytes) -> dict:
 
 def parse_upload(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None = None) -> TaskAdapter:
     """files: plain file name → content. Raises AdapterValidationError naming the first problem."""
+    try:
+        adapter = _parse(files, spec, labels)
+    except AdapterValidationError:
+        raise
+    except (ValueError, TypeError, IndexError, KeyError, RecursionError) as exc:
+        # A malformed file that slipped past the explicit checks is still the client's error, not ours.
+        raise AdapterValidationError(f"malformed adapter: {type(exc).__name__}: {exc}") from exc
+    if adapter.kind not in ("ia3", "houlsby", "mixed"):
+        raise AdapterValidationError("the adapter holds neither (IA)3 vectors nor Houlsby adapters")
+    return adapter
+
+
+def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None) -> TaskAdapter:
     if not files:
         raise AdapterValidationError("no files uploaded")
     for name, data in files.items():

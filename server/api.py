@@ -27,7 +27,7 @@ from server.engine import CapacityError, Engine
 from server.errors import ApiError, InsufficientCapacity, InvalidAdapter, InvalidRequest, NotReady, PayloadTooLarge
 from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
-from server.registry import Registry, TaskVersion
+from server.registry import Registry, TaskEntry, TaskVersion
 from server.schemas import (BackboneInfo, ClassifyRequest, ClassifyResponse, ErrorResponse, Health, Prediction,
                             TaskList, TaskSummary, TaskVersionSummary)
 from server.settings import Settings
@@ -78,7 +78,7 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone]) ->
         engine = Engine(backbone, dtype=torch.bfloat16 if s.dtype == "bf16" else torch.float32,
                         max_adapter_bytes=s.max_adapter_bytes, chunk_rows=s.chunk_rows)
         registry = Registry(engine, state.metrics)
-        batcher = Batcher(engine, s, state.metrics, registry.release)
+        batcher = Batcher(engine, s, state.metrics, registry.release, after_batch=registry.unload_released)
         batcher.start()
         state.runtime = Runtime(engine, registry, batcher)
         state.metrics.ready.set(1)
@@ -181,8 +181,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
 
     @app.get("/v1/tasks", response_model=TaskList, responses=ERRORS)
     def list_tasks(runtime: RuntimeDep) -> TaskList:
-        registry = runtime.registry
-        return TaskList(tasks=[_task_summary(registry, name) for name in registry.names()])
+        return TaskList(tasks=[_summary(entry) for entry in runtime.registry.snapshot()])
 
     @app.get("/v1/tasks/{task}", response_model=TaskSummary, responses=ERRORS)
     def get_task(task: TaskName, runtime: RuntimeDep) -> TaskSummary:
@@ -236,7 +235,10 @@ def _parse_labels(labels: str | None, max_labels: int) -> list[str] | None:
 
 
 def _task_summary(registry: Registry, task: str) -> TaskSummary:
-    entry = registry.get(task)
+    return _summary(registry.get(task))
+
+
+def _summary(entry: TaskEntry) -> TaskSummary:
     cur = entry.current
     return TaskSummary(**cur.summary(), created_at=cur.created_at,
                        versions=[TaskVersionSummary(**v.summary()) for v in entry.versions])
@@ -259,7 +261,8 @@ def _install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code,
+                                                                                           "http_error")
         return error(exc.status_code, kind, str(exc.detail))
 
     @app.exception_handler(Exception)

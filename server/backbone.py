@@ -93,6 +93,8 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
                max_length: int | None = None) -> Backbone:
     """Freeze a loaded encoder and compute its spec (used by tests with tiny random models too)."""
     check_architecture(model)
+    # Absolute position ids and first-token pooling assume right padding.
+    tokenizer.padding_side = "right"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)

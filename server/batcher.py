@@ -57,11 +57,13 @@ def _resolve(item: WorkItem, result: object = None, error: BaseException | None 
 
 class Batcher:
     def __init__(self, engine: Engine, settings: Settings, metrics: Metrics,
-                 release: Callable[[TaskVersion], None]) -> None:
+                 release: Callable[[TaskVersion], None], after_batch: Callable[[], None] = lambda: None) -> None:
+        """release: unpin a version (called once per admitted request); after_batch: worker housekeeping."""
         self._engine = engine
         self._settings = settings
         self._metrics = metrics
         self._release = release
+        self._after_batch = after_batch
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._queued_rows = 0
         self._cond = threading.Condition()
@@ -125,14 +127,16 @@ class Batcher:
                 full = False
                 while self._queue:
                     item = self._queue[0]
+                    if self._drop(item):  # dead requests neither count toward nor close a batch
+                        self._queue.popleft()
+                        self._queued_rows -= item.rows
+                        continue
                     new_rows, new_width = rows + item.rows, max(width, item.length)
                     if batch and (new_rows > s.max_batch_rows or new_rows * new_width > s.max_batch_tokens):
                         full = True
                         break
                     self._queue.popleft()
                     self._queued_rows -= item.rows
-                    if self._drop(item):
-                        continue
                     batch.append(item)
                     rows, width = new_rows, new_width
                 self._metrics.queue_depth.set(self._queued_rows)
@@ -159,10 +163,24 @@ class Batcher:
                 if self._stopping and not self._queue:
                     return
             batch = self._take()
-            if batch:
+            if not batch:
+                continue
+            try:
                 self._run_batch(batch)
+            except Exception as exc:  # surfaced to every request of the batch as a 500
+                for item in batch:
+                    _resolve(item, error=exc)
+            finally:
+                # every admitted request is unpinned exactly once, whatever happened
+                for item in batch:
+                    self._release(item.version)
+                try:
+                    self._after_batch()
+                except Exception:  # housekeeping must never stop the worker
+                    pass
 
     def _run_batch(self, batch: list[WorkItem]) -> None:
+        """Resolves every item's future or raises; releasing the pins is the caller's job."""
         start = time.monotonic()
         rows = sum(i.rows for i in batch)
         width = max(i.length for i in batch)
@@ -177,13 +195,7 @@ class Batcher:
             slots[offset:offset + n] = item.version.resident.slot if item.version.resident else -1
             offset += n
             self._metrics.queue_duration.observe(start - item.enqueued)
-        try:
-            logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
-        except Exception as exc:  # surfaced to every request of the batch as a 500
-            for item in batch:
-                _resolve(item, error=exc)
-                self._release(item.version)
-            return
+        logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
         elapsed = time.monotonic() - start
         real_tokens = int(mask.sum())
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
@@ -198,4 +210,3 @@ class Batcher:
         for item in batch:
             _resolve(item, result=logits[offset:offset + item.rows])
             offset += item.rows
-            self._release(item.version)

@@ -161,11 +161,20 @@ class Engine:
             if not self._free_tasks:
                 self._grow_tasks(self._task_capacity * 2)
             task = self._free_tasks.pop()
-            for key, fields, values in parts:
-                pool = self._pool(key, fields)
-                slot = pool.allocate()
-                pool.set_slot(slot, values)
-                self._routes[key][task] = slot
+            written: list[PoolKey] = []
+            try:
+                for key, fields, values in parts:
+                    pool = self._pool(key, fields)
+                    slot = pool.allocate()
+                    self._routes[key][task] = slot
+                    written.append(key)
+                    pool.set_slot(slot, values)
+            except BaseException:  # e.g. out of memory while growing a pool: leave nothing half-loaded
+                for key in written:
+                    self._pools[key].reset_slot(int(self._routes[key][task]))
+                    self._routes[key][task] = 0
+                self._free_tasks.append(task)
+                raise
             self._task_pools[task] = [key for key, _, _ in parts]
             self._task_bytes[task] = nbytes
             return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)

@@ -72,6 +72,8 @@ class TaskAdapter:
 
     def validate(self, spec: BackboneSpec) -> None:
         """Check every tensor's shape and values against the backbone before anything is loaded."""
+        if self.head.out_w.dim() != 2 or self.head.out_b.dim() != 1:
+            raise AdapterValidationError("head.out_w must be 2-D [labels, hidden] and head.out_b 1-D")
         if self.head.pooling not in POOLINGS:
             raise AdapterValidationError(f"unknown pooling {self.head.pooling!r}; use one of {POOLINGS}")
         if self.head.pooling == "pooler" and not spec.has_pooler:

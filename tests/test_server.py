@@ -147,7 +147,9 @@ def test_scores_top_k_and_single_string(server, uploaded, adapters):
     assert not torch.allclose(logits, torch.tensor(scores[:2]))  # logits, not probabilities
 
 
-def test_errors_are_json_with_the_right_status(server, uploaded):
+def test_errors_are_json_with_the_right_status(server, uploaded, adapters, tiny_dir):
+    head_only = random_adapter(tiny_dir[1].spec, seed=1)
+    head_only.ia3 = None  # a head on the bare backbone is not an adapter
     def err(r: httpx.Response, status: int, type_: str | None = None) -> None:
         assert r.status_code == status, r.text
         body = r.json()["error"]
@@ -164,6 +166,15 @@ def test_errors_are_json_with_the_right_status(server, uploaded):
     err(post({"task": "task-0", "inputs": ["x"] * 65}), 413, "payload_too_large")
     err(post({"task": "task-0", "inputs": ["x" * 2_000_000]}), 413, "payload_too_large")
     err(httpx.post(f"{server}/v1/classify", content=b"{not json", headers={"content-type": "application/json"}), 422)
+
+    def chunked():  # no Content-Length: the limit is enforced while streaming
+        yield b'{"task": "task-0", "inputs": ["'
+        for _ in range(40):
+            yield b"x" * 65536
+        yield b'"]}'
+
+    err(httpx.post(f"{server}/v1/classify", content=chunked(), headers={"content-type": "application/json"}),
+        413, "payload_too_large")
     err(httpx.get(f"{server}/v1/tasks/nope"), 404, "task_not_found")
     err(httpx.delete(f"{server}/v1/tasks/nope"), 404, "task_not_found")
     err(httpx.get(f"{server}/v1/nothing-here"), 404)
@@ -173,7 +184,13 @@ def test_errors_are_json_with_the_right_status(server, uploaded):
                   [("files", ("adapter.safetensors", b"\x10\x00\x00\x00\x00\x00\x00\x00{}"))],
                   [("files", ("adapter.safetensors", b""))],
                   [("files", ("adapter_config.json", b"{\"peft_type\": \"LORA\"}")),
-                   ("files", ("adapter_model.safetensors", b"x"))]):
+                   ("files", ("adapter_model.safetensors", b"x"))],
+                  [("files", ("adapter_config.json", b"{\"peft_type\": \"IA3\", \"feedforward_modules\": \"(\"}")),
+                   ("files", ("adapter_model.safetensors", b"x"))],
+                  [("files", ("adapter_config.json", b"[" * 100_000)),
+                   ("files", ("adapter_model.safetensors", b"x"))],
+                  [("files", ("adapter.safetensors", native.dumps(head_only, uploaded)))],
+                  [("files", ("../adapter.safetensors", native.dumps(adapters["task-0"], uploaded)))]):
         err(httpx.put(f"{server}/v1/tasks/task-0", files=files), 422, "invalid_adapter")
     assert httpx.get(f"{server}/v1/tasks").json() == tasks_before  # nothing changed
 
@@ -191,6 +208,9 @@ def test_reupload_serves_the_new_version_and_delete_removes(server, uploaded, ad
     assert httpx.delete(f"{server}/v1/tasks/task-9").status_code == 204
     assert httpx.post(f"{server}/v1/classify", json={"task": "task-9", "inputs": "x"}).status_code == 404
     assert "task-9" not in [t["task"] for t in httpx.get(f"{server}/v1/tasks").json()["tasks"]]
+    # version numbers of a name never repeat, across a delete too
+    again = upload(server, "task-9", adapters["task-9"], uploaded)
+    assert again.status_code == 201 and again.json()["version"] == 2
 
 
 def test_overload_answers_429_and_nothing_else_breaks(tiny_dir, tmp_path, adapters):

@@ -45,7 +45,7 @@ def _metadata(data: bytes) -> dict[str, str]:
         raise AdapterValidationError("safetensors header length is out of range (truncated file?)")
     try:
         header = json.loads(data[8: 8 + header_len])
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise AdapterValidationError("safetensors header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise AdapterValidationError("safetensors header is not a JSON object")
@@ -95,7 +95,10 @@ def from_tensors(tensors: dict[str, torch.Tensor], labels: list[str], pooling: s
             if required:
                 raise AdapterValidationError(f"missing tensor {name}")
             return None
-        return remaining.pop(name).float()
+        tensor = remaining.pop(name)
+        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+            raise AdapterValidationError(f"tensor {name} has dtype {tensor.dtype}; expected a float dtype")
+        return tensor.float()
 
     head = HeadWeights(out_w=take("head.out_w"), out_b=take("head.out_b"), pooling=pooling,
                        hidden_w=take("head.hidden_w", False), hidden_b=take("head.hidden_b", False))

@@ -45,6 +45,14 @@ def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
         raise AdapterValidationError(
             f"unsupported PEFT adapter type {config.get('peft_type')!r}: Switchboard serves PEFT IA3 adapters")
     ff_modules = config.get("feedforward_modules")
+    if ff_modules is not None and not isinstance(ff_modules, str) and not (
+            isinstance(ff_modules, list) and all(isinstance(m, str) for m in ff_modules)):
+        raise AdapterValidationError("feedforward_modules must be a string or a list of strings")
+    if isinstance(ff_modules, str):
+        try:
+            re.compile(ff_modules)
+        except re.error as exc:
+            raise AdapterValidationError(f"feedforward_modules is not a valid regex: {exc}") from exc
     vectors: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
@@ -60,6 +68,8 @@ def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
             if not 0 <= layer < spec.num_layers:
                 raise AdapterValidationError(f"{key}: layer {layer} outside the backbone's {spec.num_layers} layers")
             dim = site_dim(site, spec)
+            if not tensor.is_floating_point():
+                raise AdapterValidationError(f"{key}: dtype {tensor.dtype} is not a float dtype")
             if tensor.numel() != dim or tensor.dim() != 2 or 1 not in tensor.shape:
                 raise AdapterValidationError(f"{key}: shape {tuple(tensor.shape)} does not fit dimension {dim}")
             vec = vectors.setdefault(site, torch.ones(spec.num_layers, dim))
