@@ -178,7 +178,8 @@ def main() -> None:
 
     report: dict[str, dict] = {}
     servers = {
-        "switchboard": [sys.executable, "-m", "clients.cli", "serve", "--log-level", "warning"],
+        # both servers truncate at 128 tokens, as the engine measurement does
+        "switchboard": [sys.executable, "-m", "clients.cli", "serve", "--log-level", "warning", "--max-length", "128"],
         "baseline": [sys.executable, "-m", "bench.baseline_server", "--tasks", str(args.tasks)],
     }
     for name, base_cmd in servers.items():

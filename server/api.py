@@ -122,9 +122,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
 
     @app.get("/v1/backbone", response_model=BackboneInfo, responses=ERRORS)
     def backbone(runtime: RuntimeDep, state: StateDep) -> BackboneInfo:
-        info = runtime.engine.spec.as_dict()
-        info["max_length"] = min(int(info["max_length"]), state.settings.max_length)
-        return BackboneInfo(**info)
+        return BackboneInfo(**runtime.engine.spec.as_dict())
 
     @app.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
     async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
@@ -137,7 +135,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
             raise PayloadTooLarge(f"{len(texts)} inputs; at most {s.max_inputs_per_request} per request")
         version = runtime.registry.acquire(body.task)
         try:
-            ids, mask = await asyncio.to_thread(_tokenize, runtime.engine, texts, s.max_length)
+            ids, mask = await asyncio.to_thread(_tokenize, runtime.engine, texts)
         except BaseException:
             runtime.registry.release(version)
             raise
@@ -195,10 +193,10 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
     return app
 
 
-def _tokenize(engine: Engine, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """One batched call into the Rust tokenizer, run off the event loop."""
-    enc = engine.backbone.tokenizer(texts, padding=True, truncation=True,
-                                    max_length=min(max_length, engine.spec.max_length), return_tensors="np")
+def _tokenize(engine: Engine, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """One batched call into the Rust tokenizer, run off the event loop; truncates to the spec's limit."""
+    enc = engine.backbone.tokenizer(texts, padding=True, truncation=True, max_length=engine.spec.max_length,
+                                    return_tensors="np")
     return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
 
 

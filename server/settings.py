@@ -19,7 +19,7 @@ class Settings(BaseSettings):
     dtype: Literal["fp32", "bf16"] = "fp32"
     threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
 
-    max_length: int = Field(128, description="inputs are truncated to this many tokens (≤ the model's limit)")
+    max_length: int | None = Field(None, description="truncate inputs to this many tokens; default: the model's limit")
     max_inputs_per_request: int = 64
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 256 << 20
