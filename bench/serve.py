@@ -233,7 +233,8 @@ def main() -> None:
         "baseline_errors": bl["at70"]["errors"],
         "ready_s": sb["ready_s"], "score_agreement": agree, "tasks": args.tasks,
     }
-    print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in summary.items()}))
+    print(json.dumps({k: (round(v, 4) if k != "score_agreement" else float(f"{v:.3g}")) if isinstance(v, float) else v
+                      for k, v in summary.items()}))
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ class Batcher:
                 self._metrics.queue_depth.set(self._queued_rows)
                 remaining = close_at - time.monotonic()
                 if full or remaining <= 0 or self._stopping:
-                    return batch
+                    # requests whose client left or whose deadline passed while we collected
+                    return [item for item in batch if not self._drop(item)]
                 self._cond.wait(remaining)
 
     def _drop(self, item: WorkItem) -> bool:

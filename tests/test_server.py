@@ -236,3 +236,45 @@ def test_overload_answers_429_and_nothing_else_breaks(tiny_dir, tmp_path, adapte
                 assert r.json() == alone
         assert httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": TEXTS[:4], "raw_scores": True}).json() == alone
         assert metric_samples(url)['switchboard_dropped_requests_total{"reason": "queue_full"}'] >= 1
+
+
+def test_disconnected_and_late_requests_are_dropped_and_shutdown_drains(tiny_dir, tmp_path, adapters):
+    env = {"SWITCHBOARD_BATCH_WAIT_MS": "600"}  # the worker collects for 0.6 s: time to leave
+    with running_server(tiny_dir[0], tmp_path, env=env) as (url, proc):
+        fingerprint = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
+        assert upload(url, "t", adapters["task-2"], fingerprint).status_code == 201
+        body = {"task": "t", "inputs": ["fonts"]}
+        httpx.post(f"{url}/v1/classify", json=body)  # warm up
+        before = metric_samples(url)
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{url}/v1/classify", json=body, timeout=0.15)  # the client leaves
+        import time
+
+        time.sleep(1.0)
+        after = metric_samples(url)
+        gone = 'switchboard_dropped_requests_total{"reason": "client_gone"}'
+        assert after.get(gone, 0) - before.get(gone, 0) == 1
+        assert after["switchboard_batches_total"] == before["switchboard_batches_total"]  # never computed
+
+        # graceful shutdown: admitted requests still get their answers
+        async def fire_then_stop():
+            async with httpx.AsyncClient(timeout=30) as client:
+                calls = [asyncio.ensure_future(client.post(f"{url}/v1/classify", json=body)) for _ in range(8)]
+                await asyncio.sleep(0.3)  # admitted, waiting in the batcher
+                proc.terminate()
+                return await asyncio.gather(*calls)
+
+        responses = asyncio.run(fire_then_stop())
+        assert [r.status_code for r in responses] == [200] * 8
+        # uvicorn re-raises the captured SIGTERM after its graceful shutdown
+        assert proc.wait(30) in (0, -15)
+
+
+def test_requests_past_their_deadline_get_503(tiny_dir, tmp_path, adapters):
+    env = {"SWITCHBOARD_BATCH_WAIT_MS": "500", "SWITCHBOARD_REQUEST_TIMEOUT_S": "0.1"}
+    with running_server(tiny_dir[0], tmp_path, env=env) as (url, _):
+        fingerprint = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
+        assert upload(url, "t", adapters["task-2"], fingerprint).status_code == 201
+        r = httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": ["fonts"]}, timeout=10)
+        assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded"
+        assert metric_samples(url)['switchboard_dropped_requests_total{"reason": "deadline"}'] == 1
