@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
 import sys
 import tempfile
 import time
@@ -35,9 +33,7 @@ from bench.http_load import Connection, ConnectionPool
 from bench.texts import sample_texts
 from server.backbone import load_backbone
 from server.engine import Engine
-from tests.server_fixture import free_port
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.server_fixture import free_port, running_process
 
 
 def zipf_tasks(n_tasks: int, n: int, s: float, rng: random.Random) -> list[str]:
@@ -46,28 +42,10 @@ def zipf_tasks(n_tasks: int, n: int, s: float, rng: random.Random) -> list[str]:
 
 
 @contextmanager
-def server_process(cmd: list[str], url: str, env: dict[str, str] | None = None):
-    log = tempfile.NamedTemporaryFile(prefix="bench-serve-", suffix=".log", delete=False)
-    start = time.monotonic()
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
-    try:
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited; see {log.name}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        yield proc, time.monotonic() - start
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def server_process(cmd: list[str], url: str):
+    with tempfile.TemporaryDirectory() as logs:
+        with running_process(cmd, url, Path(logs) / "server.log") as (proc, ready_s):
+            yield proc, ready_s
 
 
 async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency: int, duration: float) -> dict:

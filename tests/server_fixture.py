@@ -1,4 +1,4 @@
-"""Start a real `switchboard serve` (uvicorn) on a free loopback port for tests."""
+"""Start a real `switchboard serve` (uvicorn) — or any server command — on a free loopback port."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -20,37 +22,44 @@ def free_port() -> int:
 
 
 @contextmanager
+def running_process(cmd: list[str], url: str, log_path: Path, env: dict[str, str] | None = None,
+                    ready_timeout: float = 120.0):
+    """Run `cmd` until `url`/health answers 200; yields (process, seconds to ready); terminates it after."""
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    start = time.monotonic()
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        try:
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
+                try:
+                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() - start > ready_timeout:
+                    raise RuntimeError("server not ready in time")
+                time.sleep(0.05)
+            yield proc, time.monotonic() - start
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                try:
+                    proc.wait(30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+
+
+@contextmanager
 def running_server(model_dir: Path | None, data_dir: Path, env: dict[str, str] | None = None,
-                   ready_timeout: float = 60.0):
+                   extra_args: list[str] | None = None):
+    """`switchboard serve` on a free port; yields (url, process)."""
     port = free_port()
     cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--log-level", "warning"]
+           "--log-level", "warning", *(extra_args or [])]
     if model_dir is not None:
         cmd += ["--model", str(model_dir)]
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    log = open(data_dir / "server.log", "wb")
-    proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT,
-                            cwd=Path(__file__).resolve().parent.parent)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + ready_timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited: {(data_dir / 'server.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError("server not ready in time")
-            time.sleep(0.1)
+    with running_process(cmd, url, data_dir / "server.log", env) as (proc, _):
         yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        log.close()
