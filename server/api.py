@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapter_store.store import AdapterStore
 from adapter_store.upload import parse_upload
 from server.backbone import Backbone, load_backbone
 from server.batcher import Batcher
@@ -29,7 +30,7 @@ from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.registry import Registry, TaskEntry, TaskVersion
 from server.schemas import (BackboneInfo, ClassifyRequest, ClassifyResponse, ErrorResponse, Health, Prediction,
-                            TaskList, TaskSummary, TaskVersionSummary)
+                            RollbackRequest, TaskList, TaskSummary, TaskVersionSummary)
 from server.settings import Settings
 from server.task_adapter import AdapterValidationError
 
@@ -42,6 +43,7 @@ class Runtime:
     """What the app holds once the backbone is loaded."""
 
     engine: Engine
+    store: AdapterStore
     registry: Registry
     batcher: Batcher
 
@@ -77,10 +79,12 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone]) ->
         backbone = backbone_factory()
         engine = Engine(backbone, dtype=torch.bfloat16 if s.dtype == "bf16" else torch.float32,
                         max_adapter_bytes=s.max_adapter_bytes, chunk_rows=s.chunk_rows)
-        registry = Registry(engine, state.metrics)
+        store = AdapterStore(s.data_dir)
+        registry = Registry(engine, state.metrics, store, host_cache_bytes=s.host_cache_bytes)
+        registry.restore()
         batcher = Batcher(engine, s, state.metrics, registry.release, after_batch=registry.unload_released)
         batcher.start()
-        state.runtime = Runtime(engine, registry, batcher)
+        state.runtime = Runtime(engine, store, registry, batcher)
         state.metrics.ready.set(1)
     except Exception as exc:  # reported by /health and every request as 503
         state.startup_error = f"startup failed: {exc}"
@@ -102,6 +106,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
         if state.runtime is not None:
             state.metrics.ready.set(0)
             await asyncio.to_thread(state.runtime.batcher.stop)
+            state.runtime.store.close()
 
     app = FastAPI(title="Switchboard", version="0.1.0", lifespan=lifespan,
                   description="Multi-tenant text classification: one frozen encoder, many (IA)3 / Houlsby tasks, "
@@ -135,7 +140,12 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
             raise PayloadTooLarge(f"{len(texts)} inputs; at most {s.max_inputs_per_request} per request")
         version = runtime.registry.acquire(body.task)
         try:
+            if version.resident is None:  # evicted or restored from the store: load it off the loop
+                await asyncio.to_thread(runtime.registry.ensure_resident, version)
             ids, mask = await asyncio.to_thread(_tokenize, runtime.engine, texts)
+        except CapacityError as exc:
+            runtime.registry.release(version)
+            raise InsufficientCapacity(f"no device slot free for task {body.task!r}: {exc}") from exc
         except BaseException:
             runtime.registry.release(version)
             raise
@@ -167,7 +177,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
         spec = runtime.engine.spec
 
         def parse_and_load() -> TaskVersion:
-            return runtime.registry.put(task, parse_upload(contents, spec, label_list))
+            return runtime.registry.put(task, parse_upload(contents, spec, label_list), spec.fingerprint)
 
         try:
             version = await asyncio.to_thread(parse_and_load)
@@ -176,6 +186,11 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
         except CapacityError as exc:
             raise InsufficientCapacity(str(exc)) from exc
         return TaskVersionSummary(**version.summary())
+
+    @app.post("/v1/tasks/{task}/rollback", response_model=TaskVersionSummary, responses=ERRORS)
+    def rollback_task(task: TaskName, body: RollbackRequest, runtime: RuntimeDep) -> TaskVersionSummary:
+        """Make an earlier version current again; requests already admitted finish on their version."""
+        return TaskVersionSummary(**runtime.registry.rollback(task, body.version).summary())
 
     @app.get("/v1/tasks", response_model=TaskList, responses=ERRORS)
     def list_tasks(runtime: RuntimeDep) -> TaskList:

@@ -42,4 +42,11 @@ class Metrics:
         self.adapter_load_duration = Histogram("switchboard_adapter_load_duration_seconds",
                                                "Time to parse, validate and load an adapter",
                                                buckets=LATENCY_BUCKETS, registry=r)
+        self.adapter_evictions = Counter("switchboard_adapter_evictions", "Versions evicted from device slots",
+                                         registry=r)
+        self.eviction_age = Histogram("switchboard_adapter_eviction_age_seconds",
+                                      "How long an evicted version had been resident",
+                                      buckets=(1, 10, 60, 300, 1800, 3600, 21600, 86400), registry=r)
+        self.host_cache_bytes = Gauge("switchboard_host_cache_bytes", "Bytes of parsed adapters in the host cache",
+                                      registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

@@ -64,5 +64,9 @@ class TaskSummary(TaskVersionSummary):
     versions: list[TaskVersionSummary]
 
 
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=1, examples=[1])
+
+
 class TaskList(BaseModel):
     tasks: list[TaskSummary]

@@ -35,4 +35,6 @@ class Settings(BaseSettings):
     request_timeout_s: float = 30.0
     retry_after_s: int = 1
 
-    max_adapter_bytes: int = 1 << 30
+    max_adapter_bytes: int = Field(1 << 30, description="device-slot byte budget; least recently used unpinned "
+                                                        "versions are evicted past it")
+    host_cache_bytes: int = Field(256 << 20, description="parsed adapters kept in host memory")

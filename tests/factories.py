@@ -64,3 +64,11 @@ TEXTS = [
     "text editor for programmers with syntax highlighting",
     "electronic circuit simulator",
 ]
+
+
+# ten task kinds covering every module kind, pooling and head shape
+KINDS = [dict(kind="ia3"), dict(kind="houlsby", width=8, activation="relu"), dict(kind="mixed", width=4),
+         dict(kind="ia3", pooling="mean", num_labels=5), dict(kind="houlsby", width=16, pooling="pooler"),
+         dict(kind="mixed", hidden=True, num_labels=2), dict(kind="ia3", layer_norm=True, num_labels=4),
+         dict(kind="houlsby", activation="swish", layer_norm=True), dict(kind="ia3", num_labels=6),
+         dict(kind="mixed", activation="tanh", pooling="mean")]

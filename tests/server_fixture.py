@@ -10,7 +10,12 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import json
+
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from adapter_store.formats import native
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -63,3 +68,20 @@ def running_server(model_dir: Path | None, data_dir: Path, env: dict[str, str] |
     url = f"http://127.0.0.1:{port}"
     with running_process(cmd, url, data_dir / "server.log", env) as (proc, _):
         yield url, proc
+
+
+def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:
+    blob = native.dumps(adapter, fingerprint)
+    return httpx.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], timeout=30)
+
+
+def metric_samples(url: str) -> dict[str, float]:
+    """/metrics parsed with prometheus-client's own parser; every family must be switchboard_*."""
+    text = httpx.get(f"{url}/metrics").text
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        assert family.name.startswith("switchboard_"), family.name
+        for sample in family.samples:
+            key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
+            out[key] = sample.value
+    return out

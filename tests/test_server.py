@@ -3,34 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import shutil
 
 import httpx
 import pytest
 import torch
-from prometheus_client.parser import text_string_to_metric_families
 
 from adapter_store.formats import native
 from server.engine import Engine
-from tests.factories import TEXTS, random_adapter, tiny_backbone
-from tests.server_fixture import running_server
-
-KINDS = [dict(kind="ia3"), dict(kind="houlsby", width=8, activation="relu"), dict(kind="mixed", width=4),
-         dict(kind="ia3", pooling="mean", num_labels=5), dict(kind="houlsby", width=16, pooling="pooler"),
-         dict(kind="mixed", hidden=True, num_labels=2), dict(kind="ia3", layer_norm=True, num_labels=4),
-         dict(kind="houlsby", activation="swish", layer_norm=True), dict(kind="ia3", num_labels=6),
-         dict(kind="mixed", activation="tanh", pooling="mean")]
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    backbone = tiny_backbone(seed=7)
-    path = tmp_path_factory.mktemp("tiny-model")
-    backbone.model.save_pretrained(path)
-    backbone.tokenizer.save_pretrained(path)
-    return path, backbone
-
+from tests.factories import KINDS, TEXTS, random_adapter, tiny_backbone
+from tests.server_fixture import metric_samples, running_server, upload
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
@@ -46,11 +28,6 @@ def adapters(tiny_dir):
             for i, kw in enumerate(KINDS)}
 
 
-def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:
-    blob = native.dumps(adapter, fingerprint)
-    return httpx.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], timeout=30)
-
-
 @pytest.fixture(scope="module")
 def uploaded(server, adapters):
     fingerprint = httpx.get(f"{server}/v1/backbone").json()["fingerprint"]
@@ -61,17 +38,6 @@ def uploaded(server, adapters):
         assert body["task"] == task and body["version"] == 1 and body["kind"] == adapter.kind
         assert body["num_labels"] == adapter.num_labels and body["params"] == adapter.num_params
     return fingerprint
-
-
-def metric_samples(url: str) -> dict[str, float]:
-    text = httpx.get(f"{url}/metrics").text
-    out: dict[str, float] = {}
-    for family in text_string_to_metric_families(text):
-        assert family.name.startswith("switchboard_"), family.name
-        for sample in family.samples:
-            key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
-            out[key] = sample.value
-    return out
 
 
 def test_health_backbone_and_metrics(server, tiny_dir):
