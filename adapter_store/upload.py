@@ -7,7 +7,7 @@ import re
 
 from safetensors.torch import load as st_load
 
-from adapter_store.formats import native, peft
+from adapter_store.formats import adapterhub, native, peft
 from server.backbone import BackboneSpec
 from server.task_adapter import AdapterValidationError, TaskAdapter
 
@@ -65,9 +65,17 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
                 raise AdapterValidationError("a PEFT adapter needs adapter_model.safetensors")
             adapter = peft.parse(config, _safetensors("adapter_model.safetensors", files["adapter_model.safetensors"]),
                                  spec, labels)
+        elif adapterhub.is_adapterhub(config):
+            if "adapter.safetensors" not in files:
+                raise AdapterValidationError("an AdapterHub adapter needs adapter.safetensors")
+            head_config = _json("head_config.json", files["head_config.json"]) if "head_config.json" in files else None
+            head_tensors = (_safetensors("model_head.safetensors", files["model_head.safetensors"])
+                            if "model_head.safetensors" in files else None)
+            adapter = adapterhub.parse(config, _safetensors("adapter.safetensors", files["adapter.safetensors"]), spec,
+                                       head_config, head_tensors, labels)
         else:
             raise AdapterValidationError(
-                "adapter_config.json is not a PEFT config (no peft_type); AdapterHub import is not available yet")
+                "adapter_config.json is neither a PEFT config (peft_type) nor an AdapterHub config")
     else:
         weights = [n for n in files if n.endswith(".safetensors")]
         if len(weights) != 1:
