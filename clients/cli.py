@@ -1,4 +1,4 @@
-"""The `switchboard` command line: serve, upload, classify, tasks, backbone."""
+"""The `switchboard` command line: serve, upload, classify, tasks, convert, backbone."""
 
 from __future__ import annotations
 
@@ -64,6 +64,36 @@ def _cmd_tasks(args: argparse.Namespace) -> int:
     return 0 if r.status_code < 400 else 1
 
 
+PICKLE_RENAMES = {"pytorch_adapter.bin": "adapter.safetensors", "pytorch_model_head.bin": "model_head.safetensors",
+                  "adapter_model.bin": "adapter_model.safetensors"}
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    """Client side only: the server never unpickles. weights_only=True refuses arbitrary objects."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+
+    src, out = Path(args.dir), Path(args.out or f"{args.dir.rstrip('/')}-safetensors")
+    out.mkdir(parents=True, exist_ok=True)
+    converted = 0
+    for path in sorted(src.iterdir()):
+        if path.suffix in (".bin", ".pt", ".pth"):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                print(f"{path}: not a flat dict of tensors", file=sys.stderr)
+                return 1
+            name = PICKLE_RENAMES.get(path.name, path.with_suffix(".safetensors").name)
+            save_file({k: v.contiguous() for k, v in state.items()}, out / name)
+            converted += 1
+            print(f"{path.name} -> {out / name}")
+        elif path.suffix in (".json", ".safetensors") and path.is_file():
+            shutil.copy2(path, out / path.name)
+    print(f"converted {converted} file(s); upload with: switchboard upload TASK {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -96,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=None)
     classify.add_argument("--url", default=DEFAULT_URL)
     classify.set_defaults(func=_cmd_classify)
+
+    convert = sub.add_parser("convert", help="turn a PEFT/AdapterHub directory's .bin files into safetensors "
+                                             "(on your machine: the server never loads pickles)")
+    convert.add_argument("dir")
+    convert.add_argument("--out", default=None, help="output directory (default: DIR-safetensors)")
+    convert.set_defaults(func=_cmd_convert)
 
     tasks = sub.add_parser("tasks", help="list the server's tasks")
     tasks.add_argument("--url", default=DEFAULT_URL)

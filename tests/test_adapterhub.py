@@ -64,3 +64,25 @@ def test_pickles_missing_heads_and_unsupported_options_are_refused(hub_backbone)
     config["config"]["is_parallel"] = True
     with pytest.raises(AdapterValidationError, match="is_parallel"):
         parse_upload({**files, "adapter_config.json": json.dumps(config).encode()}, hub_backbone.spec)
+
+
+def test_convert_turns_pickles_into_safetensors_on_the_client(hub_backbone, tmp_path):
+    from safetensors.torch import load_file
+
+    from clients.cli import main
+
+    src = tmp_path / "pickled"
+    src.mkdir()
+    for p in (FIXTURES / "ia3").iterdir():
+        if p.suffix == ".json" and p.name != "expected_logits.json":
+            (src / p.name).write_bytes(p.read_bytes())
+    torch.save(load_file(FIXTURES / "ia3" / "adapter.safetensors"), src / "pytorch_adapter.bin")
+    torch.save(load_file(FIXTURES / "ia3" / "model_head.safetensors"), src / "pytorch_model_head.bin")
+    with pytest.raises(AdapterValidationError, match="switchboard convert"):
+        parse_upload({p.name: p.read_bytes() for p in src.iterdir()}, hub_backbone.spec)
+    assert main(["convert", str(src), "--out", str(tmp_path / "converted")]) == 0
+    converted = {p.name: p.read_bytes() for p in (tmp_path / "converted").iterdir()}
+    assert sorted(converted) == ["adapter.safetensors", "adapter_config.json", "head_config.json",
+                                 "model_head.safetensors"]
+    original = parse_upload(files_of("ia3"), hub_backbone.spec)
+    assert parse_upload(converted, hub_backbone.spec).content_hash() == original.content_hash()
