@@ -116,7 +116,6 @@ class Registry:
         record = self._store.add_version(task, digest, adapter.kind, adapter.labels, adapter.num_params,
                                          adapter.nbytes)
         tv = TaskVersion.from_record(record, current=True)
-        self._host.put(digest, adapter)
         with self._lock:
             entry = self._tasks.get(task)
             if entry is None:
@@ -127,7 +126,7 @@ class Registry:
                 entry.versions.append(tv)
             tv.pins += 1  # hold it while loading so it cannot be evicted before its first use
         try:
-            self.ensure_resident(tv)
+            self.ensure_resident(tv, adapter)
         finally:
             self.release(tv)
         self.unload_released()
@@ -185,13 +184,16 @@ class Registry:
             if not tv.current and tv.pins == 0 and tv.resident is not None:
                 self._to_unload.append(tv)
 
-    def ensure_resident(self, tv: TaskVersion) -> None:
-        """Load a pinned version into a slot, evicting least recently used unpinned versions if needed."""
+    def ensure_resident(self, tv: TaskVersion, adapter: TaskAdapter | None = None) -> None:
+        """Load a pinned version into a slot, evicting least recently used unpinned versions if needed.
+
+        The host cache is filled only by reloads from the store, so a freshly uploaded (resident)
+        version is not held twice in memory."""
         with self._load_lock:
             if tv.resident is not None:
                 return
             start = time.perf_counter()
-            adapter = self._host.get(tv.sha256)
+            adapter = adapter or self._host.get(tv.sha256)
             if adapter is None:
                 adapter = native.loads(self._store.read_blob(tv.sha256))
                 self._host.put(tv.sha256, adapter)
