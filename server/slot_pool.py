@@ -44,12 +44,15 @@ class StackedPool:
         return torch.full(shape, float(fill), dtype=self._dtype, device=self._device)
 
     def _grow(self, new_capacity: int) -> None:
+        """New rows are left uninitialised: a slot is written by `set_slot` before any route points at
+        it, so on the CPU untouched capacity costs address space, not resident memory."""
         old = self._capacity
         for name, (shape, _) in self._fields.items():
             grown = torch.empty((new_capacity, *shape), dtype=self._dtype, device=self._device)
             if old:
                 grown[:old] = self.tensors[name]
-            grown[old:] = self._identity(name)
+            else:
+                grown[0] = self._identity(name)
             self.tensors[name] = grown
         self._free.extend(range(new_capacity - 1, max(old, 1) - 1, -1))
         self._capacity = new_capacity
@@ -67,11 +70,11 @@ class StackedPool:
             self.tensors[name][index].copy_(values[name].reshape(shape))
 
     def reset_slot(self, index: int) -> None:
-        """Back to the identity and onto the free list."""
+        """Onto the free list. Nothing routes to a free slot, so its stale values are never read."""
         if index <= 0:
             raise ValueError("slot 0 is the identity and cannot be freed")
-        for name in self._fields:
-            self.tensors[name][index] = self._identity(name)
+        if index in self._free:
+            raise ValueError(f"slot {index} is already free")
         self._free.append(index)
 
     def gather(self, name: str, slots: torch.Tensor) -> torch.Tensor:
