@@ -8,10 +8,10 @@ import json
 import pytest
 import torch
 from peft import IA3Config, PeftModel, TaskType, get_peft_model
-from safetensors.torch import load_file
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from adapter_store.formats import peft as peft_format
+from adapter_store.upload import parse_upload
 from server.backbone import default_model_path, wrap_model
 from server.engine import Engine
 from tests.factories import TEXTS, TINY_CONFIG
@@ -40,9 +40,10 @@ def _check_against_peft(base_factory, tokenizer, tmp_path, seeds=(1, 2, 3), atol
         model = _peft_ia3(base_factory(), seed, **config_kwargs)
         out = tmp_path / f"adapter{seed}"
         model.save_pretrained(out)
-        config = json.loads((out / "adapter_config.json").read_text())
-        tensors = load_file(out / "adapter_model.safetensors")
-        adapter = peft_format.parse(config, tensors, backbone.spec)
+        # the files exactly as PEFT saved them, through the server's upload parser
+        files = {name: (out / name).read_bytes() for name in ("adapter_config.json", "adapter_model.safetensors")}
+        assert json.loads(files["adapter_config.json"])["peft_type"] == "IA3"
+        adapter = parse_upload(files, backbone.spec)
         assert adapter.kind == "ia3" and adapter.head.pooling == "pooler"
         slots.append(engine.load(adapter).slot)
         with torch.inference_mode():
