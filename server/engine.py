@@ -261,28 +261,34 @@ class Engine:
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
-        """Logits [B, C_max] (float32, -inf past each row's label count) for a batch mixing tasks."""
+        """Logits [B, C_max] (float32, -inf past each row's label count) for a batch mixing tasks.
+
+        The engine lock is held only while a chunk's parameters are gathered (copies), not while it
+        computes, so loads and unloads of other tasks wait milliseconds, not a whole batch. The caller
+        must keep the batch's tasks resident until this returns (the registry's pins do).
+        """
         task_slots = task_slots.to("cpu", torch.long)
         input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         with self._lock:
             for t in torch.unique(task_slots).tolist():
                 if t not in self._task_pools:
                     raise KeyError(f"task slot {t} is not resident")
-            plan = self.chunks(attention_mask)
-            if len(plan) == 1:
-                rows, width = plan[0]
-                return self._forward_chunk(input_ids[:, :width], attention_mask[:, :width], task_slots)
-            parts = [(rows, self._forward_chunk(input_ids[rows, :width], attention_mask[rows, :width],
-                                                task_slots[rows])) for rows, width in plan]
-            out = torch.full((len(task_slots), max(p.shape[1] for _, p in parts)), float("-inf"),
-                             device=parts[0][1].device)
-            for rows, logits in parts:
-                out[rows.to(out.device), : logits.shape[1]] = logits
-            return out
+        plan = self.chunks(attention_mask)
+        if len(plan) == 1:
+            rows, width = plan[0]
+            return self._forward_chunk(input_ids[:, :width], attention_mask[:, :width], task_slots)
+        parts = [(rows, self._forward_chunk(input_ids[rows, :width], attention_mask[rows, :width],
+                                            task_slots[rows])) for rows, width in plan]
+        out = torch.full((len(task_slots), max(p.shape[1] for _, p in parts)), float("-inf"),
+                         device=parts[0][1].device)
+        for rows, logits in parts:
+            out[rows.to(out.device), : logits.shape[1]] = logits
+        return out
 
     def _forward_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        task_slots: torch.Tensor) -> torch.Tensor:
-        params = self.batch_params(task_slots)
+        with self._lock:
+            params = self.batch_params(task_slots)
         return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
 
     @torch.inference_mode()
