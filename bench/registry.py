@@ -29,6 +29,28 @@ from server.backbone import load_backbone
 from tests.server_fixture import free_port, running_process
 
 
+def over_budget_phase(spec, texts: list[str], n_tasks: int, budget: int, duration: float) -> dict[str, float]:
+    """Houlsby m=64 tasks whose bytes exceed the slot budget: uniform traffic forces LRU reloads."""
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        env = {"SWITCHBOARD_MAX_ADAPTER_BYTES": str(budget)}
+        with running_process(serve_cmd(port, data), url, Path(data) / "server.log", env=env):
+            fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
+            blobs = [native.dumps(bench_adapter(spec, "houlsby", seed=i), fp) for i in range(8)]
+            register_many(url, blobs, n_tasks)  # 8 distinct weights, n names: distinct slots all the same
+            rng = random.Random(1)
+            uniform = [f"bulk-{rng.randrange(n_tasks)}" for _ in range(4000)]
+            one = asyncio.run(closed_loop(url, ["bulk-0"], texts, 64, duration))["rps"]
+            many = asyncio.run(closed_loop(url, uniform, texts, 64, duration))["rps"]
+            evictions = [line for line in httpx.get(f"{url}/metrics").text.splitlines()
+                         if line.startswith("switchboard_adapter_evictions_total")]
+    print(f"houlsby, {n_tasks} tasks ({n_tasks * len(blobs[0]) / 2**20:.0f} MiB) over a {budget / 2**20:.0f} MiB "
+          f"budget: {many:.1f} req/s vs {one:.1f} with one task; {evictions}", flush=True)
+    return {"houlsby_over_budget_rps": many, "houlsby_one_task_rps": one,
+            "houlsby_over_budget_vs_1": many / one, "houlsby_over_budget_tasks": n_tasks}
+
+
 def serve_cmd(port: int, data_dir: str) -> list[str]:
     return [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--data-dir", data_dir,
             "--log-level", "warning", "--max-length", "128"]
@@ -115,6 +137,7 @@ def main() -> None:
             out["restart_rss_mb"] = psutil.Process(proc.pid).memory_info().rss / 2**20
             print(f"restart with {registered} tasks: ready in {ready_s:.1f} s, first answer "
                   f"{out['restart_first_answer_ms']:.0f} ms, RSS {out['restart_rss_mb']:.0f} MiB", flush=True)
+    out |= over_budget_phase(spec, texts, 300 if args.quick else 1000, 256 << 20 if args.quick else 1 << 30, duration)
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}))
 
 
