@@ -186,7 +186,6 @@ def main() -> None:
         ids, mask = batches[0]
         logits_by_dtype[dname] = {kind: engine.forward(ids, mask, slots_for(kind, 32, ids.shape[0]))
                                   for kind in ("ia3", "houlsby")}
-        del engine, hf_model, peft
 
     print("\n'vs bb' = throughput / the fastest backbone-alone row of the same dtype (same texts, same chunks)")
     print(f"\n{'configuration':62s}" + "".join(f"{d + ' seq/s':>12s}{'vs bb':>8s}" for d in results))

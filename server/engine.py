@@ -17,7 +17,7 @@ from server.backbone import Backbone, BackboneSpec
 from server.forward import BatchParams, HeadGroup, HoulsbyGroup, encoder_forward
 from server.slot_pool import StackedPool
 from server.task_adapter import TaskAdapter
-from server.tuners.ia3.config import IA3_SITES, site_dim
+from server.tuners.ia3.config import site_dim
 from server.tuners.layer_norm.config import LayerNormWeights
 
 PoolKey = tuple[object, ...]

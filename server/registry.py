@@ -127,6 +127,8 @@ class Registry:
             tv.pins += 1  # hold it while loading so it cannot be evicted before its first use
         try:
             self.ensure_resident(tv, adapter)
+        except CapacityError:
+            pass  # stored and current: it loads on first use, when unpinned slots may be free again
         finally:
             self.release(tv)
         self.unload_released()
