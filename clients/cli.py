@@ -33,35 +33,41 @@ def _cmd_backbone(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_upload(args: argparse.Namespace) -> int:
-    import httpx
+def _print(value: object) -> None:
+    print(json.dumps(value, indent=2, default=lambda o: o.__dict__))
 
-    paths: list[Path] = []
-    for p in map(Path, args.paths):
-        paths.extend(sorted(x for x in p.iterdir() if x.is_file() and x.suffix in (".json", ".safetensors"))
-                     if p.is_dir() else [p])
-    files = [("files", (p.name, p.read_bytes())) for p in paths]
-    data = {"labels": json.dumps(args.labels)} if args.labels else None
-    r = httpx.put(f"{args.url}/v1/tasks/{args.task}", files=files, data=data, timeout=120)
-    print(json.dumps(r.json(), indent=2))
-    return 0 if r.status_code < 400 else 1
+
+def _sdk_call(fn) -> int:
+    """Run one SDK call; a server error prints its JSON-ish description and exits 1."""
+    from clients.sdk import SwitchboardError
+
+    try:
+        _print(fn())
+    except SwitchboardError as exc:
+        _print({"error": {"status": exc.status, "type": exc.type, "message": exc.message}})
+        return 1
+    return 0
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    from clients.sdk import Client
+
+    with Client(args.url, timeout=120) as client:
+        return _sdk_call(lambda: client.upload(args.task, *args.paths, labels=args.labels))
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    import httpx
+    from clients.sdk import Client
 
-    body = {"task": args.task, "inputs": args.texts, "top_k": args.top_k}
-    r = httpx.post(f"{args.url}/v1/classify", json=body, timeout=60)
-    print(json.dumps(r.json(), indent=2))
-    return 0 if r.status_code < 400 else 1
+    with Client(args.url) as client:
+        return _sdk_call(lambda: client.classify(args.task, args.texts, top_k=args.top_k))
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    import httpx
+    from clients.sdk import Client
 
-    r = httpx.get(f"{args.url}/v1/tasks", timeout=30)
-    print(json.dumps(r.json(), indent=2))
-    return 0 if r.status_code < 400 else 1
+    with Client(args.url) as client:
+        return _sdk_call(client.tasks)
 
 
 PICKLE_RENAMES = {"pytorch_adapter.bin": "adapter.safetensors", "pytorch_model_head.bin": "model_head.safetensors",
