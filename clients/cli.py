@@ -100,6 +100,35 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train(args: argparse.Namespace) -> int:
+    from adapter_store.formats import native
+    from clients.train import DataError, TrainConfig, read_examples, train
+    from server.backbone import load_backbone
+
+    try:
+        examples = read_examples(Path(args.data), args.text_column, args.label_column)
+        eval_examples = read_examples(Path(args.eval), args.text_column, args.label_column) if args.eval else None
+    except (DataError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    cfg = TrainConfig(kind=args.kind, width=args.width, activation=args.activation, train_layer_norm=args.layer_norm,
+                      epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      max_length=args.max_length)
+    backbone = load_backbone(args.model)
+    adapter, report = train(backbone, examples, cfg, eval_examples)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "adapter.safetensors").write_bytes(native.dumps(adapter, backbone.spec.fingerprint))
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"eval accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, {report['params']} params, "
+          f"{report['train_seconds']:.0f} s -> {out / 'adapter.safetensors'}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -138,6 +167,26 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("dir")
     convert.add_argument("--out", default=None, help="output directory (default: DIR-safetensors)")
     convert.set_defaults(func=_cmd_convert)
+
+    tr = sub.add_parser("train", help="train an adapter + head on the frozen backbone; writes DIR/adapter.safetensors")
+    tr.add_argument("--data", required=True, help="training data, .csv or .jsonl")
+    tr.add_argument("--kind", choices=["houlsby", "ia3", "mixed"], required=True)
+    tr.add_argument("--out", required=True, help="output directory")
+    tr.add_argument("--text-column", default="text")
+    tr.add_argument("--label-column", default="label")
+    tr.add_argument("--eval", default=None, help="held-out data (default: 10 %% of --data)")
+    tr.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
+    tr.add_argument("--width", type=int, default=64, help="Houlsby bottleneck width")
+    tr.add_argument("--activation", default="gelu", help="Houlsby activation: gelu, relu, silu, tanh")
+    tr.add_argument("--layer-norm", action="store_true", help="also train per-task LayerNorm gains/biases")
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--steps", type=int, default=None, help="fixed number of steps (no early stop)")
+    tr.add_argument("--batch-size", type=int, default=32)
+    tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 (ia3), 1e-3 (houlsby)")
+    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--threads", type=int, default=0)
+    tr.set_defaults(func=_cmd_train)
 
     tasks = sub.add_parser("tasks", help="list the server's tasks")
     tasks.add_argument("--url", default=DEFAULT_URL)
