@@ -93,6 +93,9 @@ class Registry:
         self._to_unload: list[TaskVersion] = []
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
+        # Serialises store writes with the registry switch (put / rollback / delete), so the store and
+        # the in-memory view never disagree and a delete cannot remove a blob a put is committing.
+        self._write_lock = threading.Lock()
 
     # ----- start-up ----------------------------------------------------------------------------------
     def restore(self) -> int:
@@ -112,19 +115,13 @@ class Registry:
         """Durably store, load into a slot, then switch the name (blocking: call off the event loop)."""
         start = time.perf_counter()
         digest = adapter.content_hash()
-        self._store.write_blob(digest, native.dumps(adapter, fingerprint))
-        record = self._store.add_version(task, digest, adapter.kind, adapter.labels, adapter.num_params,
-                                         adapter.nbytes)
-        tv = TaskVersion.from_record(record, current=True)
-        with self._lock:
-            entry = self._tasks.get(task)
-            if entry is None:
-                self._tasks[task] = TaskEntry(current=tv, versions=[tv])
-            else:
-                self._retire(entry.current)
-                entry.current = tv
-                entry.versions.append(tv)
-            tv.pins += 1  # hold it while loading so it cannot be evicted before its first use
+        blob = native.dumps(adapter, fingerprint)
+        with self._write_lock:
+            self._store.write_blob(digest, blob)
+            record = self._store.add_version(task, digest, adapter.kind, adapter.labels, adapter.num_params,
+                                             adapter.nbytes)
+            tv = TaskVersion.from_record(record, current=True)
+            self._switch(task, tv)
         try:
             self.ensure_resident(tv, adapter)
         except CapacityError:
@@ -135,8 +132,19 @@ class Registry:
         self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
         return tv
 
-    def rollback(self, task: str, version: int) -> TaskVersion:
+    def _switch(self, task: str, tv: TaskVersion) -> None:
         with self._lock:
+            entry = self._tasks.get(task)
+            if entry is None:
+                self._tasks[task] = TaskEntry(current=tv, versions=[tv])
+            else:
+                self._retire(entry.current)
+                entry.current = tv
+                entry.versions.append(tv)
+            tv.pins += 1  # hold it while loading so it cannot be evicted before its first use
+
+    def rollback(self, task: str, version: int) -> TaskVersion:
+        with self._write_lock, self._lock:
             entry = self._tasks.get(task)
             if entry is None:
                 raise TaskNotFound(f"unknown task {task!r}")
@@ -152,18 +160,20 @@ class Registry:
         return target
 
     def delete(self, task: str) -> None:
-        with self._lock:
-            entry = self._tasks.pop(task, None)
-            if entry is None:
-                raise TaskNotFound(f"unknown task {task!r}")
-            self._store.delete(task)
+        with self._write_lock:
+            with self._lock:
+                entry = self._tasks.pop(task, None)
+                if entry is None:
+                    raise TaskNotFound(f"unknown task {task!r}")
+                self._store.delete(task)
+                for tv in entry.versions:
+                    self._retire(tv)
+            self.unload_released()
             for tv in entry.versions:
-                self._retire(tv)
-        self.unload_released()
-        for tv in entry.versions:
-            if self._store.unreferenced(tv.sha256):
-                self._host.discard(tv.sha256)
-                self._store.remove_blob(tv.sha256)
+                # a pinned version may still need its blob to load; it becomes an orphan, removed at open
+                if tv.pins == 0 and self._store.unreferenced(tv.sha256):
+                    self._host.discard(tv.sha256)
+                    self._store.remove_blob(tv.sha256)
 
     # ----- requests ----------------------------------------------------------------------------------
     def acquire(self, task: str) -> TaskVersion:
@@ -197,7 +207,7 @@ class Registry:
             start = time.perf_counter()
             adapter = adapter or self._host.get(tv.sha256)
             if adapter is None:
-                adapter = native.loads(self._store.read_blob(tv.sha256))
+                adapter = native.loads(self._store.read_blob(tv.sha256), self._engine.spec.fingerprint)
                 self._host.put(tv.sha256, adapter)
             while True:
                 try:

@@ -1,6 +1,7 @@
 """AdapterHub (`adapters`) directories: adapter_config.json + adapter.safetensors, optional
-head_config.json + model_head.safetensors. Bottleneck (Houlsby `double_seq_bn`, also `seq_bn`) and
-IA3 adapters with a classification head. The pickle names are refused upstream.
+head_config.json + model_head.safetensors. Bottleneck (Houlsby `double_seq_bn`) and
+IA3 adapters with a classification head. The pickle names are refused upstream. (Pfeiffer `seq_bn`
+uses original_ln_before=True, which the engine cannot express: refused.)
 
 What the library computes (adapters 1.3, read from its source and checked against committed fixtures):
 - bottleneck: h = dropout(dense(x)); out = LayerNorm(h + scaling·up(act(down(h))) + input), at
@@ -66,7 +67,7 @@ def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: Backbone
     else:
         raise AdapterValidationError(
             f"unsupported AdapterHub architecture {inner.get('architecture')!r}: Switchboard serves bottleneck "
-            "(double_seq_bn / seq_bn) and IA3 adapters")
+            "(double_seq_bn) and IA3 adapters")
     head, head_labels = _head(_config(head_config), head_tensors, spec)
     return TaskAdapter(head=head, labels=list(labels or head_labels), ia3=ia3, houlsby=houlsby,
                        metadata={"source_format": "adapterhub"})
@@ -74,6 +75,8 @@ def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: Backbone
 
 def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> HoulsbyWeights:
     for option, value in _BOTTLENECK_REQUIRED.items():
+        if option not in config and option in ("original_ln_before", "original_ln_after", "residual_before_ln"):
+            raise AdapterValidationError(f"bottleneck config lacks {option}; cannot tell where the adapter sits")
         if option in config and bool(config[option]) != value:
             raise AdapterValidationError(f"bottleneck option {option}={config[option]!r} is not supported "
                                          f"(Switchboard runs Houlsby/Pfeiffer placement: {option}={value})")
