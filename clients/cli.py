@@ -117,7 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(kind=args.kind, width=args.width, activation=args.activation, train_layer_norm=args.layer_norm,
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_length=args.max_length)
+                      max_length=args.max_length, precision=args.precision)
     backbone = load_backbone(args.model)
     adapter, report = train(backbone, examples, cfg, eval_examples)
     out = Path(args.out)
@@ -183,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=None, help="fixed number of steps (no early stop)")
     tr.add_argument("--batch-size", type=int, default=32)
     tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 (ia3), 1e-3 (houlsby)")
-    tr.add_argument("--max-length", type=int, default=128)
+    tr.add_argument("--max-length", type=int, default=None,
+                    help="truncate to this many tokens (default: the model's limit, as the server does; "
+                         "serve with the same --max-length to get the trained predictions)")
+    tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                    help="bf16: autocast matmuls while training (faster on CPUs with bf16; weights stay fp32)")
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--threads", type=int, default=0)
     tr.set_defaults(func=_cmd_train)

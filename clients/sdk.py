@@ -12,7 +12,10 @@ server's `{"error": {"type", "message"}}` body.
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,13 +40,14 @@ class Overloaded(SwitchboardError): ...
 class Unavailable(SwitchboardError): ...
 class InsufficientCapacity(SwitchboardError): ...
 class ServerError(SwitchboardError): ...
+class JobNotFound(SwitchboardError): ...
 
 
 _BY_TYPE: dict[str, type[SwitchboardError]] = {
     "task_not_found": TaskNotFound, "version_not_found": VersionNotFound, "invalid_request": InvalidRequest,
     "validation_error": InvalidRequest, "invalid_adapter": InvalidAdapter, "payload_too_large": PayloadTooLarge,
     "overloaded": Overloaded, "not_ready": Unavailable, "deadline_exceeded": Unavailable,
-    "insufficient_capacity": InsufficientCapacity,
+    "insufficient_capacity": InsufficientCapacity, "job_not_found": JobNotFound,
 }
 
 
@@ -76,6 +80,35 @@ class TaskVersion:
 class Task(TaskVersion):
     created_at: float = 0.0
     versions: list[TaskVersion] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A background training job; `result` holds the new version's summary plus its accuracy once done."""
+
+    id: str
+    task: str
+    status: str
+    step: int
+    total_steps: int
+    loss: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: dict | None
+    error: str | None
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed", "cancelled")
+
+
+def _train_body(examples: Iterable[tuple[str, str]], eval_examples: Iterable[tuple[str, str]] | None,
+                options: dict) -> dict:
+    body = {"examples": [{"text": t, "label": label} for t, label in examples], **options}
+    if eval_examples is not None:
+        body["eval_examples"] = [{"text": t, "label": label} for t, label in eval_examples]
+    return body
 
 
 def _raise_for(response: httpx.Response) -> httpx.Response:
@@ -159,6 +192,29 @@ class Client:
     def delete(self, task: str) -> None:
         _raise_for(self._http.delete(f"/v1/tasks/{task}"))
 
+    def train(self, task: str, examples: Iterable[tuple[str, str]],
+              eval_examples: Iterable[tuple[str, str]] | None = None, **options: object) -> Job:
+        """Start a few-shot (IA)3 job on the server (options: steps, batch_size, lr, seed)."""
+        r = self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options))
+        return Job(**_raise_for(r).json())
+
+    def job(self, job_id: str) -> Job:
+        return Job(**_raise_for(self._http.get(f"/v1/jobs/{job_id}")).json())
+
+    def jobs(self) -> list[Job]:
+        return [Job(**j) for j in _raise_for(self._http.get("/v1/jobs")).json()["jobs"]]
+
+    def cancel_job(self, job_id: str) -> Job:
+        return Job(**_raise_for(self._http.delete(f"/v1/jobs/{job_id}")).json())
+
+    def wait_for_job(self, job_id: str, timeout: float = 3600.0, poll: float = 1.0) -> Job:
+        deadline = time.monotonic() + timeout
+        while not (job := self.job(job_id)).done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+            time.sleep(poll)
+        return job
+
 
 class AsyncClient:
     def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_kwargs) -> None:
@@ -204,3 +260,25 @@ class AsyncClient:
 
     async def delete(self, task: str) -> None:
         _raise_for(await self._http.delete(f"/v1/tasks/{task}"))
+
+    async def train(self, task: str, examples: Iterable[tuple[str, str]],
+                    eval_examples: Iterable[tuple[str, str]] | None = None, **options: object) -> Job:
+        r = await self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options))
+        return Job(**_raise_for(r).json())
+
+    async def job(self, job_id: str) -> Job:
+        return Job(**_raise_for(await self._http.get(f"/v1/jobs/{job_id}")).json())
+
+    async def jobs(self) -> list[Job]:
+        return [Job(**j) for j in _raise_for(await self._http.get("/v1/jobs")).json()["jobs"]]
+
+    async def cancel_job(self, job_id: str) -> Job:
+        return Job(**_raise_for(await self._http.delete(f"/v1/jobs/{job_id}")).json())
+
+    async def wait_for_job(self, job_id: str, timeout: float = 3600.0, poll: float = 1.0) -> Job:
+        deadline = time.monotonic() + timeout
+        while not (job := await self.job(job_id)).done:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
+            await asyncio.sleep(poll)
+        return job

@@ -12,6 +12,7 @@ import csv
 import json
 import random
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,7 +48,9 @@ class TrainConfig:
     eval_fraction: float = 0.1
     patience: int = 3
     seed: int = 0
-    max_length: int = 128
+    max_length: int | None = None  # None: the backbone's limit, as the server truncates by default
+    precision: str = "fp32"  # "bf16": autocast matmuls in training (weights and evaluation stay fp32)
+    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
 
 
 def read_examples(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
@@ -114,13 +117,14 @@ def _trainable(adapter: TaskAdapter) -> list[torch.Tensor]:
     return tensors
 
 
-def predict(backbone: Backbone, adapter: TaskAdapter, texts: list[str], max_length: int,
+def predict(backbone: Backbone, adapter: TaskAdapter, texts: list[str], max_length: int | None = None,
             batch_size: int = 64) -> torch.Tensor:
     preds = []
     with torch.inference_mode():
         params = single_task_params(adapter)
         for i in range(0, len(texts), batch_size):
-            enc = backbone.tokenizer(texts[i:i + batch_size], padding=True, truncation=True, max_length=max_length,
+            enc = backbone.tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                     max_length=max_length or backbone.spec.max_length,
                                      return_tensors="pt")
             preds.append(encoder_forward(backbone.model, enc["input_ids"], enc["attention_mask"], params).argmax(-1))
     return torch.cat(preds)
@@ -141,8 +145,33 @@ def scores(y_true: torch.Tensor, y_pred: torch.Tensor, labels: list[str]) -> dic
             "per_class": per_class}
 
 
+def epoch_batches(examples: list[tuple[str, str]], batch_size: int, rng: random.Random,
+                  group_by_length: bool) -> Iterator[list[tuple[str, str]]]:
+    """Shuffled batches; grouped by length within blocks of 32 batches (Hugging Face's group_by_length)."""
+    examples = list(examples)
+    rng.shuffle(examples)
+    if not group_by_length:
+        yield from (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))
+        return
+    block = batch_size * 32
+    batches = []
+    for i in range(0, len(examples), block):
+        ordered = sorted(examples[i:i + block], key=lambda e: len(e[0]))
+        batches += [ordered[j:j + batch_size] for j in range(0, len(ordered), batch_size)]
+    rng.shuffle(batches)
+    yield from batches
+
+
+StepCallback = Callable[[int, int, float], None]
+
+
 def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
-          eval_examples: list[tuple[str, str]] | None = None, progress: bool = True) -> tuple[TaskAdapter, dict]:
+          eval_examples: list[tuple[str, str]] | None = None, progress: bool = True,
+          on_step: StepCallback | None = None) -> tuple[TaskAdapter, dict]:
+    """Train; with `cfg.steps` a fixed schedule (final weights), else epochs with early stop on eval accuracy.
+
+    `on_step(step, total, loss)` is called after every step; raising from it aborts training.
+    """
     torch.manual_seed(cfg.seed)
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
@@ -169,13 +198,14 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.kind}")
     backbone.model.eval()
     while step < total:
-        rng.shuffle(examples)
-        for i in range(0, len(examples), cfg.batch_size):
-            batch = examples[i:i + cfg.batch_size]
-            enc = backbone.tokenizer([t for t, _ in batch], padding=True, truncation=True, max_length=cfg.max_length,
+        for batch in epoch_batches(examples, cfg.batch_size, rng, cfg.group_by_length):
+            enc = backbone.tokenizer([t for t, _ in batch], padding=True, truncation=True,
+                                     max_length=cfg.max_length or backbone.spec.max_length,
                                      return_tensors="pt")
-            logits = encoder_forward(backbone.model, enc["input_ids"], enc["attention_mask"], single_task_params(adapter))
-            loss = F.cross_entropy(logits, torch.tensor([index[label] for _, label in batch]))
+            with torch.autocast(enc["input_ids"].device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = encoder_forward(backbone.model, enc["input_ids"], enc["attention_mask"],
+                                         single_task_params(adapter))
+            loss = F.cross_entropy(logits.float(), torch.tensor([index[label] for _, label in batch]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -183,24 +213,30 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step, total, loss.item())
             if step >= total:
                 break
+        if cfg.steps is not None:
+            continue  # fixed schedule: the final weights, no selection on the eval set
         accuracy = scores(eval_y, predict(backbone, adapter, eval_texts, cfg.max_length), labels)["accuracy"]
         if accuracy > best:
             best, bad_epochs = accuracy, 0
             best_state = {k: v.detach().clone() for k, v in adapter.tensors().items()}
         else:
             bad_epochs += 1
-            if cfg.steps is None and bad_epochs >= cfg.patience:
+            if bad_epochs >= cfg.patience:
                 break  # early stop on the eval metric
     bar.close()
     with torch.no_grad():
         for name, tensor in adapter.tensors().items():
-            tensor.copy_(best_state[name])
+            if best_state is not None:
+                tensor.copy_(best_state[name])
             tensor.requires_grad_(False)
-    final = scores(eval_y, predict(backbone, adapter, eval_texts, cfg.max_length), labels)
+    eval_pred = predict(backbone, adapter, eval_texts, cfg.max_length)
+    final = scores(eval_y, eval_pred, labels)
     report = {**final, "kind": adapter.kind, "params": adapter.num_params, "train_examples": len(examples),
               "eval_examples": len(eval_examples), "steps": step, "train_seconds": time.time() - start,
               "labels": labels, "config": cfg.__dict__,
-              "eval_predictions": [labels[i] for i in predict(backbone, adapter, eval_texts, cfg.max_length).tolist()]}
+              "eval_predictions": [labels[i] for i in eval_pred.tolist()]}
     return adapter, report

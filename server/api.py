@@ -18,19 +18,41 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from adapter_store.formats import native
 from adapter_store.store import AdapterStore
 from adapter_store.upload import parse_upload
 from server.backbone import Backbone, load_backbone
 from server.batcher import Batcher
 from server.engine import CapacityError, Engine
-from server.errors import ApiError, InsufficientCapacity, InvalidAdapter, InvalidRequest, NotReady, PayloadTooLarge
+from server.errors import (
+    ApiError,
+    InsufficientCapacity,
+    InvalidAdapter,
+    InvalidRequest,
+    NotReady,
+    PayloadTooLarge,
+)
 from server.metrics import Metrics
 from server.middleware import BodyLimitMiddleware, MetricsMiddleware
 from server.registry import Registry, TaskEntry, TaskVersion
-from server.schemas import (BackboneInfo, ClassifyRequest, ClassifyResponse, ErrorResponse, Health, Prediction,
-                            RollbackRequest, TaskList, TaskSummary, TaskVersionSummary)
+from server.schemas import (
+    BackboneInfo,
+    ClassifyRequest,
+    ClassifyResponse,
+    ErrorResponse,
+    Health,
+    JobList,
+    JobSummary,
+    Prediction,
+    RollbackRequest,
+    TaskList,
+    TaskSummary,
+    TaskVersionSummary,
+    TrainRequest,
+)
 from server.settings import Settings
 from server.task_adapter import AdapterValidationError
+from server.training_jobs import JobRunner, JobSpec
 
 TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 429, 503)}
@@ -44,6 +66,7 @@ class Runtime:
     store: AdapterStore
     registry: Registry
     batcher: Batcher
+    jobs: JobRunner
 
 
 @dataclass
@@ -82,7 +105,15 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone]) ->
         registry.restore()
         batcher = Batcher(engine, s, state.metrics, registry.release, after_batch=registry.unload_released)
         batcher.start()
-        state.runtime = Runtime(engine, store, registry, batcher)
+
+        def register(task: str, blob: bytes) -> dict:
+            fingerprint = engine.spec.fingerprint
+            return registry.put(task, native.loads(blob, fingerprint), fingerprint).summary()
+
+        jobs = JobRunner(register, state.metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
+                         max_queued=s.max_queued_jobs)
+        jobs.start()
+        state.runtime = Runtime(engine, store, registry, batcher, jobs)
         state.metrics.ready.set(1)
     except Exception as exc:  # reported by /health and every request as 503
         state.startup_error = f"startup failed: {exc}"
@@ -103,6 +134,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
         loader.join()
         if state.runtime is not None:
             state.metrics.ready.set(0)
+            await asyncio.to_thread(state.runtime.jobs.stop)
             await asyncio.to_thread(state.runtime.batcher.stop)
             state.runtime.store.close()
 
@@ -111,7 +143,7 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
                               "mixed in one forward pass.")
     app.state.switchboard = state
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes,
-                       max_upload_bytes=settings.max_upload_bytes, upload_prefix="/v1/tasks/")
+                       max_upload_bytes=settings.max_upload_bytes, max_train_body_bytes=settings.max_train_body_bytes)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     _install_error_handlers(app, state.metrics)
 
@@ -189,6 +221,44 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
     def rollback_task(task: TaskName, body: RollbackRequest, runtime: RuntimeDep) -> TaskVersionSummary:
         """Make an earlier version current again; requests already admitted finish on their version."""
         return TaskVersionSummary(**runtime.registry.rollback(task, body.version).summary())
+
+    @app.post("/v1/tasks/{task}/train", status_code=202, response_model=JobSummary, responses=ERRORS)
+    def train_task(task: TaskName, body: TrainRequest, runtime: RuntimeDep, state: StateDep,
+                   response: Response) -> JobSummary:
+        """Start a background few-shot (IA)3 job; on success its adapter becomes the task's next version."""
+        s = state.settings
+        n = len(body.examples) + len(body.eval_examples or [])
+        if n > s.max_train_examples:
+            raise PayloadTooLarge(f"{n} examples; at most {s.max_train_examples} per job")
+        if body.steps > s.max_train_steps:
+            raise InvalidRequest(f"steps: at most {s.max_train_steps}")
+        labels = {e.label for e in body.examples}
+        if len(labels) < 2:
+            raise InvalidRequest("examples need at least two distinct labels")
+        if len(labels) > s.max_labels:
+            raise InvalidRequest(f"at most {s.max_labels} labels")
+        unseen = {e.label for e in body.eval_examples or []} - labels
+        if unseen:
+            raise InvalidRequest(f"eval_examples use labels absent from examples: {sorted(unseen)[:5]}")
+        spec = JobSpec(examples=[(e.text, e.label) for e in body.examples],
+                       eval_examples=[(e.text, e.label) for e in body.eval_examples] if body.eval_examples else None,
+                       steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed)
+        job = runtime.jobs.submit(task, spec)
+        response.headers["Location"] = f"/v1/jobs/{job.id}"
+        return JobSummary(**job.summary())
+
+    @app.get("/v1/jobs", response_model=JobList, responses=ERRORS)
+    def list_jobs(runtime: RuntimeDep) -> JobList:
+        return JobList(jobs=[JobSummary(**job.summary()) for job in runtime.jobs.list()])
+
+    @app.get("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
+    def get_job(job_id: str, runtime: RuntimeDep) -> JobSummary:
+        return JobSummary(**runtime.jobs.get(job_id).summary())
+
+    @app.delete("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
+    def cancel_job(job_id: str, runtime: RuntimeDep) -> JobSummary:
+        """Cancel a queued or running job (a finished one is left as it is)."""
+        return JobSummary(**runtime.jobs.cancel(job_id).summary())
 
     @app.get("/v1/tasks", response_model=TaskList, responses=ERRORS)
     def list_tasks(runtime: RuntimeDep) -> TaskList:

@@ -49,4 +49,8 @@ class Metrics:
                                       buckets=(1, 10, 60, 300, 1800, 3600, 21600, 86400), registry=r)
         self.host_cache_bytes = Gauge("switchboard_host_cache_bytes", "Bytes of parsed adapters in the host cache",
                                       registry=r)
+        self.train_jobs = Counter("switchboard_train_jobs", "Finished training jobs by outcome", ["outcome"],
+                                  registry=r)
+        self.train_jobs_active = Gauge("switchboard_train_jobs_active", "Training jobs queued or running",
+                                       registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

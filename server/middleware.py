@@ -26,20 +26,33 @@ class BodyTooLarge(HTTPException):
 
 
 class BodyLimitMiddleware:
-    """413 before reading a body whose Content-Length is too big; counts streamed bodies too."""
+    """413 before reading a body whose Content-Length is too big; counts streamed bodies too.
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int, upload_prefix: str) -> None:
+    Uploads (PUT /v1/tasks/…) and training jobs (POST …/train) get their own, larger limits.
+    """
+
+    def __init__(self, app: ASGIApp, max_body_bytes: int, max_upload_bytes: int, max_train_body_bytes: int,
+                 task_prefix: str = "/v1/tasks/") -> None:
         self.app = app
         self.max_body = max_body_bytes
         self.max_upload = max_upload_bytes
-        self.upload_prefix = upload_prefix
+        self.max_train = max_train_body_bytes
+        self.task_prefix = task_prefix
+
+    def _limit(self, scope: Scope) -> int:
+        path, method = scope["path"], scope["method"]
+        if path.startswith(self.task_prefix):
+            if method == "PUT":
+                return self.max_upload
+            if method == "POST" and path.endswith("/train"):
+                return self.max_train
+        return self.max_body
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        is_upload = scope["method"] == "PUT" and scope["path"].startswith(self.upload_prefix)
-        limit = self.max_upload if is_upload else self.max_body
+        limit = self._limit(scope)
         headers = dict(scope.get("headers") or [])
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > limit:

@@ -70,3 +70,58 @@ class RollbackRequest(BaseModel):
 
 class TaskList(BaseModel):
     tasks: list[TaskSummary]
+
+
+class LabelledText(BaseModel):
+    text: str = Field(min_length=1, examples=["I loved it"])
+    label: str = Field(min_length=1, examples=["positive"])
+
+
+class TrainRequest(BaseModel):
+    """A few-shot (IA)3 job: T-Few's recipe (fixed steps, lr 3e-3) on the frozen backbone."""
+
+    examples: list[LabelledText] = Field(min_length=2)
+    eval_examples: list[LabelledText] | None = Field(None, description="scored after training; default: the "
+                                                                          "training examples themselves")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1, le=256)
+    lr: float = Field(3e-3, gt=0, le=1)
+    seed: int = 0
+
+    model_config = {"json_schema_extra": {"examples": [{"examples": [{"text": "I loved it", "label": "positive"},
+                                                                     {"text": "awful", "label": "negative"}],
+                                                        "steps": 100}]}}
+
+
+class JobResult(BaseModel):
+    task: str
+    version: int
+    kind: str
+    num_labels: int
+    labels: list[str]
+    params: int
+    bytes: int
+    sha256: str
+    accuracy: float
+    macro_f1: float
+    evaluated_on: str
+    train_seconds: float
+    steps: int
+
+
+class JobSummary(BaseModel):
+    id: str
+    task: str
+    status: str = Field(examples=["running"], description="queued, running, succeeded, failed or cancelled")
+    step: int
+    total_steps: int
+    loss: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: JobResult | None
+    error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]

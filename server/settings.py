@@ -38,3 +38,11 @@ class Settings(BaseSettings):
     max_adapter_bytes: int = Field(1 << 30, description="device-slot byte budget; least recently used unpinned "
                                                         "versions are evicted past it")
     host_cache_bytes: int = Field(256 << 20, description="parsed adapters kept in host memory")
+
+    # Few-shot training jobs (POST /v1/tasks/{task}/train): a separate process, one at a time.
+    train_threads: int = Field(1, ge=1, description="torch threads of the training process")
+    train_nice: int = Field(19, ge=0, le=19, description="niceness of the training process (19 = lowest priority)")
+    max_train_examples: int = 4096
+    max_train_steps: int = 2000
+    max_train_body_bytes: int = 8 << 20
+    max_queued_jobs: int = 8
