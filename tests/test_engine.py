@@ -19,7 +19,7 @@ from tests.factories import TEXTS, random_adapter, tiny_backbone
 task_spec = st.fixed_dictionaries({
     "kind": st.sampled_from(["ia3", "houlsby", "mixed"]),
     "width": st.sampled_from([4, 8, 16]),
-    "activation": st.sampled_from(["gelu", "relu", "swish", "tanh"]),
+    "activation": st.sampled_from(["gelu", "gelu_tanh", "relu", "swish", "tanh"]),
     "num_labels": st.integers(1, 7),
     "pooling": st.sampled_from(["cls", "mean", "pooler"]),
     "hidden": st.booleans(),

@@ -9,8 +9,10 @@ import torch
 from server.backbone import BackboneSpec
 
 # AdapterHub calls SiLU "swish"; both names are accepted and stored as "silu".
-ACTIVATIONS: tuple[str, ...] = ("gelu", "relu", "silu", "tanh")
-ACTIVATION_ALIASES: dict[str, str] = {"swish": "silu", "gelu_new": "gelu", "gelu_orig": "gelu"}
+ACTIVATIONS: tuple[str, ...] = ("gelu", "gelu_tanh", "relu", "silu", "tanh")
+# transformers' names: "gelu_new" and "gelu_pytorch_tanh" are the tanh approximation, "gelu_orig" is exact.
+ACTIVATION_ALIASES: dict[str, str] = {"swish": "silu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                                      "gelu_orig": "gelu"}
 # Sublayer index: 0 = after the attention output projection, 1 = after the FFN output projection.
 SITES: tuple[str, ...] = ("attention", "ffn")
 

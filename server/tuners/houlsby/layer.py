@@ -7,8 +7,14 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """The tanh approximation of GELU (transformers' "gelu_new", which AdapterHub's configs name)."""
+    return F.gelu(x, approximate="tanh")
+
+
 ACTIVATION_FNS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
+    "gelu_tanh": gelu_tanh,
     "relu": F.relu,
     "silu": F.silu,
     "tanh": torch.tanh,
