@@ -9,6 +9,7 @@ on open.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import sqlite3
@@ -48,11 +49,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+class StoreInUseError(RuntimeError):
+    """Another live process holds the data directory."""
+
+
 class AdapterStore:
     def __init__(self, data_dir: Path) -> None:
         self.root = Path(data_dir)
         self.blobs = self.root / "blobs"
         self.blobs.mkdir(parents=True, exist_ok=True)
+        # One process per data directory: a second one would remove the first one's in-flight blobs as
+        # orphans and race its version numbers. The kernel drops the lock if the process dies.
+        self._lock_file = open(self.root / "lock", "a+")  # noqa: SIM115 - held for the store's lifetime
+        try:
+            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self._lock_file.close()
+            raise StoreInUseError(f"data directory {self.root} is in use by another Switchboard process "
+                                  "(one process per data directory)") from None
         self._lock = threading.Lock()
         self._db = sqlite3.connect(self.root / "switchboard.sqlite3", check_same_thread=False, isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -63,6 +77,7 @@ class AdapterStore:
     def close(self) -> None:
         with self._lock:
             self._db.close()
+            self._lock_file.close()
 
     # ----- blobs -----------------------------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:

@@ -21,8 +21,20 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                                    "data_dir": args.data_dir, "dtype": args.dtype,
                                    "threads": args.threads, "max_length": args.max_length}.items() if v is not None}
     settings = Settings(**overrides)
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level,
-                timeout_graceful_shutdown=int(settings.request_timeout_s))
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:  # startup failed: exit instead of answering 503 forever
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, on_startup_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=int(settings.request_timeout_s)))
+    server.run()
+    error = app.state.switchboard.startup_error
+    if error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     return 0
 
 

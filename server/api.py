@@ -92,7 +92,8 @@ RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 TaskName = Annotated[str, Path(pattern=TASK_NAME, description="task name", examples=["sentiment"])]
 
 
-def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone]) -> None:
+def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone],
+                   on_failure: Callable[[], None] | None) -> None:
     s = state.settings
     try:
         if s.threads > 0:
@@ -117,10 +118,15 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone]) ->
         state.metrics.ready.set(1)
     except Exception as exc:  # reported by /health and every request as 503
         state.startup_error = f"startup failed: {exc}"
+        if on_failure is not None:
+            on_failure()
         raise
 
 
-def create_app(settings: Settings | None = None, backbone_factory: Callable[[], Backbone] | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, backbone_factory: Callable[[], Backbone] | None = None,
+               on_startup_failure: Callable[[], None] | None = None) -> FastAPI:
+    """`on_startup_failure` runs when loading fails (the CLI stops the server: fail fast, let the
+    supervisor see it); without it the app stays up and answers 503 with the reason."""
     settings = settings or Settings()
     state = AppState(settings=settings)
     factory = backbone_factory or (lambda: load_backbone(settings.model, max_length=settings.max_length))
@@ -128,7 +134,8 @@ def create_app(settings: Settings | None = None, backbone_factory: Callable[[], 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background so /health answers 503 (not a refused connection) while loading.
-        loader = threading.Thread(target=_start_runtime, args=(state, factory), daemon=True)
+        loader = threading.Thread(target=_start_runtime, args=(state, factory, on_startup_failure),
+                                  daemon=True)
         loader.start()
         yield
         loader.join()

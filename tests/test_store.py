@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 
 import httpx
+import pytest
 
-from adapter_store.store import AdapterStore
+from adapter_store.store import AdapterStore, StoreInUseError
 from tests.factories import TEXTS, random_adapter
-from tests.server_fixture import metric_samples, running_server, upload
+from tests.server_fixture import ROOT, free_port, metric_samples, running_server, upload
 
 
 def classify(url: str, task: str) -> dict:
@@ -107,3 +110,21 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny_dir, tmp_path
     with running_server(tiny_dir[0], tmp_path) as (url, _):  # restarts and serves every task
         for task, version in current.items():
             assert classify(url, task)["version"] == version
+
+
+def test_one_process_per_data_dir(tiny_dir, tmp_path):
+    """A second server on a data dir in use exits non-zero with the reason, and the first keeps serving."""
+    with running_server(tiny_dir[0], tmp_path) as (url, _):
+        second = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--port", str(free_port()),
+                                 "--data-dir", str(tmp_path), "--model", str(tiny_dir[0]), "--log-level", "warning"],
+                                capture_output=True, text=True, timeout=120, cwd=ROOT)
+        assert second.returncode == 1
+        assert "in use by another Switchboard process" in second.stderr
+        assert httpx.get(f"{url}/health").status_code == 200
+    with pytest.raises(StoreInUseError):  # in-process too; released on close
+        first = AdapterStore(tmp_path)
+        try:
+            AdapterStore(tmp_path)
+        finally:
+            first.close()
+    AdapterStore(tmp_path).close()
