@@ -1,4 +1,4 @@
-"""The `switchboard` command line: serve, upload, classify, tasks, convert, backbone."""
+"""The `switchboard` command line: serve, backbone, upload, classify, tasks, convert, train."""
 
 from __future__ import annotations
 

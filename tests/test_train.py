@@ -11,7 +11,7 @@ import torch
 
 from adapter_store.formats import native
 from clients.cli import main
-from clients.train import DataError, TrainConfig, read_examples, train
+from clients.train import DataError, TrainConfig, epoch_batches, read_examples, train
 from server.engine import Engine
 from tests.factories import tiny_backbone
 
@@ -78,3 +78,13 @@ def test_cli_train_writes_an_uploadable_adapter_and_report(tmp_path, tiny_dir):
     bad = tmp_path / "bad.csv"
     bad.write_text("text,label\nonly,one\n")
     assert main(["train", "--data", str(bad), "--kind", "ia3", "--out", str(out)]) == 2
+
+
+def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
+    rng = random.Random(0)
+    examples = [("w " * rng.randint(1, 60), str(i)) for i in range(1000)]
+    batches = list(epoch_batches(examples, 16, random.Random(1), group_by_length=True))
+    assert sorted(label for b in batches for _, label in b) == sorted(label for _, label in examples)
+    padded = lambda bs: sum(len(b) * max(len(t) for t, _ in b) for b in bs)  # noqa: E731
+    plain = list(epoch_batches(examples, 16, random.Random(1), group_by_length=False))
+    assert padded(batches) < 0.8 * padded(plain)
