@@ -112,6 +112,7 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone],
             return registry.put(task, native.loads(blob, fingerprint), fingerprint).summary()
 
         jobs = JobRunner(register, state.metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
+                         sched_idle=s.train_sched_idle,
                          max_queued=s.max_queued_jobs)
         jobs.start()
         state.runtime = Runtime(engine, store, registry, batcher, jobs)

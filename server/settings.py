@@ -42,6 +42,8 @@ class Settings(BaseSettings):
     # Few-shot training jobs (POST /v1/tasks/{task}/train): a separate process, one at a time.
     train_threads: int = Field(1, ge=1, description="torch threads of the training process")
     train_nice: int = Field(19, ge=0, le=19, description="niceness of the training process (19 = lowest priority)")
+    train_sched_idle: bool = Field(True, description="Linux SCHED_IDLE for the training process: it runs only "
+                                                     "when a core would otherwise be idle")
     max_train_examples: int = 4096
     max_train_steps: int = 2000
     max_train_body_bytes: int = 8 << 20

@@ -72,10 +72,12 @@ Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → vers
 
 
 def _train_in_child(conn: Connection, model_path: str | None, max_length: int | None, spec: JobSpec,
-                    threads: int, nice: int) -> None:
+                    threads: int, nice: int, sched_idle: bool) -> None:
     """Child process entry point: lower priority and thread count first, then load, train, send back."""
     try:
         os.nice(nice)
+        if sched_idle and hasattr(os, "sched_setscheduler"):  # Linux: run only on otherwise idle cores
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         import torch
 
         torch.set_num_threads(threads)
@@ -99,13 +101,15 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
 
 class JobRunner:
     def __init__(self, register: Register, metrics: Metrics, model_path: Path | None, max_length: int | None,
-                 threads: int = 1, nice: int = 19, max_queued: int = 8, keep_finished: int = 256) -> None:
+                 threads: int = 1, nice: int = 19, sched_idle: bool = True, max_queued: int = 8,
+                 keep_finished: int = 256) -> None:
         self._register = register
         self._metrics = metrics
         self._model_path = str(model_path) if model_path else None
         self._max_length = max_length
         self._threads = threads
         self._nice = nice
+        self._sched_idle = sched_idle
         self._max_queued = max_queued
         self._keep_finished = keep_finished
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -190,7 +194,8 @@ class JobRunner:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_train_in_child, name=f"train-{job.id[:8]}", daemon=True,
-                              args=(child, self._model_path, self._max_length, job.spec, self._threads, self._nice))
+                              args=(child, self._model_path, self._max_length, job.spec, self._threads, self._nice,
+                                    self._sched_idle))
         process.start()
         child.close()
         try:

@@ -4,6 +4,8 @@ serving other tasks meanwhile, and bad requests change nothing."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 
 import httpx
@@ -89,6 +91,7 @@ def test_cancel_kills_the_niced_child_and_registers_nothing(server):
         _wait(client, long.id, lambda j: j.step > 0)
         children = [c for c in server_proc.children(recursive=True) if c.nice() == 19]
         assert children, "the training process runs at nice 19"
+        assert all(os.sched_getscheduler(c.pid) == os.SCHED_IDLE for c in children)
         assert client.cancel_job(queued.id).status == "cancelled"
         client.cancel_job(long.id)
         assert _wait(client, long.id, lambda j: j.done).status == "cancelled"
@@ -124,3 +127,16 @@ def test_bad_task_name_is_refused(server):
     url, _ = server
     body = {"examples": [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}]}
     assert httpx.post(f"{url}/v1/tasks/-bad/train", json=body).status_code == 422
+
+
+def test_a_killed_server_takes_its_training_process_with_it(tiny_dir, tmp_path):
+    """SIGKILL leaves no orphan trainer: the child's next progress message hits a closed pipe."""
+    with running_server(tiny_dir[0], tmp_path, env=ENV) as (url, proc):
+        with sdk.Client(url) as client:
+            job = client.train("orphan", synthetic(10, seed=2), steps=5000)
+            _wait(client, job.id, lambda j: j.step > 0)
+        children = psutil.Process(proc.pid).children(recursive=True)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        gone, alive = psutil.wait_procs(children, timeout=30)
+        assert not alive, alive
