@@ -18,7 +18,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection
 from pathlib import Path
 
@@ -62,10 +62,8 @@ class Job:
     cancel_requested: bool = False
 
     def summary(self) -> dict:
-        out = asdict(self)
-        for private in ("spec", "cancel_requested"):
-            out.pop(private)
-        return out
+        """The public fields (not asdict: that would deep-copy the examples on every poll)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec", "cancel_requested")}
 
 
 Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → version summary
