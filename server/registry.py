@@ -144,28 +144,33 @@ class Registry:
             tv.pins += 1  # hold it while loading so it cannot be evicted before its first use
 
     def rollback(self, task: str, version: int) -> TaskVersion:
-        with self._write_lock, self._lock:
-            entry = self._tasks.get(task)
-            if entry is None:
-                raise TaskNotFound(f"unknown task {task!r}")
-            target = next((v for v in entry.versions if v.version == version), None)
-            if target is None:
-                raise VersionNotFound(f"task {task!r} has no version {version}")
+        # The SQLite commit (an fsync) happens outside `_lock`, which the event loop takes per request;
+        # `_write_lock` keeps every other writer out meanwhile, so the entry cannot change under us.
+        with self._write_lock:
+            with self._lock:
+                entry = self._tasks.get(task)
+                if entry is None:
+                    raise TaskNotFound(f"unknown task {task!r}")
+                target = next((v for v in entry.versions if v.version == version), None)
+                if target is None:
+                    raise VersionNotFound(f"task {task!r} has no version {version}")
             self._store.set_current(task, version)
-            if target is not entry.current:
-                self._retire(entry.current)
-                target.current = True
-                entry.current = target
+            with self._lock:
+                if target is not entry.current:
+                    self._retire(entry.current)
+                    target.current = True
+                    entry.current = target
         self.unload_released()
         return target
 
     def delete(self, task: str) -> None:
         with self._write_lock:
             with self._lock:
-                entry = self._tasks.pop(task, None)
-                if entry is None:
+                if task not in self._tasks:
                     raise TaskNotFound(f"unknown task {task!r}")
-                self._store.delete(task)
+            self._store.delete(task)  # outside `_lock`, as in rollback
+            with self._lock:
+                entry = self._tasks.pop(task)
                 for tv in entry.versions:
                     self._retire(tv)
             self.unload_released()
