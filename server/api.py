@@ -109,7 +109,9 @@ def _start_runtime(state: AppState, backbone_factory: Callable[[], Backbone],
 
         def register(task: str, blob: bytes) -> dict:
             fingerprint = engine.spec.fingerprint
-            return registry.put(task, native.loads(blob, fingerprint), fingerprint).summary()
+            adapter = native.loads(blob, fingerprint)
+            adapter.validate(engine.spec)  # e.g. a diverged run's non-finite weights never become current
+            return registry.put(task, adapter, fingerprint).summary()
 
         jobs = JobRunner(register, state.metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
                          sched_idle=s.train_sched_idle,

@@ -184,7 +184,10 @@ class JobRunner:
                     self._finish(job, CANCELLED, error="server shutting down")
                     continue
                 job.status, job.started_at = RUNNING, time.time()
-            status, result, error = self._train(job)
+            try:
+                status, result, error = self._train(job)
+            except Exception as exc:  # never let one job stop the worker
+                status, result, error = FAILED, None, f"{type(exc).__name__}: {exc}"
             with self._lock:
                 self._finish(job, status, result, error)
 
