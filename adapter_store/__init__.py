@@ -1,1 +1,1 @@
-"""Adapter formats, validation and (later) durable storage."""
+"""Adapter formats (native, PEFT, AdapterHub), upload parsing and the durable store."""

@@ -18,6 +18,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS versions (
@@ -31,6 +32,9 @@ CREATE TABLE IF NOT EXISTS tasks (
 
 @dataclass(frozen=True)
 class VersionRecord:
+    """One acknowledged, immutable task version: the only declaration of it (the registry wraps it,
+    the HTTP schemas derive from it)."""
+
     task: str
     version: int
     sha256: str
@@ -39,6 +43,17 @@ class VersionRecord:
     params: int
     bytes: int
     created_at: float
+
+    @property
+    def num_labels(self) -> int:
+        return len(self.labels)
+
+    # what a client sees of a version (the API's version summary), in the contract's order
+    SUMMARY_FIELDS: ClassVar[tuple[str, ...]] = ("task", "version", "kind", "num_labels", "labels", "params",
+                                                 "bytes", "sha256")
+
+    def summary(self) -> dict[str, object]:
+        return {name: getattr(self, name) for name in self.SUMMARY_FIELDS}
 
 
 def _fsync_dir(path: Path) -> None:

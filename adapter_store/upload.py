@@ -7,9 +7,9 @@ import re
 
 from safetensors.torch import load as st_load
 
-from adapter_store.formats import adapterhub, native, peft
-from server.backbone import BackboneSpec
-from server.task_adapter import AdapterValidationError, TaskAdapter
+from switchboard.adapter_store.formats import adapterhub, native, peft
+from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")

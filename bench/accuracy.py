@@ -33,12 +33,13 @@ import torch.nn.functional as F
 from sklearn.linear_model import LogisticRegression
 from transformers import AutoModel
 
-from adapter_store.formats import native
 from bench.debian_sections import load as load_splits
-from clients.sdk import Client
-from clients.train import TrainConfig, epoch_batches, predict, scores, train
-from server.backbone import Backbone, default_model_path, load_backbone
-from tests.server_fixture import running_server
+from switchboard.adapter_store.formats import native
+from switchboard.clients.local_server import running_server
+from switchboard.clients.sdk import Client
+from switchboard.server.core.backbone import Backbone, default_model_path, load_backbone
+from switchboard.server.runtime.training.data import epoch_batches
+from switchboard.server.runtime.training.trainer import TrainConfig, predict, scores, train
 
 Examples = list[tuple[str, str]]
 
@@ -222,7 +223,7 @@ def main() -> None:
         print(f"  {name}: dev accuracy {report['accuracy']:.4f} after {report['steps']} steps, "
               f"{report['train_seconds']:.0f} s", flush=True)
     with tempfile.TemporaryDirectory() as tmp, \
-            running_server(None, Path(tmp), extra_args=["--max-length", str(args.max_length)]) as (url, _):
+            running_server(Path(tmp), extra_args=["--max-length", str(args.max_length)]) as (url, _):
         for name, (adapter, report, trainer_test) in trained.items():
             path = Path(tmp) / f"{name}.safetensors"
             path.write_bytes(native.dumps(adapter, backbone.spec.fingerprint))

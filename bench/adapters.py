@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from server.backbone import BackboneSpec
-from server.task_adapter import TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.houlsby.config import HoulsbyWeights
-from server.tuners.ia3.config import Ia3Weights, site_dim
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights
+from switchboard.server.core.tuners.ia3.config import Ia3Weights, site_dim
 
 # PEFT's default (IA)3 targets on BERT: key, value (output scaling) and both `output.dense`
 # modules (input scaling), i.e. our k_out, v_out, attn_out_in, ffn_out_in.
@@ -30,4 +30,5 @@ def bench_adapter(spec: BackboneSpec, kind: str, seed: int, width: int = 64, num
                                  up_b=torch.zeros(L, 2, d), activation="gelu")
     head = HeadWeights(out_w=0.3 * torch.randn(num_labels, d, generator=g), out_b=torch.zeros(num_labels),
                        pooling="mean")
-    return TaskAdapter(head=head, labels=[f"l{i}" for i in range(num_labels)], ia3=ia3, houlsby=houlsby)
+    parts = {name: w for name, w in (("ia3", ia3), ("houlsby", houlsby), ("head", head)) if w is not None}
+    return TaskAdapter(labels=[f"l{i}" for i in range(num_labels)], parts=parts)

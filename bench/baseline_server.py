@@ -19,8 +19,8 @@ from fastapi.responses import JSONResponse
 from peft import IA3Config, TaskType, get_peft_model
 
 from bench.adapters import PEFT_BERT_SITES, bench_adapter
-from server.backbone import load_backbone
-from server.schemas import ClassifyRequest
+from switchboard.server.core.backbone import load_backbone
+from switchboard.server.http.schemas import ClassifyRequest
 
 _PEFT_MODULES = {"k_out": "attention.self.key", "v_out": "attention.self.value",
                  "attn_out_in": "attention.output.dense", "ffn_out_in": "output.dense"}
@@ -42,7 +42,7 @@ def build_app(num_tasks: int, max_length: int) -> FastAPI:
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, adapter in adapters.items():
-            for site, vec in adapter.ia3.vectors.items():
+            for site, vec in adapter.parts["ia3"].vectors.items():
                 for layer in range(spec.num_layers):
                     key = f"base_model.model.encoder.layer.{layer}.{_PEFT_MODULES[site]}.ia3_l.{name}"
                     p = params[key]

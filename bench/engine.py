@@ -22,9 +22,9 @@ from peft import IA3Config, PeftModel, TaskType, get_peft_model
 
 from bench.adapters import bench_adapter
 from bench.texts import sample_texts
-from server.backbone import load_backbone
-from server.engine import Engine
-from server.task_adapter import TaskAdapter
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import load_backbone
+from switchboard.server.core.engine import Engine
 
 NUM_LABELS = 8
 

@@ -21,12 +21,12 @@ from pathlib import Path
 import httpx
 import psutil
 
-from adapter_store.formats import native
 from bench.adapters import bench_adapter
 from bench.serve import closed_loop
 from bench.texts import sample_texts
-from server.backbone import load_backbone
-from tests.server_fixture import free_port, running_process
+from switchboard.adapter_store.formats import native
+from switchboard.clients.local_server import free_port, running_process
+from switchboard.server.core.backbone import load_backbone
 
 
 def over_budget_phase(spec, texts: list[str], n_tasks: int, budget: int, duration: float) -> dict[str, float]:
@@ -52,7 +52,7 @@ def over_budget_phase(spec, texts: list[str], n_tasks: int, budget: int, duratio
 
 
 def serve_cmd(port: int, data_dir: str) -> list[str]:
-    return [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--data-dir", data_dir,
+    return [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data_dir,
             "--log-level", "warning", "--max-length", "128"]
 
 

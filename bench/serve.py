@@ -27,13 +27,13 @@ import httpx
 import numpy as np
 import torch
 
-from adapter_store.formats import native
 from bench.adapters import PEFT_BERT_SITES, bench_adapter
 from bench.http_load import Connection, ConnectionPool
 from bench.texts import sample_texts
-from server.backbone import load_backbone
-from server.engine import Engine
-from tests.server_fixture import free_port, running_process
+from switchboard.adapter_store.formats import native
+from switchboard.clients.local_server import free_port, running_process
+from switchboard.server.core.backbone import load_backbone
+from switchboard.server.core.engine import Engine
 
 
 def zipf_tasks(n_tasks: int, n: int, s: float, rng: random.Random) -> list[str]:
@@ -157,7 +157,7 @@ def main() -> None:
     report: dict[str, dict] = {}
     servers = {
         # both servers truncate at 128 tokens, as the engine measurement does
-        "switchboard": [sys.executable, "-m", "clients.cli", "serve", "--log-level", "warning", "--max-length", "128"],
+        "switchboard": [sys.executable, "-m", "switchboard.clients.cli", "serve", "--log-level", "warning", "--max-length", "128"],
         "baseline": [sys.executable, "-m", "bench.baseline_server", "--tasks", str(args.tasks)],
     }
     for name, base_cmd in servers.items():

@@ -25,8 +25,8 @@ from bench.accuracy import as_examples, per_class
 from bench.debian_sections import load as load_splits
 from bench.serve import open_loop, upload_all, zipf_tasks
 from bench.texts import sample_texts
-from clients.sdk import Client, Job
-from tests.server_fixture import running_server
+from switchboard.clients.local_server import running_server
+from switchboard.clients.sdk import Client, Job
 
 
 def wait_running(client: Client, job_id: str, timeout: float = 300) -> Job:
@@ -83,7 +83,7 @@ def main() -> None:
     unbounded = {"SWITCHBOARD_TRAIN_NICE": "0", "SWITCHBOARD_TRAIN_THREADS": str(cores),
                  "SWITCHBOARD_TRAIN_SCHED_IDLE": "0"}
     for name, env in (("bounded", bounded), ("unbounded", unbounded)):
-        with tempfile.TemporaryDirectory() as tmp, running_server(None, Path(tmp), env=env) as (url, _):
+        with tempfile.TemporaryDirectory() as tmp, running_server(Path(tmp), env=env) as (url, _):
             upload_all(url, 20)
             # warm-up: the first forwards of each padded length pay one-off kernel set-up costs
             asyncio.run(open_loop(url, zipf_tasks(20, 5000, 1.1, random.Random(9)), sample_texts(500, seed=9),

@@ -12,15 +12,23 @@ DEFAULT_URL = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000")
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
-    from server.api import create_app
-    from server.settings import Settings
+    from switchboard.server.http.app import create_app
+    from switchboard.server.log_config import configure_logging, logging_config
+    from switchboard.server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
-                                   "data_dir": args.data_dir, "dtype": args.dtype,
-                                   "threads": args.threads, "max_length": args.max_length}.items() if v is not None}
+                                   "data_dir": args.data_dir, "dtype": args.dtype, "threads": args.threads,
+                                   "max_length": args.max_length, "log_level": args.log_level,
+                                   "log_format": args.log_format}.items() if v is not None}
     settings = Settings(**overrides)
+    configure_logging(settings.log_level, settings.log_format)
+    logging.getLogger("switchboard.clients.cli").info(
+        "switchboard %s serving on http://%s:%d (open mode: no API keys); data in %s",
+        _version(), settings.host, settings.port, Path(settings.data_dir).resolve())
     server: uvicorn.Server | None = None
 
     def stop() -> None:  # startup failed: exit instead of answering 503 forever
@@ -28,7 +36,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_startup_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port, log_level=args.log_level,
+    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
+                                           log_config=logging_config(settings.log_level, settings.log_format),
                                            timeout_graceful_shutdown=int(settings.request_timeout_s)))
     server.run()
     error = app.state.switchboard.startup_error
@@ -38,8 +47,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("switchboard")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 def _cmd_backbone(args: argparse.Namespace) -> int:
-    from server.backbone import load_backbone
+    from switchboard.server.core.backbone import load_backbone
 
     print(json.dumps(load_backbone(args.model).spec.as_dict(), indent=2))
     return 0
@@ -51,7 +69,7 @@ def _print(value: object) -> None:
 
 def _sdk_call(fn) -> int:
     """Run one SDK call; a server error prints its JSON-ish description and exits 1."""
-    from clients.sdk import SwitchboardError
+    from switchboard.clients.sdk import SwitchboardError
 
     try:
         _print(fn())
@@ -62,21 +80,21 @@ def _sdk_call(fn) -> int:
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    from clients.sdk import Client
+    from switchboard.clients.sdk import Client
 
     with Client(args.url, timeout=120) as client:
         return _sdk_call(lambda: client.upload(args.task, *args.paths, labels=args.labels))
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from clients.sdk import Client
+    from switchboard.clients.sdk import Client
 
     with Client(args.url) as client:
         return _sdk_call(lambda: client.classify(args.task, args.texts, top_k=args.top_k))
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from clients.sdk import Client
+    from switchboard.clients.sdk import Client
 
     with Client(args.url) as client:
         return _sdk_call(client.tasks)
@@ -113,9 +131,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from adapter_store.formats import native
-    from clients.train import DataError, TrainConfig, read_examples, train
-    from server.backbone import load_backbone
+    from switchboard.adapter_store.formats import native
+    from switchboard.server.core.backbone import load_backbone
+    from switchboard.server.runtime.training.data import DataError, read_examples
+    from switchboard.server.runtime.training.trainer import TrainConfig, train
 
     try:
         examples = read_examples(Path(args.data), args.text_column, args.label_column)
@@ -143,6 +162,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the server (flags also read SWITCHBOARD_<FLAG>)")
@@ -153,7 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
-    serve.add_argument("--log-level", default="info")
+    serve.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
+                       help="log level (default info; SWITCHBOARD_LOG_LEVEL)")
+    serve.add_argument("--log-format", default=None, choices=["text", "json"],
+                       help="text, or one JSON object per line for log shippers (default text; SWITCHBOARD_LOG_FORMAT)")
     serve.set_defaults(func=_cmd_serve)
 
     backbone = sub.add_parser("backbone", help="load the backbone and print its description and fingerprint")

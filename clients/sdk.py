@@ -1,6 +1,6 @@
 """Typed Python client for the Switchboard HTTP API (sync `Client` and async `AsyncClient`, httpx).
 
-    from clients.sdk import Client
+    from switchboard.clients import Client
     with Client("http://127.0.0.1:8000") as sb:
         sb.upload("sections", "my-adapter/")
         result = sb.classify("sections", ["a chess engine"], top_k=2)
@@ -152,7 +152,7 @@ class Client:
     def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_kwargs) -> None:
         self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_kwargs)
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -220,7 +220,7 @@ class AsyncClient:
     def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_kwargs) -> None:
         self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_kwargs)
 
-    async def __aenter__(self) -> "AsyncClient":
+    async def __aenter__(self) -> AsyncClient:
         return self
 
     async def __aexit__(self, *exc: object) -> None:

@@ -18,6 +18,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./switchboard-data")
     dtype: Literal["fp32", "bf16"] = "fp32"
     threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, for log "
+                                                                    "shippers")
 
     max_length: int | None = Field(None, description="truncate inputs to this many tokens; default: the model's limit")
     max_inputs_per_request: int = 64

@@ -1,6 +1,6 @@
 import pytest
 
-from server.backbone import Backbone
+from switchboard.server.core.backbone import Backbone
 from tests.factories import KINDS, random_adapter, tiny_backbone
 
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 import torch
 from transformers import AutoTokenizer, BertConfig, BertModel
 
-from server.backbone import Backbone, BackboneSpec, default_model_path, wrap_model
-from server.task_adapter import TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.houlsby.config import HoulsbyWeights
-from server.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
-from server.tuners.layer_norm.config import LayerNormWeights
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import Backbone, BackboneSpec, default_model_path, wrap_model
+from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights
+from switchboard.server.core.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
+from switchboard.server.core.tuners.layer_norm.config import LayerNormWeights
 
 TINY_CONFIG = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
                    intermediate_size=128, max_position_embeddings=128, hidden_act="gelu")
@@ -46,8 +46,9 @@ def random_adapter(spec: BackboneSpec, *, seed: int, kind: str = "ia3", num_labe
         ln = LayerNormWeights(weight=base.weight + rnd(L, 2, d, std=0.1), bias=base.bias + rnd(L, 2, d, std=0.1))
     head = HeadWeights(out_w=rnd(num_labels, d, std=1.0), out_b=rnd(num_labels, std=0.5), pooling=pooling,
                        hidden_w=rnd(d, d) if hidden else None, hidden_b=rnd(d, std=0.1) if hidden else None)
-    return TaskAdapter(head=head, labels=[f"label{i}" for i in range(num_labels)], ia3=ia3, houlsby=houlsby,
-                       layer_norm=ln)
+    parts = {"ia3": ia3, "houlsby": houlsby, "layer_norm": ln, "head": head}
+    return TaskAdapter(labels=[f"label{i}" for i in range(num_labels)],
+                       parts={name: w for name, w in parts.items() if w is not None})
 
 
 TEXTS = [

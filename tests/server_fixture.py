@@ -1,73 +1,25 @@
-"""Start a real `switchboard serve` (uvicorn) — or any server command — on a free loopback port."""
+"""Test helpers around a real `switchboard serve`: upload a native adapter, read /metrics."""
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-import time
-from contextlib import contextmanager
-from pathlib import Path
-
 import json
+from pathlib import Path
 
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from adapter_store.formats import native
+from switchboard.adapter_store.formats import native
+from switchboard.clients.local_server import free_port, running_process
+from switchboard.clients.local_server import running_server as _running_server
 
 ROOT = Path(__file__).resolve().parent.parent
+__all__ = ["ROOT", "free_port", "metric_samples", "running_process", "running_server", "upload"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@contextmanager
-def running_process(cmd: list[str], url: str, log_path: Path, env: dict[str, str] | None = None,
-                    ready_timeout: float = 120.0):
-    """Run `cmd` until `url`/health answers 200; yields (process, seconds to ready); terminates it after."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    start = time.monotonic()
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=full_env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-        try:
-            while True:
-                if proc.poll() is not None:
-                    raise RuntimeError(f"server exited: {log_path.read_text()[-3000:]}")
-                try:
-                    if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if time.monotonic() - start > ready_timeout:
-                    raise RuntimeError("server not ready in time")
-                time.sleep(0.05)
-            yield proc, time.monotonic() - start
-        finally:
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-
-
-@contextmanager
 def running_server(model_dir: Path | None, data_dir: Path, env: dict[str, str] | None = None,
                    extra_args: list[str] | None = None):
     """`switchboard serve` on a free port; yields (url, process)."""
-    port = free_port()
-    cmd = [sys.executable, "-m", "clients.cli", "serve", "--port", str(port), "--data-dir", str(data_dir),
-           "--log-level", "warning", *(extra_args or [])]
-    if model_dir is not None:
-        cmd += ["--model", str(model_dir)]
-    url = f"http://127.0.0.1:{port}"
-    with running_process(cmd, url, data_dir / "server.log", env) as (proc, _):
-        yield url, proc
+    return _running_server(data_dir, model_dir, env, extra_args)
 
 
 def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer, BertModel
 
-from adapter_store.upload import parse_upload
-from server.backbone import default_model_path, wrap_model
-from server.engine import Engine
-from server.task_adapter import AdapterValidationError
+from switchboard.adapter_store.upload import parse_upload
+from switchboard.server.core.adapter import AdapterValidationError
+from switchboard.server.core.backbone import default_model_path, wrap_model
+from switchboard.server.core.engine import Engine
 
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 INDEX = json.loads((FIXTURES / "fixtures.json").read_text())["adapters"]
@@ -69,7 +69,7 @@ def test_pickles_missing_heads_and_unsupported_options_are_refused(hub_backbone)
 def test_convert_turns_pickles_into_safetensors_on_the_client(hub_backbone, tmp_path):
     from safetensors.torch import load_file
 
-    from clients.cli import main
+    from switchboard.clients.cli import main
 
     src = tmp_path / "pickled"
     src.mkdir()

@@ -10,10 +10,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from server.engine import CapacityError, Engine
-from server.task_adapter import AdapterValidationError
-from server.tuners.head.layer import classify, pool
-from server.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
+from switchboard.server.core.adapter import AdapterValidationError
+from switchboard.server.core.engine import CapacityError, Engine
+from switchboard.server.core.tuners.head.layer import classify, pool
+from switchboard.server.core.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
 from tests.factories import TEXTS, random_adapter, tiny_backbone
 
 task_spec = st.fixed_dictionaries({
@@ -76,13 +76,13 @@ def test_identity_tasks_give_the_bare_backbone(tiny, pooling):
     engine = Engine(tiny)
     texts = TEXTS[:6]
     head_only = random_adapter(tiny.spec, seed=1, kind="ia3", pooling=pooling, hidden=True)
-    head_only.ia3 = None  # head on the bare backbone
+    head_only = head_only.without("ia3")  # head on the bare backbone
     ones = random_adapter(tiny.spec, seed=1, kind="ia3", pooling=pooling, hidden=True)
-    ones.ia3 = Ia3Weights({s: torch.ones(tiny.spec.num_layers, site_dim(s, tiny.spec)) for s in IA3_SITES})
+    ones.parts["ia3"] = Ia3Weights({s: torch.ones(tiny.spec.num_layers, site_dim(s, tiny.spec)) for s in IA3_SITES})
     zero_up = random_adapter(tiny.spec, seed=1, kind="houlsby", pooling=pooling, hidden=True)
-    zero_up.houlsby.up_w.zero_()
-    zero_up.houlsby.up_b.zero_()
-    zero_up.head = ones.head = head_only.head
+    zero_up.parts["houlsby"].up_w.zero_()
+    zero_up.parts["houlsby"].up_b.zero_()
+    zero_up.parts["head"] = ones.parts["head"] = head_only.head
     enc = engine.tokenize(texts)
     results = {}
     for name, adapter in {"head_only": head_only, "ones": ones, "zero_up": zero_up}.items():
@@ -109,7 +109,7 @@ def test_a_task_differs_from_the_bare_backbone(tiny):
     engine = Engine(tiny)
     adapter = random_adapter(tiny.spec, seed=3, kind="mixed")
     bare = random_adapter(tiny.spec, seed=3, kind="mixed")
-    bare.ia3 = bare.houlsby = None
+    bare = bare.without("ia3", "houlsby")
     enc = engine.tokenize(TEXTS[:4])
     a = engine.forward(enc["input_ids"], enc["attention_mask"], torch.full((4,), engine.load(adapter).slot))
     b = engine.forward(enc["input_ids"], enc["attention_mask"], torch.full((4,), engine.load(bare).slot))
@@ -147,9 +147,9 @@ def test_byte_budget_is_enforced(tiny):
 
 @pytest.mark.parametrize("mutate, message", [
     (lambda a: setattr(a.head, "out_w", a.head.out_w[:, :5]), "shape"),
-    (lambda a: a.ia3.vectors["k_out"].__setitem__((0, 0), float("nan")), "NaN"),
+    (lambda a: a.parts["ia3"].vectors["k_out"].__setitem__((0, 0), float("nan")), "NaN"),
     (lambda a: setattr(a, "labels", a.labels[:-1]), "label"),
-    (lambda a: setattr(a.houlsby, "activation", "softplus"), "activation"),
+    (lambda a: setattr(a.parts["houlsby"], "activation", "softplus"), "activation"),
 ])
 def test_invalid_adapters_are_refused_and_change_nothing(tiny, mutate, message):
     engine = Engine(tiny)

@@ -12,7 +12,7 @@ import psutil
 import pytest
 import torch
 
-from adapter_store.formats import native
+from switchboard.adapter_store.formats import native
 from tests.factories import TEXTS, random_adapter
 from tests.server_fixture import running_server, upload
 
@@ -37,9 +37,9 @@ def test_bad_upload_corpus_is_refused_and_changes_nothing(server, tiny_dir, adap
     assert upload(url, "keep", adapters["task-0"], fp).status_code == 201
     good = native.dumps(adapters["task-1"], fp)
     nan = random_adapter(spec, seed=5)
-    nan.ia3.vectors["k_out"][0, 0] = float("inf")
+    nan.parts["ia3"].vectors["k_out"][0, 0] = float("inf")
     wrong_shape = random_adapter(spec, seed=5)
-    wrong_shape.ia3.vectors["k_out"] = wrong_shape.ia3.vectors["k_out"][:, :10]
+    wrong_shape.parts["ia3"].vectors["k_out"] = wrong_shape.parts["ia3"].vectors["k_out"][:, :10]
     corpus = {
         "pickle": [("adapter_model.bin", b"\x80\x04\x95")],
         "truncated": [("adapter.safetensors", good[: len(good) // 2])],

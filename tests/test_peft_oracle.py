@@ -10,10 +10,10 @@ import torch
 from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
-from adapter_store.formats import peft as peft_format
-from adapter_store.upload import parse_upload
-from server.backbone import default_model_path, wrap_model
-from server.engine import Engine
+from switchboard.adapter_store.formats import peft as peft_format
+from switchboard.adapter_store.upload import parse_upload
+from switchboard.server.core.backbone import default_model_path, wrap_model
+from switchboard.server.core.engine import Engine
 from tests.factories import TEXTS, TINY_CONFIG
 
 

@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from adapter_store.formats import native
-from clients import sdk
-from clients.cli import main
+from switchboard.adapter_store.formats import native
+from switchboard.clients import sdk
+from switchboard.clients.cli import main
 from tests.factories import TEXTS
 from tests.server_fixture import running_server
 

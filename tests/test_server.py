@@ -9,10 +9,11 @@ import httpx
 import pytest
 import torch
 
-from adapter_store.formats import native
-from server.engine import Engine
+from switchboard.adapter_store.formats import native
+from switchboard.server.core.engine import Engine
 from tests.factories import KINDS, TEXTS, random_adapter, tiny_backbone
 from tests.server_fixture import metric_samples, running_server, upload
+
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
@@ -115,7 +116,7 @@ def test_scores_top_k_and_single_string(server, uploaded, adapters):
 
 def test_errors_are_json_with_the_right_status(server, uploaded, adapters, tiny_dir):
     head_only = random_adapter(tiny_dir[1].spec, seed=1)
-    head_only.ia3 = None  # a head on the bare backbone is not an adapter
+    head_only = head_only.without("ia3")  # a head on the bare backbone is not an adapter
     def err(r: httpx.Response, status: int, type_: str | None = None) -> None:
         assert r.status_code == status, r.text
         body = r.json()["error"]

@@ -13,7 +13,7 @@ import time
 import httpx
 import pytest
 
-from adapter_store.store import AdapterStore, StoreInUseError
+from switchboard.adapter_store.store import AdapterStore, StoreInUseError
 from tests.factories import TEXTS, random_adapter
 from tests.server_fixture import ROOT, free_port, metric_samples, running_server, upload
 
@@ -115,7 +115,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny_dir, tmp_path
 def test_one_process_per_data_dir(tiny_dir, tmp_path):
     """A second server on a data dir in use exits non-zero with the reason, and the first keeps serving."""
     with running_server(tiny_dir[0], tmp_path) as (url, _):
-        second = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--port", str(free_port()),
+        second = subprocess.run([sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(free_port()),
                                  "--data-dir", str(tmp_path), "--model", str(tiny_dir[0]), "--log-level", "warning"],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)
         assert second.returncode == 1

@@ -9,10 +9,11 @@ import random
 import pytest
 import torch
 
-from adapter_store.formats import native
-from clients.cli import main
-from clients.train import DataError, TrainConfig, epoch_batches, read_examples, train
-from server.engine import Engine
+from switchboard.adapter_store.formats import native
+from switchboard.clients.cli import main
+from switchboard.server.core.engine import Engine
+from switchboard.server.runtime.training.data import DataError, epoch_batches, read_examples
+from switchboard.server.runtime.training.trainer import TrainConfig, train
 from tests.factories import tiny_backbone
 
 WORDS = {"games": ["chess", "arcade", "puzzle", "multiplayer", "card", "board", "shooter", "strategy"],

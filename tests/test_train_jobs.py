@@ -13,10 +13,10 @@ import psutil
 import pytest
 import torch
 
-from adapter_store.formats import native
-from clients import sdk
-from clients.train import TrainConfig, train
-from server.engine import Engine
+from switchboard.adapter_store.formats import native
+from switchboard.clients import sdk
+from switchboard.server.core.engine import Engine
+from switchboard.server.runtime.training.trainer import TrainConfig, train
 from tests.factories import TEXTS, tiny_backbone
 from tests.server_fixture import metric_samples, running_server, upload
 from tests.test_train import synthetic

@@ -17,11 +17,11 @@ import re
 
 import torch
 
-from server.backbone import BackboneSpec
-from server.task_adapter import AdapterValidationError, TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.houlsby.config import HoulsbyWeights, canonical_activation
-from server.tuners.ia3.config import Ia3Weights, site_dim
+from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights, canonical_activation
+from switchboard.server.core.tuners.ia3.config import Ia3Weights, site_dim
 
 _BOTTLENECK_KEY = re.compile(
     r"^(?:[A-Za-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\."
@@ -46,7 +46,8 @@ def _config(raw: dict) -> dict:
 
 def is_adapterhub(config: dict) -> bool:
     inner = config.get("config")
-    return isinstance(inner, dict) and ("reduction_factor" in inner or inner.get("architecture") in ("lora", "prefix_tuning"))
+    return isinstance(inner, dict) and ("reduction_factor" in inner
+                                        or inner.get("architecture") in ("lora", "prefix_tuning"))
 
 
 def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: BackboneSpec,
@@ -69,8 +70,8 @@ def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: Backbone
             f"unsupported AdapterHub architecture {inner.get('architecture')!r}: Switchboard serves bottleneck "
             "(double_seq_bn) and IA3 adapters")
     head, head_labels = _head(_config(head_config), head_tensors, spec)
-    return TaskAdapter(head=head, labels=list(labels or head_labels), ia3=ia3, houlsby=houlsby,
-                       metadata={"source_format": "adapterhub"})
+    parts = {name: w for name, w in (("ia3", ia3), ("houlsby", houlsby), ("head", head)) if w is not None}
+    return TaskAdapter(labels=list(labels or head_labels), parts=parts, metadata={"source_format": "adapterhub"})
 
 
 def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> HoulsbyWeights:

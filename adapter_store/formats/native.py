@@ -1,5 +1,7 @@
 """Switchboard's own format: one .safetensors file with the canonical tensor names and metadata.
 
+Tensor names are `<kind>.<tensor>` for every registered tuner kind; each kind's string settings
+(pooling, activation, …) sit in `__metadata__` beside the format, labels and backbone fingerprint.
 See docs/adapter-format.md for the full description.
 """
 
@@ -11,15 +13,12 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from server.task_adapter import AdapterValidationError, TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.houlsby.config import HoulsbyWeights
-from server.tuners.ia3.config import IA3_SITES, Ia3Weights
-from server.tuners.layer_norm.config import LayerNormWeights
+from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
+from switchboard.server.core.tuners import KINDS
 
 FORMAT_NAME = "switchboard"
 FORMAT_VERSION = "1"
-FILENAME = "adapter.safetensors"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def dumps(adapter: TaskAdapter, backbone_fingerprint: str) -> bytes:
@@ -28,10 +27,8 @@ def dumps(adapter: TaskAdapter, backbone_fingerprint: str) -> bytes:
         "format_version": FORMAT_VERSION,
         "kind": adapter.kind,
         "labels": json.dumps(adapter.labels),
-        "pooling": adapter.head.pooling,
-        "head_hidden": "true" if adapter.head.has_hidden else "false",
-        "activation": adapter.houlsby.activation if adapter.houlsby else "",
         "backbone_fingerprint": backbone_fingerprint,
+        **adapter.settings(),
     }
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in adapter.tensors().items()}
     return st_save(tensors, metadata=metadata)
@@ -55,13 +52,6 @@ def _metadata(data: bytes) -> dict[str, str]:
     return {str(k): str(v) for k, v in meta.items()}
 
 
-def is_native(data: bytes) -> bool:
-    try:
-        return _metadata(data).get("format") == FORMAT_NAME
-    except AdapterValidationError:
-        return False
-
-
 def loads(data: bytes, backbone_fingerprint: str | None = None) -> TaskAdapter:
     meta = _metadata(data)
     if meta.get("format") != FORMAT_NAME:
@@ -82,35 +72,26 @@ def loads(data: bytes, backbone_fingerprint: str | None = None) -> TaskAdapter:
         raise AdapterValidationError("metadata 'labels' is not a JSON array") from exc
     if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
         raise AdapterValidationError("metadata 'labels' must be a JSON array of strings")
-    return from_tensors(tensors, labels, meta.get("pooling", "cls"), meta.get("activation") or "gelu")
+    return from_tensors(tensors, labels, meta)
 
 
-def from_tensors(tensors: dict[str, torch.Tensor], labels: list[str], pooling: str,
-                 activation: str) -> TaskAdapter:
-    """Build a TaskAdapter from canonical names; unknown or missing names are refused."""
-    remaining = dict(tensors)
-
-    def take(name: str, required: bool = True) -> torch.Tensor | None:
-        if name not in remaining:
-            if required:
-                raise AdapterValidationError(f"missing tensor {name}")
-            return None
-        tensor = remaining.pop(name)
-        if tensor.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+def from_tensors(tensors: dict[str, torch.Tensor], labels: list[str], metadata: dict[str, str]) -> TaskAdapter:
+    """Build a TaskAdapter from `<kind>.<tensor>` names; unknown or missing names are refused."""
+    by_kind: dict[str, dict[str, torch.Tensor]] = {}
+    for name, tensor in tensors.items():
+        if tensor.dtype not in FLOAT_DTYPES:
             raise AdapterValidationError(f"tensor {name} has dtype {tensor.dtype}; expected a float dtype")
-        return tensor.float()
-
-    head = HeadWeights(out_w=take("head.out_w"), out_b=take("head.out_b"), pooling=pooling,
-                       hidden_w=take("head.hidden_w", False), hidden_b=take("head.hidden_b", False))
-    vectors = {site: t for site in IA3_SITES if (t := take(f"ia3.{site}", False)) is not None}
-    ia3 = Ia3Weights(vectors) if vectors else None
-    houlsby = None
-    if "houlsby.down_w" in remaining:
-        houlsby = HoulsbyWeights(down_w=take("houlsby.down_w"), down_b=take("houlsby.down_b"),
-                                 up_w=take("houlsby.up_w"), up_b=take("houlsby.up_b"), activation=activation)
-    layer_norm = None
-    if "layer_norm.weight" in remaining:
-        layer_norm = LayerNormWeights(weight=take("layer_norm.weight"), bias=take("layer_norm.bias"))
-    if remaining:
-        raise AdapterValidationError(f"unknown tensor name(s): {sorted(remaining)[:5]}")
-    return TaskAdapter(head=head, labels=list(labels), ia3=ia3, houlsby=houlsby, layer_norm=layer_norm)
+        kind, _, rest = name.partition(".")
+        by_kind.setdefault(kind, {})[rest] = tensor.float()
+    parts = {}
+    for kind in KINDS:
+        own = by_kind.pop(kind.name, {})
+        weights = kind.from_tensors(own, metadata)
+        if own:
+            by_kind[kind.name] = own  # names the kind did not take
+        if weights is not None:
+            parts[kind.name] = weights
+    unknown = sorted(f"{kind}.{rest}" if rest else kind for kind, names in by_kind.items() for rest in names)
+    if unknown:
+        raise AdapterValidationError(f"unknown tensor name(s): {unknown[:5]}")
+    return TaskAdapter(labels=list(labels), parts=parts)

@@ -11,10 +11,10 @@ from collections.abc import Iterable
 
 import torch
 
-from server.backbone import BackboneSpec
-from server.task_adapter import AdapterValidationError, TaskAdapter
-from server.tuners.head.config import HeadWeights
-from server.tuners.ia3.config import Ia3Weights, site_dim
+from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.core.tuners.ia3.config import Ia3Weights, site_dim
 
 _LAYER_KEY = re.compile(
     r"^(?:base_model\.model\.)?(?:[A-Za-z_]+\.)?encoder\.layer\.(\d+)\.([A-Za-z_.]+)\.ia3_l$")
@@ -84,7 +84,7 @@ def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
         raise AdapterValidationError("the PEFT adapter holds no ia3_l vectors")
     head_weights = _head(head)
     names = labels or [f"LABEL_{i}" for i in range(head_weights.num_labels)]
-    return TaskAdapter(head=head_weights, labels=list(names), ia3=Ia3Weights(vectors),
+    return TaskAdapter(labels=list(names), parts={"ia3": Ia3Weights(vectors), "head": head_weights},
                        metadata={"source_format": "peft"})
 
 

@@ -1,0 +1,236 @@
+"""The multi-task engine: one frozen encoder, per-task modules in slot pools, mixed batches.
+
+Each resident task owns a *task slot*; the task slot routes to one slot in each component pool it
+uses (one per tuner kind and shape: (IA)3 site, Houlsby width/activation, LayerNorm, head shape).
+Pools are keyed by shape, so a task occupies exactly its own parameter bytes. A batch gathers every
+row's parameters by index: no Python loop over examples.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import Backbone, BackboneSpec
+from switchboard.server.core.forward import BatchParams, encode, encoder_forward
+from switchboard.server.core.slot_pool import StackedPool
+from switchboard.server.core.tokenize import tokenize
+from switchboard.server.core.tuners import KINDS_BY_NAME
+from switchboard.server.core.tuners.base import Component, PoolKey
+
+
+class CapacityError(RuntimeError):
+    """Loading the task would exceed the engine's byte budget for resident adapters."""
+
+
+@dataclass(frozen=True)
+class ResidentTask:
+    slot: int
+    num_labels: int
+    nbytes: int
+
+
+def reduce_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Mixed precision: the encoder's Linear weights in `dtype`; embeddings, LayerNorms, the pooler and
+    the residual stream stay float32, which keeps bf16 logits close to fp32 at almost no cost."""
+    model.float()
+    if dtype != torch.float32:
+        for layer in model.encoder.layer:
+            for module in layer.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(dtype)
+    return model
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+class Engine:
+    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str | None = None, max_adapter_bytes: int = 1 << 30,
+                 segment_max_tasks: int = 4, chunk_rows: int = 8, initial_slots: int = 16) -> None:
+        """max_adapter_bytes bounds the bytes of resident task parameters (the pools' used slots).
+
+        segment_max_tasks: a Houlsby pool used by at most this many distinct tasks in a batch runs one
+        GEMM per task (segment matmul) instead of a per-row batched matmul over gathered weights.
+        chunk_rows: a batch is run as length-sorted chunks of this many rows, each padded only to its
+        own longest row (0 = one chunk). CPU throughput stops growing past ~8 rows, so this wins back
+        padding at no cost (docs/benchmarks.md).
+        """
+        self.backbone = backbone
+        self.spec: BackboneSpec = backbone.spec
+        self.device = torch.device(device) if device is not None else default_device()
+        self.dtype = dtype
+        self.model = reduce_precision(backbone.model.to(self.device), dtype)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.segment_max_tasks = segment_max_tasks
+        self.chunk_rows = chunk_rows
+        self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
+        self._initial_slots = initial_slots
+        self._pools: dict[PoolKey, StackedPool] = {}
+        self._routes: dict[PoolKey, torch.Tensor] = {}  # pool key → [task capacity] pool slot (CPU)
+        self._task_pools: dict[int, list[PoolKey]] = {}
+        self._task_bytes: dict[int, int] = {}
+        self._task_capacity = 0
+        self._free_tasks: list[int] = []
+        self._grow_tasks(initial_slots)
+        self._lock = threading.RLock()
+
+    # ----- bookkeeping ---------------------------------------------------------------------------
+    @property
+    def resident_tasks(self) -> int:
+        return len(self._task_pools)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self._task_bytes.values())
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(p.allocated_nbytes for p in self._pools.values())
+
+    def _grow_tasks(self, capacity: int) -> None:
+        old = self._task_capacity
+        for key, route in self._routes.items():
+            self._routes[key] = torch.cat([route, torch.zeros(capacity - old, dtype=torch.long)])
+        self._free_tasks.extend(range(capacity - 1, max(old, 1) - 1, -1))
+        self._task_capacity = capacity
+
+    def _pool_dtype(self, component: Component) -> torch.dtype:
+        return torch.float32 if component.float32 else self.dtype
+
+    def _pool(self, component: Component) -> StackedPool:
+        key = component.key
+        if key not in self._pools:
+            self._pools[key] = StackedPool(component.fields, self._initial_slots, self._pool_dtype(component),
+                                           self.device)
+            self._routes[key] = torch.zeros(self._task_capacity, dtype=torch.long)
+        return self._pools[key]
+
+    def components(self, adapter: TaskAdapter) -> list[Component]:
+        return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
+
+    def nbytes(self, components: list[Component]) -> int:
+        """Resident bytes of a task: its slots in every pool, at each pool's dtype."""
+        return sum(sum(int(torch.Size(shape).numel()) for shape, _ in c.fields.values())
+                   * torch.empty((), dtype=self._pool_dtype(c)).element_size() for c in components)
+
+    # ----- load / unload ---------------------------------------------------------------------------
+    def load(self, adapter: TaskAdapter) -> ResidentTask:
+        """Validate and copy a task into free slots; raises CapacityError past the byte budget."""
+        adapter.validate(self.spec)
+        parts = self.components(adapter)
+        nbytes = self.nbytes(parts)
+        with self._lock:
+            if self.resident_bytes + nbytes > self.max_adapter_bytes:
+                raise CapacityError(
+                    f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
+            if not self._free_tasks:
+                self._grow_tasks(self._task_capacity * 2)
+            task = self._free_tasks.pop()
+            written: list[PoolKey] = []
+            try:
+                for component in parts:
+                    pool = self._pool(component)
+                    slot = pool.allocate()
+                    self._routes[component.key][task] = slot
+                    written.append(component.key)
+                    pool.set_slot(slot, component.values)
+            except BaseException:  # e.g. out of memory while growing a pool: leave nothing half-loaded
+                for key in written:
+                    self._pools[key].reset_slot(int(self._routes[key][task]))
+                    self._routes[key][task] = 0
+                self._free_tasks.append(task)
+                raise
+            self._task_pools[task] = [c.key for c in parts]
+            self._task_bytes[task] = nbytes
+            return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
+
+    def unload(self, task: int) -> None:
+        with self._lock:
+            for key in self._task_pools.pop(task):
+                route = self._routes[key]
+                self._pools[key].reset_slot(int(route[task]))
+                route[task] = 0
+            del self._task_bytes[task]
+            self._free_tasks.append(task)
+
+    # ----- forward ---------------------------------------------------------------------------------
+    def used_rows(self, pool_slots: torch.Tensor) -> torch.Tensor | None:
+        """Row indices that use a pool (None = every row), on the engine's device."""
+        used = pool_slots > 0
+        if bool(used.all()):
+            return None
+        return used.nonzero().squeeze(1).to(self.device)
+
+    def batch_params(self, task_slots: torch.Tensor) -> BatchParams:
+        """Gather every row's parameters from the pools. task_slots: [B] long on the CPU."""
+        parts: dict[str, object] = {}
+        for key, route in self._routes.items():
+            slots = route.index_select(0, task_slots)
+            if not bool((slots > 0).any()):
+                continue
+            kind = KINDS_BY_NAME[str(key[0])]
+            parts[kind.name] = kind.gather(parts.get(kind.name), key, self._pools[key], slots, self)
+        return BatchParams(parts)
+
+    def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        """(rows, padded width) per chunk: rows sorted by length, `chunk_rows` at a time."""
+        lengths = attention_mask.sum(1)
+        B, T = attention_mask.shape
+        right_padded = bool((attention_mask[:, 0] > 0).all()) or T == 0
+        if self.chunk_rows <= 0 or self.chunk_rows >= B:
+            return [(torch.arange(B), int(lengths.max()) if right_padded and B else T)]
+        order = torch.argsort(lengths, descending=True, stable=True)
+        plan = []
+        for rows in torch.split(order, self.chunk_rows):
+            plan.append((rows, int(lengths[rows].max()) if right_padded else T))
+        return plan
+
+    @torch.inference_mode()
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C_max] (float32, -inf past each row's label count) for a batch mixing tasks.
+
+        The engine lock is held only while a chunk's parameters are gathered (copies), not while it
+        computes, so loads and unloads of other tasks wait milliseconds, not a whole batch. The caller
+        must keep the batch's tasks resident until this returns (the registry's leases do).
+        """
+        task_slots = task_slots.to("cpu", torch.long)
+        input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
+        with self._lock:
+            for t in torch.unique(task_slots).tolist():
+                if t not in self._task_pools:
+                    raise KeyError(f"task slot {t} is not resident")
+        plan = self.chunks(attention_mask)
+        if len(plan) == 1:
+            rows, width = plan[0]
+            return self._forward_chunk(input_ids[:, :width], attention_mask[:, :width], task_slots)
+        parts = [(rows, self._forward_chunk(input_ids[rows, :width], attention_mask[rows, :width],
+                                            task_slots[rows])) for rows, width in plan]
+        out = torch.full((len(task_slots), max(p.shape[1] for _, p in parts)), float("-inf"),
+                         device=parts[0][1].device)
+        for rows, logits in parts:
+            out[rows.to(out.device), : logits.shape[1]] = logits
+        return out
+
+    def _forward_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                       task_slots: torch.Tensor) -> torch.Tensor:
+        with self._lock:
+            params = self.batch_params(task_slots)
+        return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
+
+    @torch.inference_mode()
+    def bare_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The backbone alone through the same code path (used by tests and benchmarks)."""
+        return encode(self.model, input_ids.to(self.device), attention_mask.to(self.device), BatchParams())
+
+    def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
+        ids, mask = tokenize(self.backbone.tokenizer, texts, max_length or self.spec.max_length)
+        return {"input_ids": torch.from_numpy(ids), "attention_mask": torch.from_numpy(mask)}
+
+
+

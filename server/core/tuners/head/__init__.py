@@ -1,0 +1,1 @@
+"""The classification head: config (weights), layer (compute), kind (the tuner interface)."""

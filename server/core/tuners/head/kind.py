@@ -1,0 +1,103 @@
+"""The classification head as a tuner kind: every task has one; pools by (pooling, labels, hidden)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.base import (
+    AdapterValidationError,
+    Component,
+    Fields,
+    GatherContext,
+    Pool,
+    PoolKey,
+    TunerKind,
+)
+from switchboard.server.core.tuners.head.config import POOLINGS, HeadWeights
+from switchboard.server.core.tuners.head.layer import HeadGroup, HeadParams
+
+
+class HeadKind(TunerKind[HeadWeights, HeadParams]):
+    name = "head"
+    is_readout = True
+
+    def tensors(self, weights: HeadWeights) -> dict[str, torch.Tensor]:
+        out = {"out_w": weights.out_w, "out_b": weights.out_b}
+        if weights.hidden_w is not None and weights.hidden_b is not None:
+            out |= {"hidden_w": weights.hidden_w, "hidden_b": weights.hidden_b}
+        return out
+
+    def metadata(self, weights: HeadWeights) -> dict[str, str]:
+        return {"pooling": weights.pooling, "head_hidden": "true" if weights.has_hidden else "false"}
+
+    def from_tensors(self, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> HeadWeights | None:
+        for name in ("out_w", "out_b"):
+            if name not in tensors:
+                raise AdapterValidationError(f"missing tensor head.{name}")
+        return HeadWeights(out_w=tensors.pop("out_w"), out_b=tensors.pop("out_b"),
+                           pooling=metadata.get("pooling", "cls"),
+                           hidden_w=tensors.pop("hidden_w", None), hidden_b=tensors.pop("hidden_b", None))
+
+    def expected_shapes(self, weights: HeadWeights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
+        d, c = spec.hidden_size, weights.num_labels
+        shapes = {"out_w": (c, d), "out_b": (c,)}
+        if weights.has_hidden:
+            shapes |= {"hidden_w": (d, d), "hidden_b": (d,)}
+        return shapes
+
+    def validate(self, weights: HeadWeights, spec: BackboneSpec) -> None:
+        if weights.out_w.dim() != 2 or weights.out_b.dim() != 1:
+            raise AdapterValidationError("head.out_w must be 2-D [labels, hidden] and head.out_b 1-D")
+        if weights.pooling not in POOLINGS:
+            raise AdapterValidationError(f"unknown pooling {weights.pooling!r}; use one of {POOLINGS}")
+        if weights.pooling == "pooler" and not spec.has_pooler:
+            raise AdapterValidationError("head pooling 'pooler' needs a backbone pooler; this backbone has none")
+        if weights.num_labels < 1:
+            raise AdapterValidationError("the head has no labels")
+        if (weights.hidden_w is None) != (weights.hidden_b is None):
+            raise AdapterValidationError("head hidden layer needs both weight and bias")
+
+    def components(self, weights: HeadWeights, spec: BackboneSpec, model: torch.nn.Module) -> list[Component]:
+        d, c = spec.hidden_size, weights.num_labels
+        fields: Fields = {"out_w": ((d, c), 0.0), "out_b": ((1, c), 0.0)}
+        values = {"out_w": weights.out_w.t(), "out_b": weights.out_b}
+        if weights.hidden_w is not None and weights.hidden_b is not None:
+            fields |= {"hidden_w": ((d, d), 0.0), "hidden_b": ((1, d), 0.0)}
+            values |= {"hidden_w": weights.hidden_w.t(), "hidden_b": weights.hidden_b}
+        return [Component((self.name, weights.pooling, c, weights.has_hidden), fields, values, float32=True)]
+
+    def gather(self, params: HeadParams | None, key: PoolKey, pool: Pool, slots: torch.Tensor,
+               ctx: GatherContext) -> HeadParams:
+        params = params or HeadParams()
+        rows = ctx.used_rows(slots)
+        s = (slots if rows is None else slots[slots > 0]).to(ctx.device)
+        hidden = bool(key[3])
+        params.groups.append(HeadGroup(
+            rows=rows, pooling=str(key[1]), out_w=pool.gather("out_w", s), out_b=pool.gather("out_b", s),
+            hidden_w=pool.gather("hidden_w", s) if hidden else None,
+            hidden_b=pool.gather("hidden_b", s) if hidden else None))
+        return params
+
+    def single_task(self, weights: HeadWeights) -> HeadParams:
+        w = weights
+        return HeadParams([HeadGroup(None, w.pooling, w.out_w.t()[None], w.out_b[None, None],
+                                     None if w.hidden_w is None else w.hidden_w.t()[None],
+                                     None if w.hidden_b is None else w.hidden_b[None, None])])
+
+    def new(self, spec: BackboneSpec, model: torch.nn.Module, generator: torch.Generator,
+            options: Mapping[str, Any]) -> HeadWeights:
+        """Options: num_labels (required), pooling (default mean), head_hidden (default off)."""
+        d, c = spec.hidden_size, int(options["num_labels"])
+        out_w = torch.empty(c, d)
+        torch.nn.init.normal_(out_w, std=0.02, generator=generator)
+        hidden_w = hidden_b = None
+        if options.get("head_hidden"):
+            hidden_w = torch.empty(d, d)
+            torch.nn.init.normal_(hidden_w, std=0.02, generator=generator)
+            hidden_b = torch.zeros(d)
+        return HeadWeights(out_w=out_w, out_b=torch.zeros(c), pooling=str(options.get("pooling") or "mean"),
+                           hidden_w=hidden_w, hidden_b=hidden_b)

@@ -1,0 +1,66 @@
+"""Head compute for groups of rows sharing pooling, hidden-layer presence and label count."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from switchboard.server.core.tuners.base import Readout
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.nn.Module | None) -> torch.Tensor:
+    """hidden [R, T, d], mask [R, T] (1 = token) → [R, d]."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    if pooling == "mean":
+        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+    if pooling == "pooler":
+        if pooler is None:
+            raise ValueError("this backbone has no pooler; use 'cls' or 'mean' pooling")
+        return torch.tanh(pooler.dense(hidden[:, 0]))
+    raise ValueError(f"unknown pooling {pooling!r}")
+
+
+def classify(features: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor,
+             hidden_w: torch.Tensor | None, hidden_b: torch.Tensor | None) -> torch.Tensor:
+    """features [R, d]; weights in (in, out) layout with a row dim of R or 1 → logits [R, C]."""
+    x = features.unsqueeze(1)
+    if hidden_w is not None and hidden_b is not None:
+        x = torch.tanh(torch.matmul(x, hidden_w) + hidden_b)
+    return (torch.matmul(x, out_w) + out_b).squeeze(1)
+
+
+@dataclass
+class HeadGroup:
+    """Rows sharing pooling, label count and hidden-layer presence. Weights [R|1, in, out]."""
+
+    rows: torch.Tensor | None
+    pooling: str
+    out_w: torch.Tensor
+    out_b: torch.Tensor
+    hidden_w: torch.Tensor | None = None
+    hidden_b: torch.Tensor | None = None
+
+
+class HeadParams(Readout):
+    def __init__(self, groups: list[HeadGroup] | None = None) -> None:
+        self.groups = groups if groups is not None else []
+
+    def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C_max] in float32; columns past a row's own label count are -inf."""
+        B = hidden.shape[0]
+        width = max(g.out_w.shape[-1] for g in self.groups)
+        logits = torch.full((B, width), float("-inf"), dtype=torch.float32, device=hidden.device)
+        pooler = getattr(model, "pooler", None)
+        for g in self.groups:
+            rows_h = hidden if g.rows is None else hidden.index_select(0, g.rows)
+            rows_m = attention_mask if g.rows is None else attention_mask.index_select(0, g.rows)
+            feats = pool(rows_h, rows_m, g.pooling, pooler).to(g.out_w.dtype)
+            out = classify(feats, g.out_w, g.out_b, g.hidden_w, g.hidden_b).float()
+            if g.rows is None:
+                logits[:, : out.shape[1]] = out
+            else:
+                logits[g.rows, : out.shape[1]] = out
+        return logits

@@ -1,0 +1,1 @@
+"""Houlsby bottleneck adapters: config (weights), layer (compute), kind (the tuner interface)."""

@@ -1,0 +1,63 @@
+"""(IA)3 as a tuner kind: one pool per site, vectors gathered per row (or once per single-task chunk)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.base import (
+    AdapterValidationError,
+    Component,
+    GatherContext,
+    Pool,
+    PoolKey,
+    TunerKind,
+)
+from switchboard.server.core.tuners.ia3.config import IA3_SITES, PAPER_SITES, Ia3Weights, site_dim
+from switchboard.server.core.tuners.ia3.layer import Ia3Params
+
+
+class Ia3Kind(TunerKind[Ia3Weights, Ia3Params]):
+    name = "ia3"
+    is_adapter = True
+
+    def tensors(self, weights: Ia3Weights) -> dict[str, torch.Tensor]:
+        return dict(weights.vectors)
+
+    def from_tensors(self, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Ia3Weights | None:
+        vectors = {site: tensors.pop(site) for site in IA3_SITES if site in tensors}
+        return Ia3Weights(vectors) if vectors else None
+
+    def expected_shapes(self, weights: Ia3Weights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
+        return {s: (spec.num_layers, site_dim(s, spec)) for s in weights.vectors}
+
+    def validate(self, weights: Ia3Weights, spec: BackboneSpec) -> None:
+        unknown = set(weights.vectors) - set(IA3_SITES)
+        if unknown:
+            raise AdapterValidationError(f"unknown (IA)3 site(s) {sorted(unknown)}")
+
+    def components(self, weights: Ia3Weights, spec: BackboneSpec, model: torch.nn.Module) -> list[Component]:
+        L = spec.num_layers
+        return [Component((self.name, site), {"v": ((L, 1, site_dim(site, spec)), 1.0)}, {"v": vec})
+                for site, vec in weights.vectors.items()]
+
+    def gather(self, params: Ia3Params | None, key: PoolKey, pool: Pool, slots: torch.Tensor,
+               ctx: GatherContext) -> Ia3Params:
+        params = params or Ia3Params()
+        # One slot for the whole chunk is gathered once and broadcast; rows of other tasks gather
+        # slot 0, the ones vector, so the product is exact.
+        first = slots[:1]
+        one = bool((slots == first).all())
+        params.vectors[str(key[1])] = pool.gather("v", (first if one else slots).to(ctx.device))
+        return params
+
+    def single_task(self, weights: Ia3Weights) -> Ia3Params:
+        return Ia3Params({site: v[None, :, None, :] for site, v in weights.vectors.items()})
+
+    def new(self, spec: BackboneSpec, model: torch.nn.Module, generator: torch.Generator,
+            options: Mapping[str, Any]) -> Ia3Weights:
+        """Ones: the paper's init, an exact identity."""
+        return Ia3Weights.identity(spec, tuple(options.get("ia3_sites") or PAPER_SITES))

@@ -1,0 +1,1 @@
+"""Per-task LayerNorm: config (weights), layer (compute), kind (the tuner interface)."""

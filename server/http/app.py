@@ -1,0 +1,67 @@
+"""The HTTP API (DESIGN.md §3): the app factory — lifespan, middleware, error handlers, routers."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from switchboard.server import __version__
+from switchboard.server.http.deps import AppState
+from switchboard.server.http.handlers import install_error_handlers
+from switchboard.server.http.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from switchboard.server.http.routers import classify, jobs, ops, tasks
+from switchboard.server.runtime.builder import BackboneFactory, build_runtime
+from switchboard.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def _start_runtime(state: AppState, backbone_factory: BackboneFactory | None,
+                   on_failure: Callable[[], None] | None) -> None:
+    try:
+        state.runtime = build_runtime(state.settings, state.metrics, backbone_factory)
+        state.metrics.ready.set(1)
+    except Exception as exc:  # reported by /health and every request as 503
+        log.exception("start-up failed")
+        state.startup_error = f"startup failed: {exc}"
+        if on_failure is not None:
+            on_failure()
+
+
+def create_app(settings: Settings | None = None, backbone_factory: BackboneFactory | None = None,
+               on_startup_failure: Callable[[], None] | None = None) -> FastAPI:
+    """`on_startup_failure` runs when loading fails (the CLI stops the server: fail fast, let the
+    supervisor see it); without it the app stays up and answers 503 with the reason."""
+    state = AppState(settings=settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # Load in the background so /health answers 503 (not a refused connection) while loading.
+        loader = threading.Thread(target=_start_runtime, args=(state, backbone_factory, on_startup_failure),
+                                  name="switchboard-startup", daemon=True)
+        loader.start()
+        yield
+        await asyncio.to_thread(loader.join)
+        if state.runtime is not None:
+            state.metrics.ready.set(0)
+            log.info("shutting down: cancelling training jobs, finishing admitted requests")
+            await asyncio.to_thread(state.runtime.stop)
+
+    app = FastAPI(title="Switchboard", version=__version__, lifespan=lifespan,
+                  description="Multi-tenant text classification: one frozen encoder, many (IA)3 / Houlsby tasks, "
+                              "mixed in one forward pass.")
+    app.state.switchboard = state
+    s = state.settings
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
+                       max_train_body_bytes=s.max_train_body_bytes)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
+    install_error_handlers(app, state.metrics)
+    for router in (ops.router, classify.router, tasks.router, jobs.router):
+        app.include_router(router)
+    return app

@@ -1,0 +1,127 @@
+"""Pydantic models at the HTTP edge only."""
+
+from __future__ import annotations
+
+import typing
+
+from pydantic import BaseModel, Field, create_model
+
+from switchboard.adapter_store.store import VersionRecord
+
+
+class ErrorBody(BaseModel):
+    type: str = Field(examples=["task_not_found"])
+    message: str = Field(examples=["unknown task 'sentiment'"])
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorBody
+
+
+class Health(BaseModel):
+    status: str = Field(examples=["ok"])
+
+
+class BackboneInfo(BaseModel):
+    name: str = Field(examples=["sentence-transformers/all-MiniLM-L6-v2"])
+    model_type: str = Field(examples=["bert"])
+    hidden_size: int = Field(examples=[384])
+    num_layers: int = Field(examples=[6])
+    intermediate_size: int = Field(examples=[1536])
+    max_length: int = Field(examples=[128])
+    fingerprint: str
+
+
+class ClassifyRequest(BaseModel):
+    task: str = Field(examples=["sentiment"])
+    inputs: str | list[str] = Field(examples=[["I loved it", "terrible service"]])
+    raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
+    top_k: int | None = Field(None, ge=1, description="keep the k best labels per input")
+
+    model_config = {"json_schema_extra": {"examples": [{"task": "sentiment", "inputs": ["I loved it"], "top_k": 2}]}}
+
+
+class Prediction(BaseModel):
+    label: str
+    score: float
+
+
+class ClassifyResponse(BaseModel):
+    task: str
+    version: int
+    predictions: list[list[Prediction]]
+
+
+def _version_summary_model() -> type[BaseModel]:
+    """The API's version summary, derived from the one task-version record (its SUMMARY_FIELDS)."""
+    hints = typing.get_type_hints(VersionRecord)
+    hints["num_labels"] = int
+    fields: dict[str, typing.Any] = {name: (hints[name], ...) for name in VersionRecord.SUMMARY_FIELDS}
+    fields["kind"] = (str, Field(examples=["ia3"], description="ia3, houlsby or mixed"))
+    fields["params"] = (int, Field(description="trained parameters, head included"))
+    return create_model("TaskVersionSummary", **fields)
+
+
+TaskVersionSummary = _version_summary_model()
+
+
+class TaskSummary(TaskVersionSummary):  # type: ignore[misc,valid-type]
+    created_at: float
+    versions: list[TaskVersionSummary]
+
+
+class RollbackRequest(BaseModel):
+    version: int = Field(ge=1, examples=[1])
+
+
+class TaskList(BaseModel):
+    tasks: list[TaskSummary]
+
+
+class LabelledText(BaseModel):
+    text: str = Field(min_length=1, examples=["I loved it"])
+    label: str = Field(min_length=1, examples=["positive"])
+
+
+class TrainRequest(BaseModel):
+    """A few-shot (IA)3 job: T-Few's recipe (fixed steps, lr 3e-3) on the frozen backbone."""
+
+    examples: list[LabelledText] = Field(min_length=2)
+    eval_examples: list[LabelledText] | None = Field(None, description="scored after training; default: the "
+                                                                          "training examples themselves")
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1, le=256)
+    lr: float = Field(3e-3, gt=0, le=1)
+    seed: int = 0
+
+    model_config = {"json_schema_extra": {"examples": [{"examples": [{"text": "I loved it", "label": "positive"},
+                                                                     {"text": "awful", "label": "negative"}],
+                                                        "steps": 100}]}}
+
+
+class JobResult(TaskVersionSummary):  # type: ignore[misc,valid-type]
+    """The version the job registered, with its evaluation."""
+
+    accuracy: float
+    macro_f1: float
+    evaluated_on: str
+    train_seconds: float
+    steps: int
+
+
+class JobSummary(BaseModel):
+    id: str
+    task: str
+    status: str = Field(examples=["running"], description="queued, running, succeeded, failed or cancelled")
+    step: int
+    total_steps: int
+    loss: float | None
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    result: JobResult | None
+    error: str | None
+
+
+class JobList(BaseModel):
+    jobs: list[JobSummary]

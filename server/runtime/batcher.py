@@ -1,0 +1,241 @@
+"""Dynamic mixed-task batching: an asyncio front and one inference worker thread.
+
+A batch closes when the next request would pass the row limit or the token budget (rows × padded
+length), or `batch_wait_ms` after the worker started collecting. Requests past their deadline or whose
+client left are dropped before inference. The queue is bounded in rows: past it, `Overloaded` (429).
+
+The batcher owns each submitted request's lease from `submit` on and releases it exactly once: when
+the request is refused, dropped, or its forward pass is over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from switchboard.server.errors import DeadlineExceeded, Overloaded
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.lease import Lease
+from switchboard.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class ForwardEngine(Protocol):
+    """What the batcher needs from the engine (tests drive it with a fake)."""
+
+    pad_id: int
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                task_slots: torch.Tensor) -> torch.Tensor: ...
+
+    def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]: ...
+
+
+@dataclass
+class WorkItem:
+    slot: int  # the engine slot of the request's task version, resident while the lease is held
+    lease: Lease  # owned by the batcher: released exactly once, after the forward or on a drop
+    input_ids: np.ndarray  # [rows, length], right-padded with pad_id
+    attention_mask: np.ndarray
+    future: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+    enqueued: float
+    deadline: float
+
+    @property
+    def rows(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def length(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+def _resolve(item: WorkItem, result: object = None, error: BaseException | None = None) -> None:
+    def settle() -> None:
+        if item.future.done():
+            return
+        if error is not None:
+            item.future.set_exception(error)
+        else:
+            item.future.set_result(result)
+
+    item.loop.call_soon_threadsafe(settle)
+
+
+class Batcher:
+    def __init__(self, engine: ForwardEngine, settings: Settings, metrics: Metrics,
+                 after_batch: Callable[[], None] = lambda: None) -> None:
+        """after_batch: housekeeping run by the worker between batches (unloading retired versions)."""
+        self._engine = engine
+        self._settings = settings
+        self._metrics = metrics
+        self._after_batch = after_batch
+        self._queue: collections.deque[WorkItem] = collections.deque()
+        self._queued_rows = 0
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
+        self.pad_id = int(engine.pad_id)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish every admitted request, then stop the worker."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float) -> WorkItem:
+        """Queue one request's rows (call on the event loop). Takes ownership of the lease — the caller
+        hands it over with `lease.transfer()` — whose version must be resident. Raises Overloaded."""
+        slot = lease.slot
+        if slot is None:
+            lease.release()
+            raise RuntimeError("submit needs a resident task version")
+        loop = asyncio.get_running_loop()
+        now = time.monotonic()
+        item = WorkItem(slot, lease, input_ids, attention_mask, loop.create_future(), loop, now, now + timeout_s)
+        with self._cond:
+            if self._stopping:
+                lease.release()
+                raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
+            if self._queued_rows + item.rows > self._settings.max_queue_rows:
+                lease.release()
+                self._metrics.dropped.labels("queue_full").inc()
+                raise Overloaded(f"queue is full ({self._queued_rows} rows waiting); retry later",
+                                 {"Retry-After": str(self._settings.retry_after_s)})
+            self._queue.append(item)
+            self._queued_rows += item.rows
+            self._metrics.queue_depth.set(self._queued_rows)
+            self._cond.notify()
+        return item
+
+    async def result(self, item: WorkItem) -> torch.Tensor:
+        """The item's logits [rows, C_max]; DeadlineExceeded past its deadline. Cancelling this (the
+        client left) cancels the item: the worker drops it unless its forward already started."""
+        timeout_s = item.deadline - item.enqueued
+        try:
+            return await asyncio.wait_for(asyncio.shield(item.future), timeout=max(0.0, timeout_s) + 1.0)
+        except TimeoutError as exc:
+            item.future.cancel()
+            raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f} s") from exc
+        except asyncio.CancelledError:
+            item.future.cancel()
+            raise
+
+    # ----- worker thread -----------------------------------------------------------------------------
+    def _take(self) -> list[WorkItem]:
+        """Collect one batch (called with no lock held)."""
+        s = self._settings
+        batch: list[WorkItem] = []
+        rows = width = 0
+        with self._cond:
+            while not self._queue and not self._stopping:
+                self._cond.wait()
+            close_at = time.monotonic() + s.batch_wait_ms / 1000.0
+            while True:
+                full = False
+                while self._queue:
+                    item = self._queue[0]
+                    if self._drop(item):  # dead requests neither count toward nor close a batch
+                        self._queue.popleft()
+                        self._queued_rows -= item.rows
+                        continue
+                    new_rows, new_width = rows + item.rows, max(width, item.length)
+                    if batch and (new_rows > s.max_batch_rows or new_rows * new_width > s.max_batch_tokens):
+                        full = True
+                        break
+                    self._queue.popleft()
+                    self._queued_rows -= item.rows
+                    batch.append(item)
+                    rows, width = new_rows, new_width
+                self._metrics.queue_depth.set(self._queued_rows)
+                remaining = close_at - time.monotonic()
+                if full or remaining <= 0 or self._stopping:
+                    # requests whose client left or whose deadline passed while we collected
+                    return [item for item in batch if not self._drop(item)]
+                self._cond.wait(remaining)
+
+    def _drop(self, item: WorkItem) -> bool:
+        reason = None
+        if item.future.cancelled():
+            reason = "client_gone"
+        elif time.monotonic() > item.deadline:
+            reason = "deadline"
+            _resolve(item, error=DeadlineExceeded("request waited past its deadline"))
+        if reason:
+            self._metrics.dropped.labels(reason).inc()
+            item.lease.release()
+        return reason is not None
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                if self._stopping and not self._queue:
+                    return
+            batch = self._take()
+            if not batch:
+                continue
+            try:
+                self._run_batch(batch)
+            except Exception as exc:  # surfaced to every request of the batch as a 500
+                log.exception("forward pass failed for a batch of %d requests (%d rows); answering 500",
+                              len(batch), sum(i.rows for i in batch))
+                for item in batch:
+                    _resolve(item, error=exc)
+            finally:
+                for item in batch:  # the forward is over: the slots may be unloaded again
+                    item.lease.release()
+                try:
+                    self._after_batch()
+                except Exception:  # housekeeping must never stop the worker
+                    log.exception("housekeeping after a batch failed; the worker goes on")
+
+    def _run_batch(self, batch: list[WorkItem]) -> None:
+        """Resolves every item's future or raises; releasing the pins is the caller's job."""
+        start = time.monotonic()
+        rows = sum(i.rows for i in batch)
+        width = max(i.length for i in batch)
+        ids = np.full((rows, width), self.pad_id, dtype=np.int64)
+        mask = np.zeros((rows, width), dtype=np.int64)
+        slots = np.empty(rows, dtype=np.int64)
+        offset = 0
+        for item in batch:  # a loop over requests, copying whole blocks
+            n = item.rows
+            ids[offset:offset + n, : item.length] = item.input_ids
+            mask[offset:offset + n, : item.length] = item.attention_mask
+            slots[offset:offset + n] = item.slot
+            offset += n
+            self._metrics.queue_duration.observe(start - item.enqueued)
+        logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
+        elapsed = time.monotonic() - start
+        real_tokens = int(mask.sum())
+        computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
+        m = self._metrics
+        m.batches.inc()
+        m.inference_duration.observe(elapsed)
+        m.batch_rows.observe(rows)
+        m.batch_tokens.observe(real_tokens)
+        m.batch_padding.observe(1.0 - real_tokens / max(1, computed))
+        m.batch_tasks.observe(len(np.unique(slots)))
+        offset = 0
+        for item in batch:
+            _resolve(item, result=logits[offset:offset + item.rows])
+            offset += item.rows

@@ -1,0 +1,80 @@
+"""Wire the runtime from settings: backbone → engine → store → registry → batcher → training jobs."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from switchboard.adapter_store.formats import native
+from switchboard.adapter_store.store import AdapterStore
+from switchboard.server.core.backbone import Backbone, load_backbone
+from switchboard.server.core.engine import Engine
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.batcher import Batcher
+from switchboard.server.runtime.registry import Registry
+from switchboard.server.runtime.training.jobs import JobRunner
+from switchboard.server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+BackboneFactory = Callable[[], Backbone]
+
+
+@dataclass
+class Runtime:
+    """Everything that serves once the backbone is loaded."""
+
+    engine: Engine
+    store: AdapterStore
+    registry: Registry
+    batcher: Batcher
+    jobs: JobRunner
+
+    @property
+    def ready(self) -> bool:
+        return self.batcher.running
+
+    def stop(self) -> None:
+        """Training jobs first (cancelled), then the batcher (admitted requests finish), then the store."""
+        self.jobs.stop()
+        self.batcher.stop()
+        self.store.close()
+
+
+def default_backbone_factory(settings: Settings) -> BackboneFactory:
+    return lambda: load_backbone(settings.model, max_length=settings.max_length)
+
+
+def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None) -> Runtime:
+    """Blocking (loads the model): run it off the event loop."""
+    s = settings
+    if s.threads > 0:
+        torch.set_num_threads(s.threads)
+    backbone = (backbone_factory or default_backbone_factory(s))()
+    engine = Engine(backbone, dtype=torch.bfloat16 if s.dtype == "bf16" else torch.float32,
+                    max_adapter_bytes=s.max_adapter_bytes, chunk_rows=s.chunk_rows)
+    store = AdapterStore(s.data_dir)
+    registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
+    restored = registry.restore()
+    batcher = Batcher(engine, s, metrics, after_batch=registry.unload_released)
+    batcher.start()
+
+    def register(task: str, blob: bytes) -> dict:
+        """A training job's result becomes the task's next version, like an upload."""
+        fingerprint = engine.spec.fingerprint
+        adapter = native.loads(blob, fingerprint)
+        adapter.validate(engine.spec)  # e.g. a diverged run's non-finite weights never become current
+        return registry.put(task, adapter, fingerprint).summary()
+
+    jobs = JobRunner(register, metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
+                     sched_idle=s.train_sched_idle, max_queued=s.max_queued_jobs)
+    jobs.start()
+    spec = engine.spec
+    log.info("ready: model %s (%s, %d layers, max_length %d, %s), dtype %s, %d torch threads on %s; "
+             "store %s with %d tasks; slot budget %d MiB",
+             spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, s.dtype,
+             torch.get_num_threads(), engine.device, s.data_dir.resolve(), restored, s.max_adapter_bytes >> 20)
+    return Runtime(engine, store, registry, batcher, jobs)

@@ -1,0 +1,288 @@
+"""Task name → current version → engine slot, backed by the durable store, with leases and LRU tiers.
+
+Tiers: device slots (the engine's byte budget) ← host cache (parsed adapters, bytes-bounded LRU) ←
+store (blobs on disk). A version is loaded into a slot on first use; when the budget is full the least
+recently used *unpinned* version is evicted. Requests lease the version they were admitted with and
+finish on it even if a new version or a rollback switches the name meanwhile. Everything is keyed by
+content hash, never by name. Engine loads and unloads never run under the registry lock nor on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cachetools import LRUCache
+
+from switchboard.adapter_store.formats import native
+from switchboard.adapter_store.store import AdapterStore, VersionRecord
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.engine import CapacityError, ResidentTask
+from switchboard.server.errors import TaskNotFound, VersionNotFound
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.lease import Lease
+
+log = logging.getLogger(__name__)
+
+
+class SlotEngine(Protocol):
+    """What the registry needs from the engine (tests drive it with a fake)."""
+
+    spec: BackboneSpec
+
+    def load(self, adapter: TaskAdapter) -> ResidentTask: ...
+
+    def unload(self, task: int) -> None: ...
+
+    @property
+    def resident_tasks(self) -> int: ...
+
+    @property
+    def resident_bytes(self) -> int: ...
+
+
+@dataclass(eq=False)
+class _Version:
+    """The runtime state of one stored version (the record itself is immutable)."""
+
+    record: VersionRecord
+    current: bool = True
+    resident: ResidentTask | None = None
+    pins: int = 0
+    loaded_at: float = 0.0
+
+    @property
+    def slot(self) -> int | None:
+        return self.resident.slot if self.resident is not None else None
+
+
+@dataclass
+class _Entry:
+    current: _Version
+    versions: list[_Version] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class TaskView:
+    """A task's current version and all its versions, as read at one moment."""
+
+    current: VersionRecord
+    versions: list[VersionRecord]
+
+
+class Registry:
+    def __init__(self, engine: SlotEngine, metrics: Metrics, store: AdapterStore,
+                 host_cache_bytes: int = 256 << 20) -> None:
+        self._engine = engine
+        self._metrics = metrics
+        self._store = store
+        # parsed adapters by content hash, least recently used dropped past the byte budget
+        self._host: LRUCache[str, TaskAdapter] = LRUCache(maxsize=max(1, host_cache_bytes),
+                                                          getsizeof=lambda adapter: adapter.nbytes)
+        self._tasks: dict[str, _Entry] = {}
+        self._resident: collections.OrderedDict[int, _Version] = collections.OrderedDict()  # LRU by use
+        self._to_unload: list[_Version] = []
+        self._lock = threading.Lock()
+        self._load_lock = threading.Lock()
+        # Serialises store writes with the registry switch (put / rollback / delete), so the store and
+        # the in-memory view never disagree and a delete cannot remove a blob a put is committing.
+        self._write_lock = threading.Lock()
+
+    # ----- start-up ----------------------------------------------------------------------------------
+    def restore(self) -> int:
+        """Every acknowledged version from the store; slots are loaded lazily on first use."""
+        current, versions = self._store.load_all()
+        with self._lock:
+            for task, records in versions.items():
+                states = [_Version(r, current=r.version == current[task]) for r in records]
+                by_number = {v.record.version: v for v in states}
+                if current[task] in by_number:
+                    self._tasks[task] = _Entry(current=by_number[current[task]], versions=states)
+        self._update_gauges()
+        return len(self._tasks)
+
+    # ----- writes ------------------------------------------------------------------------------------
+    def put(self, task: str, adapter: TaskAdapter, fingerprint: str) -> VersionRecord:
+        """Durably store, load into a slot, then switch the name (blocking: call off the event loop)."""
+        start = time.perf_counter()
+        digest = adapter.content_hash()
+        blob = native.dumps(adapter, fingerprint)
+        with self._write_lock:
+            self._store.write_blob(digest, blob)
+            record = self._store.add_version(task, digest, adapter.kind, adapter.labels, adapter.num_params,
+                                             adapter.nbytes)
+            lease = self._switch(task, _Version(record))
+        with lease:  # held while loading, so it cannot be evicted before its first use
+            try:
+                self.ensure_resident(lease, adapter)
+            except CapacityError:
+                log.info("task %r version %d stored but not loaded (no slot free now); it loads on first use",
+                         task, record.version)
+        self.unload_released()
+        self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
+        return record
+
+    def _switch(self, task: str, version: _Version) -> Lease:
+        with self._lock:
+            entry = self._tasks.get(task)
+            if entry is None:
+                self._tasks[task] = _Entry(current=version, versions=[version])
+            else:
+                self._retire(entry.current)
+                entry.current = version
+                entry.versions.append(version)
+            version.pins += 1
+            return Lease(version, self._unpin)
+
+    def rollback(self, task: str, version: int) -> VersionRecord:
+        # The SQLite commit (an fsync) happens outside `_lock`, which the event loop takes per request;
+        # `_write_lock` keeps every other writer out meanwhile, so the entry cannot change under us.
+        with self._write_lock:
+            with self._lock:
+                entry = self._tasks.get(task)
+                if entry is None:
+                    raise TaskNotFound(f"unknown task {task!r}")
+                target = next((v for v in entry.versions if v.record.version == version), None)
+                if target is None:
+                    raise VersionNotFound(f"task {task!r} has no version {version}")
+            self._store.set_current(task, version)
+            with self._lock:
+                if target is not entry.current:
+                    self._retire(entry.current)
+                    target.current = True
+                    entry.current = target
+        self.unload_released()
+        return target.record
+
+    def delete(self, task: str) -> None:
+        with self._write_lock:
+            with self._lock:
+                if task not in self._tasks:
+                    raise TaskNotFound(f"unknown task {task!r}")
+            self._store.delete(task)  # outside `_lock`, as in rollback
+            with self._lock:
+                entry = self._tasks.pop(task)
+                for v in entry.versions:
+                    self._retire(v)
+            self.unload_released()
+            for v in entry.versions:
+                # a pinned version may still need its blob to load; it becomes an orphan, removed at open
+                if v.pins == 0 and self._store.unreferenced(v.record.sha256):
+                    with self._lock:
+                        self._host.pop(v.record.sha256, None)
+                    self._store.remove_blob(v.record.sha256)
+
+    # ----- requests ----------------------------------------------------------------------------------
+    def acquire(self, task: str) -> Lease:
+        """Lease the current version for one request (cheap: safe on the event loop). If its `slot` is
+        None, call `ensure_resident` off the loop before using it."""
+        with self._lock:
+            entry = self._tasks.get(task)
+            if entry is None:
+                raise TaskNotFound(f"unknown task {task!r}")
+            version = entry.current
+            version.pins += 1
+            if version.resident is not None:
+                self._resident.move_to_end(version.resident.slot)
+            return Lease(version, self._unpin)
+
+    def _unpin(self, version: _Version) -> None:
+        """A lease's release (cheap: safe on the event loop). A retired version is unloaded later by
+        `unload_released`, off the loop."""
+        with self._lock:
+            version.pins -= 1
+            if not version.current and version.pins == 0 and version.resident is not None:
+                self._to_unload.append(version)
+
+    def ensure_resident(self, lease: Lease, adapter: TaskAdapter | None = None) -> None:
+        """Load a leased version into a slot, evicting least recently used unpinned versions if needed.
+
+        The host cache is filled only by reloads from the store, so a freshly uploaded (resident)
+        version is not held twice in memory."""
+        version = lease.pinned
+        assert isinstance(version, _Version) and not lease.released
+        with self._load_lock:
+            if version.resident is not None:
+                return
+            start = time.perf_counter()
+            sha = version.record.sha256
+            if adapter is None:
+                with self._lock:
+                    adapter = self._host.get(sha)
+            if adapter is None:
+                adapter = native.loads(self._store.read_blob(sha), self._engine.spec.fingerprint)
+                with self._lock:
+                    if adapter.nbytes <= self._host.maxsize:
+                        self._host[sha] = adapter
+            while True:
+                try:
+                    resident = self._engine.load(adapter)
+                    break
+                except CapacityError:
+                    if not self._evict_one():
+                        raise
+            with self._lock:
+                version.resident = resident
+                version.loaded_at = time.monotonic()
+                self._resident[resident.slot] = version
+            self._metrics.adapter_loads.inc()
+            self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
+        self._update_gauges()
+
+    def _evict_one(self) -> bool:
+        with self._lock:
+            victim = next((v for v in self._resident.values() if v.pins == 0), None)
+            if victim is None:
+                return False
+            slot = victim.slot
+            del self._resident[slot]
+            victim.resident = None
+        self._engine.unload(slot)
+        self._metrics.adapter_evictions.inc()
+        self._metrics.eviction_age.observe(time.monotonic() - victim.loaded_at)
+        return True
+
+    # ----- reads -------------------------------------------------------------------------------------
+    def get(self, task: str) -> TaskView:
+        with self._lock:
+            entry = self._tasks.get(task)
+            if entry is None:
+                raise TaskNotFound(f"unknown task {task!r}")
+            return TaskView(entry.current.record, [v.record for v in entry.versions])
+
+    def snapshot(self) -> list[TaskView]:
+        with self._lock:
+            return [TaskView(e.current.record, [v.record for v in e.versions]) for _, e in sorted(self._tasks.items())]
+
+    # ----- housekeeping ------------------------------------------------------------------------------
+    def unload_released(self) -> None:
+        """Free the slots of non-current, unpinned versions (blocks on the engine lock: not on the loop)."""
+        with self._lock:
+            pending, self._to_unload = self._to_unload, []
+            slots = []
+            for v in pending:
+                if v.resident is not None and not v.current and v.pins == 0:
+                    slots.append(v.resident.slot)
+                    del self._resident[v.resident.slot]
+                    v.resident = None
+        for slot in slots:
+            self._engine.unload(slot)
+        self._update_gauges()
+
+    def _retire(self, version: _Version) -> None:
+        version.current = False
+        if version.pins == 0 and version.resident is not None:
+            self._to_unload.append(version)
+
+    def _update_gauges(self) -> None:
+        m = self._metrics
+        m.resident_adapters.set(self._engine.resident_tasks)
+        m.resident_bytes.set(self._engine.resident_bytes)
+        m.host_cache_bytes.set(self._host.currsize)
+        m.registered_tasks.set(len(self._tasks))

@@ -1,0 +1,59 @@
+"""Training data: CSV/JSONL files → (text, label) pairs with clear errors, and the epoch's batches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from collections.abc import Iterator
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """The training data cannot be used; the message says why."""
+
+
+def read_examples(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
+    """CSV or JSONL → (text, label) pairs, with clear errors for the usual mistakes."""
+    try:
+        raw = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc})") from exc
+    rows: list[dict] = []
+    if path.suffix == ".jsonl":
+        for n, line in enumerate(raw.splitlines(), 1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as exc:
+                    raise DataError(f"{path}:{n}: invalid JSON ({exc.msg})") from exc
+    elif path.suffix == ".csv":
+        rows = list(csv.DictReader(raw.splitlines()))
+    else:
+        raise DataError(f"{path}: use a .csv or .jsonl file")
+    if not rows:
+        raise DataError(f"{path}: no examples")
+    missing = [c for c in (text_column, label_column) if c not in rows[0]]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {missing}; found {sorted(rows[0])}")
+    examples = [(str(r[text_column]), str(r[label_column])) for r in rows]
+    if len({label for _, label in examples}) < 2:
+        raise DataError(f"{path}: needs at least two distinct labels")
+    return examples
+
+
+def epoch_batches(examples: list[tuple[str, str]], batch_size: int, rng: random.Random,
+                  group_by_length: bool) -> Iterator[list[tuple[str, str]]]:
+    """Shuffled batches; grouped by length within blocks of 32 batches (Hugging Face's group_by_length)."""
+    examples = list(examples)
+    rng.shuffle(examples)
+    if not group_by_length:
+        yield from (examples[i:i + batch_size] for i in range(0, len(examples), batch_size))
+        return
+    block = batch_size * 32
+    batches = []
+    for i in range(0, len(examples), block):
+        ordered = sorted(examples[i:i + block], key=lambda e: len(e[0]))
+        batches += [ordered[j:j + batch_size] for j in range(0, len(ordered), batch_size)]
+    rng.shuffle(batches)
+    yield from batches

@@ -1,0 +1,243 @@
+"""Few-shot training jobs: an (IA)3 adapter trained in a separate low-priority process, then registered.
+
+Training runs in its own process (spawned, `nice`d, limited to `train_threads` torch threads) so it can
+neither hold the serving process's GIL nor take more than its share of the cores: the kernel gives the
+serving process the CPU whenever both want it. One job trains at a time; the rest wait in a bounded
+queue. The trained file goes through the same `Registry.put` as an upload (validation, durable store,
+slot load, version switch). Job records live in memory only: a job running at a crash is lost (its
+examples were never stored), a version it registered is not.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import multiprocessing
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from multiprocessing.connection import Connection
+from pathlib import Path
+
+from switchboard.server.errors import ApiError, Overloaded
+from switchboard.server.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+FINISHED = (SUCCEEDED, FAILED, CANCELLED)
+
+
+class JobNotFound(ApiError):
+    status, type = 404, "job_not_found"
+
+
+@dataclass
+class JobSpec:
+    """What the client asked for: examples plus the few-shot (IA)3 recipe's knobs."""
+
+    examples: list[tuple[str, str]]
+    eval_examples: list[tuple[str, str]] | None = None
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 3e-3
+    seed: int = 0
+
+
+@dataclass
+class Job:
+    id: str
+    task: str
+    spec: JobSpec | None  # dropped once the job finishes: examples are not kept
+    status: str = QUEUED
+    step: int = 0
+    total_steps: int = 0
+    loss: float | None = None
+    created_at: float = field(default_factory=time.time)
+    started_at: float | None = None
+    finished_at: float | None = None
+    result: dict | None = None
+    error: str | None = None
+    cancel_requested: bool = False
+
+    def summary(self) -> dict:
+        """The public fields (not asdict: that would deep-copy the examples on every poll)."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec", "cancel_requested")}
+
+
+Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → version summary
+
+
+def _train_in_child(conn: Connection, model_path: str | None, max_length: int | None, spec: JobSpec,
+                    threads: int, nice: int, sched_idle: bool) -> None:
+    """Child process entry point: lower priority and thread count first, then load, train, send back."""
+    try:
+        os.nice(nice)
+        if sched_idle and hasattr(os, "sched_setscheduler"):  # Linux: run only on otherwise idle cores
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+        import torch
+
+        torch.set_num_threads(threads)
+        from switchboard.adapter_store.formats import native
+        from switchboard.server.core.backbone import load_backbone
+        from switchboard.server.runtime.training.trainer import TrainConfig, train
+
+        backbone = load_backbone(model_path, max_length=max_length)
+        cfg = TrainConfig(kind="ia3", steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed)
+        eval_examples = spec.eval_examples or spec.examples  # few-shot: no examples to spare for a split
+        adapter, report = train(backbone, spec.examples, cfg, eval_examples, progress=False,
+                                on_step=lambda step, total, loss: conn.send(("progress", step, total, loss)))
+        summary = {k: report[k] for k in ("accuracy", "macro_f1", "params", "train_seconds", "steps")}
+        summary["evaluated_on"] = "eval_examples" if spec.eval_examples else "training examples"
+        conn.send(("done", native.dumps(adapter, backbone.spec.fingerprint), summary))
+    except Exception as exc:  # reported as the job's error
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class JobRunner:
+    def __init__(self, register: Register, metrics: Metrics, model_path: Path | None, max_length: int | None,
+                 threads: int = 1, nice: int = 19, sched_idle: bool = True, max_queued: int = 8,
+                 keep_finished: int = 256) -> None:
+        self._register = register
+        self._metrics = metrics
+        self._model_path = str(model_path) if model_path else None
+        self._max_length = max_length
+        self._threads = threads
+        self._nice = nice
+        self._sched_idle = sched_idle
+        self._max_queued = max_queued
+        self._keep_finished = keep_finished
+        self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._queue: queue.Queue[Job | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._process: multiprocessing.process.BaseProcess | None = None
+        self._worker = threading.Thread(target=self._run, name="train-jobs", daemon=True)
+        self._stopping = False
+
+    def start(self) -> None:
+        self._worker.start()
+
+    def stop(self) -> None:
+        """Cancel what runs and what waits (their examples are not stored anywhere)."""
+        with self._lock:
+            self._stopping = True
+            for job in self._jobs.values():
+                job.cancel_requested = True
+        self._queue.put(None)
+        if self._worker.is_alive():
+            self._worker.join(timeout=30)
+
+    def submit(self, task: str, spec: JobSpec) -> Job:
+        with self._lock:
+            waiting = sum(job.status == QUEUED for job in self._jobs.values())
+            if self._stopping or waiting >= self._max_queued:
+                raise Overloaded(f"{waiting} training jobs already queued; retry later", {"Retry-After": "30"})
+            job = Job(id=uuid.uuid4().hex, task=task, spec=spec, total_steps=spec.steps)
+            self._jobs[job.id] = job
+            self._forget_old()
+            self._count_active()
+        self._queue.put(job)
+        return job
+
+    def get(self, job_id: str) -> Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobNotFound(f"unknown job {job_id!r}")
+        return job
+
+    def list(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
+    def cancel(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        with self._lock:
+            if job.status == QUEUED:
+                self._finish(job, CANCELLED, error="cancelled by a client")
+            elif job.status == RUNNING:
+                job.cancel_requested = True
+        return job
+
+    def _forget_old(self) -> None:
+        finished = [j.id for j in self._jobs.values() if j.status in FINISHED]
+        for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
+            del self._jobs[job_id]
+
+    def _finish(self, job: Job, status: str, result: dict | None = None, error: str | None = None) -> None:
+        job.status, job.result, job.error, job.finished_at, job.spec = status, result, error, time.time(), None
+        if status == FAILED:
+            log.warning("training job %s for task %r failed: %s", job.id, job.task, error)
+        else:
+            log.info("training job %s for task %r %s", job.id, job.task, status)
+        self._metrics.train_jobs.labels(status).inc()
+        self._count_active()
+
+    def _count_active(self) -> None:
+        self._metrics.train_jobs_active.set(sum(j.status not in FINISHED for j in self._jobs.values()))
+
+    def _run(self) -> None:
+        while (job := self._queue.get()) is not None:
+            with self._lock:
+                if job.status != QUEUED:
+                    continue
+                if job.cancel_requested:
+                    self._finish(job, CANCELLED, error="server shutting down")
+                    continue
+                job.status, job.started_at = RUNNING, time.time()
+            try:
+                status, result, error = self._train(job)
+            except Exception as exc:  # never let one job stop the worker
+                log.exception("training job %s crashed in the server", job.id)
+                status, result, error = FAILED, None, f"{type(exc).__name__}: {exc}"
+            with self._lock:
+                self._finish(job, status, result, error)
+
+    def _train(self, job: Job) -> tuple[str, dict | None, str | None]:
+        ctx = multiprocessing.get_context("spawn")
+        parent, child = ctx.Pipe(duplex=False)
+        process = ctx.Process(target=_train_in_child, name=f"train-{job.id[:8]}", daemon=True,
+                              args=(child, self._model_path, self._max_length, job.spec, self._threads, self._nice,
+                                    self._sched_idle))
+        process.start()
+        child.close()
+        try:
+            while True:
+                if job.cancel_requested:
+                    return CANCELLED, None, "cancelled by a client" if not self._stopping else "server shutting down"
+                if not parent.poll(0.2):
+                    if not process.is_alive() and not parent.poll(0):
+                        return FAILED, None, f"training process exited with code {process.exitcode}"
+                    continue
+                try:
+                    message = parent.recv()
+                except EOFError:
+                    return FAILED, None, f"training process exited with code {process.exitcode}"
+                if message[0] == "progress":
+                    _, job.step, job.total_steps, job.loss = message
+                elif message[0] == "error":
+                    return FAILED, None, message[1]
+                else:
+                    _, blob, summary = message
+                    try:
+                        version = self._register(job.task, blob)
+                    except ApiError as exc:
+                        return FAILED, None, f"registering the trained adapter failed: {exc.message}"
+                    except Exception as exc:
+                        log.exception("registering the adapter of training job %s failed", job.id)
+                        return FAILED, None, f"registering the trained adapter failed: {type(exc).__name__}: {exc}"
+                    return SUCCEEDED, {**summary, **version}, None
+        finally:
+            parent.close()
+            if process.is_alive():
+                process.terminate()
+            process.join(timeout=10)
+            if process.is_alive():
+                process.kill()
+                process.join()

@@ -1,0 +1,176 @@
+"""The training loop: (IA)3 vectors or Houlsby adapters + a head on the frozen backbone.
+
+Training runs the very `encoder_forward` the server runs (one task's parameters broadcast over the
+batch), so what is trained is exactly what is served. Recipes follow the papers: Houlsby — Adam,
+warm-up over 10 % of steps then linear decay, batch 32, lr 1e-3 (adapters) ; (IA)3 — higher lr (3e-3),
+fixed number of steps, good in the few-shot regime.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import Backbone
+from switchboard.server.core.forward import BatchParams, encoder_forward
+from switchboard.server.core.tokenize import tokenize
+from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.runtime.training.data import epoch_batches
+
+# --kind → the adapter kinds trained (the head always is; per-task LayerNorm on request)
+TRAINED_KINDS: dict[str, tuple[str, ...]] = {"ia3": ("ia3",), "houlsby": ("houlsby",), "mixed": ("ia3", "houlsby")}
+
+
+@dataclass
+class TrainConfig:
+    kind: str = "ia3"
+    width: int = 64
+    activation: str = "gelu"
+    train_layer_norm: bool = False
+    pooling: str = "mean"
+    epochs: int = 10
+    steps: int | None = None
+    batch_size: int = 32
+    lr: float | None = None
+    warmup: float = 0.1
+    eval_fraction: float = 0.1
+    patience: int = 3
+    seed: int = 0
+    max_length: int | None = None  # None: the backbone's limit, as the server truncates by default
+    precision: str = "fp32"  # "bf16": autocast matmuls in training (weights and evaluation stay fp32)
+    group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+
+
+def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generator: torch.Generator) -> TaskAdapter:
+    """Fresh weights for every kind the recipe trains; each kind reads the options it knows from cfg."""
+    names = (READOUT, *TRAINED_KINDS[cfg.kind], *(("layer_norm",) if cfg.train_layer_norm else ()))
+    options = {**vars(cfg), "num_labels": len(labels)}
+    parts = {name: KINDS_BY_NAME[name].new(backbone.spec, backbone.model, generator, options) for name in names}
+    return TaskAdapter(labels=labels, parts=parts)
+
+
+def single_task_params(adapter: TaskAdapter) -> BatchParams:
+    """One task's parameters with a leading dim of 1, broadcast over the batch (differentiable)."""
+    return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()})
+
+
+def _batch(backbone: Backbone, texts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = tokenize(backbone.tokenizer, texts, max_length or backbone.spec.max_length)
+    return torch.from_numpy(ids), torch.from_numpy(mask)
+
+
+def _trainable(adapter: TaskAdapter) -> list[torch.Tensor]:
+    tensors = list(adapter.tensors().values())
+    for t in tensors:
+        t.requires_grad_(True)
+    return tensors
+
+
+def predict(backbone: Backbone, adapter: TaskAdapter, texts: list[str], max_length: int | None = None,
+            batch_size: int = 64) -> torch.Tensor:
+    preds = []
+    with torch.inference_mode():
+        params = single_task_params(adapter)
+        for i in range(0, len(texts), batch_size):
+            ids, mask = _batch(backbone, texts[i:i + batch_size], max_length)
+            preds.append(encoder_forward(backbone.model, ids, mask, params).argmax(-1))
+    return torch.cat(preds)
+
+
+def scores(y_true: torch.Tensor, y_pred: torch.Tensor, labels: list[str]) -> dict:
+    per_class, f1s = {}, []
+    for i, name in enumerate(labels):
+        tp = int(((y_pred == i) & (y_true == i)).sum())
+        fp = int(((y_pred == i) & (y_true != i)).sum())
+        fn = int(((y_pred != i) & (y_true == i)).sum())
+        precision = tp / (tp + fp) if tp + fp else 0.0
+        recall = tp / (tp + fn) if tp + fn else 0.0
+        f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+        per_class[name] = {"precision": precision, "recall": recall, "f1": f1, "support": tp + fn}
+        f1s.append(f1)
+    return {"accuracy": float((y_true == y_pred).float().mean()), "macro_f1": sum(f1s) / len(f1s),
+            "per_class": per_class}
+
+
+StepCallback = Callable[[int, int, float], None]
+
+
+def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
+          eval_examples: list[tuple[str, str]] | None = None, progress: bool = True,
+          on_step: StepCallback | None = None) -> tuple[TaskAdapter, dict]:
+    """Train; with `cfg.steps` a fixed schedule (final weights), else epochs with early stop on eval accuracy.
+
+    `on_step(step, total, loss)` is called after every step; raising from it aborts training.
+    """
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    examples = list(examples)
+    if eval_examples is None:
+        rng.shuffle(examples)
+        n_eval = max(1, int(len(examples) * cfg.eval_fraction))
+        eval_examples, examples = examples[:n_eval], examples[n_eval:]
+    labels = sorted({label for _, label in examples} | {label for _, label in eval_examples})
+    index = {label: i for i, label in enumerate(labels)}
+    adapter = new_adapter(backbone, labels, cfg, generator)
+    params = _trainable(adapter)
+    lr = cfg.lr or (3e-3 if cfg.kind == "ia3" else 1e-3)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps_per_epoch = max(1, -(-len(examples) // cfg.batch_size))
+    total = cfg.steps or steps_per_epoch * cfg.epochs
+    warmup = max(1, int(total * cfg.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    eval_texts = [t for t, _ in eval_examples]
+    eval_y = torch.tensor([index[label] for _, label in eval_examples])
+    best, best_state, bad_epochs, step = -1.0, None, 0, 0
+    start = time.time()
+    bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.kind}")
+    backbone.model.eval()
+    while step < total:
+        for batch in epoch_batches(examples, cfg.batch_size, rng, cfg.group_by_length):
+            ids, mask = _batch(backbone, [t for t, _ in batch], cfg.max_length)
+            with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+                logits = encoder_forward(backbone.model, ids, mask, single_task_params(adapter))
+            loss = F.cross_entropy(logits.float(), torch.tensor([index[label] for _, label in batch]))
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            step += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step, total, loss.item())
+            if step >= total:
+                break
+        if cfg.steps is not None:
+            continue  # fixed schedule: the final weights, no selection on the eval set
+        accuracy = scores(eval_y, predict(backbone, adapter, eval_texts, cfg.max_length), labels)["accuracy"]
+        if accuracy > best:
+            best, bad_epochs = accuracy, 0
+            best_state = {k: v.detach().clone() for k, v in adapter.tensors().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break  # early stop on the eval metric
+    bar.close()
+    with torch.no_grad():
+        for name, tensor in adapter.tensors().items():
+            if best_state is not None:
+                tensor.copy_(best_state[name])
+            tensor.requires_grad_(False)
+    eval_pred = predict(backbone, adapter, eval_texts, cfg.max_length)
+    final = scores(eval_y, eval_pred, labels)
+    report = {**final, "kind": adapter.kind, "params": adapter.num_params, "train_examples": len(examples),
+              "eval_examples": len(eval_examples), "steps": step, "train_seconds": time.time() - start,
+              "labels": labels, "config": cfg.__dict__,
+              "eval_predictions": [labels[i] for i in eval_pred.tolist()]}
+    return adapter, report

@@ -1,1 +1,0 @@
-"""Per-task module kinds, one folder per method: config (weights + shapes) and layer (compute)."""
