@@ -14,13 +14,19 @@ import torch
 
 from switchboard.adapter_store.formats import native
 from tests.factories import TEXTS, random_adapter
-from tests.server_fixture import running_server, upload
+from tests.server_fixture import running_server, serving_in_thread, upload
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    with running_server(tiny_dir[0], tmp_path_factory.mktemp("data"),
-                        env={"SWITCHBOARD_MAX_UPLOAD_BYTES": str(4 << 20)}) as (url, proc):
+    with serving_in_thread(tmp_path_factory.mktemp("data"), tiny_dir[1], max_upload_bytes=4 << 20) as (url, state):
+        yield url, state
+
+
+@pytest.fixture(scope="module")
+def server_process(tiny_dir, tmp_path_factory):
+    """A separate process, so that its RSS is the server's own."""
+    with running_server(tiny_dir[0], tmp_path_factory.mktemp("data")) as (url, proc):
         yield url, proc
 
 
@@ -131,8 +137,8 @@ def test_hot_swap_under_load_every_answer_matches_its_version(server, tiny_dir, 
     assert len(seen) > 3  # the swaps really happened under load
 
 
-def test_rss_stays_flat_over_upload_delete_cycles(server, tiny_dir):
-    url, proc = server
+def test_rss_stays_flat_over_upload_delete_cycles(server_process, tiny_dir):
+    url, proc = server_process
     fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
     blobs = [native.dumps(random_adapter(tiny_dir[1].spec, seed=i, kind=k, width=16), fp)
              for i, k in enumerate(["ia3", "houlsby", "mixed", "houlsby"])]

@@ -11,12 +11,12 @@ from switchboard.adapter_store.formats import native
 from switchboard.clients import sdk
 from switchboard.clients.cli import main
 from tests.factories import TEXTS
-from tests.server_fixture import running_server
+from tests.server_fixture import serving_in_thread
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    with running_server(tiny_dir[0], tmp_path_factory.mktemp("data")) as (url, _):
+    with serving_in_thread(tmp_path_factory.mktemp("data"), tiny_dir[1]) as (url, _):
         yield url
 
 

@@ -1,4 +1,6 @@
-"""A real `switchboard serve` on loopback: the HTTP contract, mixed batching, overload, errors, metrics."""
+"""The HTTP contract over real loopback HTTP: mixed batching, overload, errors, metrics. The app runs
+in a thread of the test process (start-up in milliseconds); only graceful shutdown on SIGTERM needs
+a separate `switchboard serve` process."""
 
 from __future__ import annotations
 
@@ -12,13 +14,12 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.server.core.engine import Engine
 from tests.factories import KINDS, TEXTS, random_adapter, tiny_backbone
-from tests.server_fixture import metric_samples, running_server, upload
+from tests.server_fixture import metric_samples, running_server, serving_in_thread, upload
 
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    data = tmp_path_factory.mktemp("data")
-    with running_server(tiny_dir[0], data, env={"SWITCHBOARD_BATCH_WAIT_MS": "30"}) as (url, proc):
+    with serving_in_thread(tmp_path_factory.mktemp("data"), tiny_dir[1], batch_wait_ms=30) as (url, _):
         yield url
 
 
@@ -181,8 +182,7 @@ def test_reupload_serves_the_new_version_and_delete_removes(server, uploaded, ad
 
 
 def test_overload_answers_429_and_nothing_else_breaks(tiny_dir, tmp_path, adapters):
-    env = {"SWITCHBOARD_MAX_QUEUE_ROWS": "8", "SWITCHBOARD_MAX_BATCH_ROWS": "4"}
-    with running_server(tiny_dir[0], tmp_path, env=env) as (url, _):
+    with serving_in_thread(tmp_path, tiny_dir[1], max_queue_rows=8, max_batch_rows=4) as (url, _):
         fingerprint = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
         assert upload(url, "t", adapters["task-1"], fingerprint).status_code == 201
         alone = httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": TEXTS[:4], "raw_scores": True}).json()
@@ -238,8 +238,7 @@ def test_disconnected_and_late_requests_are_dropped_and_shutdown_drains(tiny_dir
 
 
 def test_requests_past_their_deadline_get_503(tiny_dir, tmp_path, adapters):
-    env = {"SWITCHBOARD_BATCH_WAIT_MS": "500", "SWITCHBOARD_REQUEST_TIMEOUT_S": "0.1"}
-    with running_server(tiny_dir[0], tmp_path, env=env) as (url, _):
+    with serving_in_thread(tmp_path, tiny_dir[1], batch_wait_ms=500, request_timeout_s=0.1) as (url, _):
         fingerprint = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
         assert upload(url, "t", adapters["task-2"], fingerprint).status_code == 201
         r = httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": ["fonts"]}, timeout=10)

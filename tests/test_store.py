@@ -15,7 +15,7 @@ import pytest
 
 from switchboard.adapter_store.store import AdapterStore, StoreInUseError
 from tests.factories import TEXTS, random_adapter
-from tests.server_fixture import ROOT, free_port, metric_samples, running_server, upload
+from tests.server_fixture import ROOT, free_port, metric_samples, running_server, serving_in_thread, upload
 
 
 def classify(url: str, task: str) -> dict:
@@ -26,7 +26,7 @@ def classify(url: str, task: str) -> dict:
 
 def test_restart_restores_versions_rollback_and_deletes(tiny_dir, tmp_path, adapters):
     names = list(adapters)[:4]
-    with running_server(tiny_dir[0], tmp_path) as (url, _):
+    with serving_in_thread(tmp_path, tiny_dir[1]) as (url, _):
         fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
         for task in names:
             assert upload(url, task, adapters[task], fp).status_code == 201
@@ -42,7 +42,7 @@ def test_restart_restores_versions_rollback_and_deletes(tiny_dir, tmp_path, adap
         assert httpx.delete(f"{url}/v1/tasks/task-3").status_code == 204
         before = {task: classify(url, task) for task in names[:3]}
         listing = httpx.get(f"{url}/v1/tasks").json()
-    with running_server(tiny_dir[0], tmp_path) as (url, _):  # same data dir: a restart
+    with serving_in_thread(tmp_path, tiny_dir[1]) as (url, _):  # same data dir: a restart
         assert httpx.get(f"{url}/v1/tasks").json() == listing
         assert {task: classify(url, task) for task in names[:3]} == before
         assert httpx.post(f"{url}/v1/classify", json={"task": "task-3", "inputs": "x"}).status_code == 404
@@ -55,7 +55,7 @@ def test_restart_restores_versions_rollback_and_deletes(tiny_dir, tmp_path, adap
 def test_lru_eviction_under_a_byte_budget_keeps_answers_right(tiny_dir, tmp_path, adapters):
     tasks = {t: adapters[t] for t in ["task-0", "task-3", "task-6", "task-8"]}  # IA3 tasks of similar size
     budget = max(a.nbytes for a in tasks.values()) * 2 + 1000  # room for two of them
-    with running_server(tiny_dir[0], tmp_path, env={"SWITCHBOARD_MAX_ADAPTER_BYTES": str(budget)}) as (url, _):
+    with serving_in_thread(tmp_path, tiny_dir[1], max_adapter_bytes=budget) as (url, _):
         fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
         first = {}
         for task, adapter in tasks.items():
@@ -107,14 +107,14 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny_dir, tmp_path
         for r in rs:
             assert store.blob_path(r.sha256).is_file()
     store.close()
-    with running_server(tiny_dir[0], tmp_path) as (url, _):  # restarts and serves every task
+    with serving_in_thread(tmp_path, tiny_dir[1]) as (url, _):  # restarts and serves every task
         for task, version in current.items():
             assert classify(url, task)["version"] == version
 
 
 def test_one_process_per_data_dir(tiny_dir, tmp_path):
     """A second server on a data dir in use exits non-zero with the reason, and the first keeps serving."""
-    with running_server(tiny_dir[0], tmp_path) as (url, _):
+    with serving_in_thread(tmp_path, tiny_dir[1]) as (url, _):
         second = subprocess.run([sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(free_port()),
                                  "--data-dir", str(tmp_path), "--model", str(tiny_dir[0]), "--log-level", "warning"],
                                 capture_output=True, text=True, timeout=120, cwd=ROOT)

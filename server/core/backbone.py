@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import transformers
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
@@ -126,6 +127,7 @@ def load_backbone(path: str | Path | None = None, max_length: int | None = None)
             f"unsupported backbone architecture {config.model_type!r}: Switchboard runs BERT-family "
             f"encoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
         )
+    transformers.utils.logging.disable_progress_bar()  # a bar on stderr would break JSON log lines
     model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     name = getattr(config, "_name_or_path", "") or path.name

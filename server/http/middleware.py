@@ -55,7 +55,8 @@ class RequestIdMiddleware:
         try:
             await self.app(scope, receive, tagged_send)
         except Exception:
-            log.exception("unhandled error on %s %s", scope.get("method"), scope.get("path"))
+            log.exception("unhandled error on %s %s (request id %s)", scope.get("method"), scope.get("path"),
+                          request_id)
             self.metrics.failures.labels("internal_error").inc()
             if not started:
                 await _send_error(tagged_send, 500, "internal_error",

@@ -174,16 +174,19 @@ class Batcher:
                 self._cond.wait(remaining)
 
     def _drop(self, item: WorkItem) -> bool:
+        """Drop (and release) a request whose client left or whose deadline passed."""
         reason = None
         if item.future.cancelled():
             reason = "client_gone"
         elif time.monotonic() > item.deadline:
             reason = "deadline"
+        if reason is None:
+            return False
+        self._metrics.dropped.labels(reason).inc()
+        item.lease.release()
+        if reason == "deadline":
             _resolve(item, error=DeadlineExceeded("request waited past its deadline"))
-        if reason:
-            self._metrics.dropped.labels(reason).inc()
-            item.lease.release()
-        return reason is not None
+        return True
 
     def _run(self) -> None:
         while True:
@@ -193,23 +196,30 @@ class Batcher:
             batch = self._take()
             if not batch:
                 continue
+            outcome: list[torch.Tensor] | BaseException
             try:
-                self._run_batch(batch)
+                outcome = self._run_batch(batch)
             except Exception as exc:  # surfaced to every request of the batch as a 500
                 log.exception("forward pass failed for a batch of %d requests (%d rows); answering 500",
                               len(batch), sum(i.rows for i in batch))
-                for item in batch:
-                    _resolve(item, error=exc)
+                outcome = exc
             finally:
-                for item in batch:  # the forward is over: the slots may be unloaded again
+                # The forward is over: release before answering, so an answered request never
+                # still holds its version (the slot may be unloaded from here on).
+                for item in batch:
                     item.lease.release()
-                try:
-                    self._after_batch()
-                except Exception:  # housekeeping must never stop the worker
-                    log.exception("housekeeping after a batch failed; the worker goes on")
+            for i, item in enumerate(batch):
+                if isinstance(outcome, BaseException):
+                    _resolve(item, error=outcome)
+                else:
+                    _resolve(item, result=outcome[i])
+            try:
+                self._after_batch()
+            except Exception:  # housekeeping must never stop the worker
+                log.exception("housekeeping after a batch failed; the worker goes on")
 
-    def _run_batch(self, batch: list[WorkItem]) -> None:
-        """Resolves every item's future or raises; releasing the pins is the caller's job."""
+    def _run_batch(self, batch: list[WorkItem]) -> list[torch.Tensor]:
+        """Each item's logits, in order, or raises; releasing the leases is the caller's job."""
         start = time.monotonic()
         rows = sum(i.rows for i in batch)
         width = max(i.length for i in batch)
@@ -235,7 +245,4 @@ class Batcher:
         m.batch_tokens.observe(real_tokens)
         m.batch_padding.observe(1.0 - real_tokens / max(1, computed))
         m.batch_tasks.observe(len(np.unique(slots)))
-        offset = 0
-        for item in batch:
-            _resolve(item, result=logits[offset:offset + item.rows])
-            offset += item.rows
+        return list(torch.split(logits, [item.rows for item in batch]))

@@ -1,0 +1,181 @@
+"""The batcher in-process with a fake engine: every row gets its own slot's answer, batches mix tasks,
+overload / deadline / client-gone paths never compute and always release the lease exactly once, a
+failing forward fails only its own batch (logged), and stop() finishes what was admitted."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from switchboard.server.errors import DeadlineExceeded, Overloaded
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.batcher import Batcher
+from switchboard.server.runtime.lease import Lease
+from switchboard.server.settings import Settings
+from tests.fakes import FakeEngine, expected_logits
+
+
+class Pin:
+    """Stands in for the registry's version: a slot and a pin count."""
+
+    def __init__(self, slot: int) -> None:
+        self.record = None
+        self.slot = slot
+        self.count = 0
+
+    def lease(self) -> Lease:
+        self.count += 1
+        return Lease(self, lambda pin: setattr(pin, "count", pin.count - 1))
+
+
+def rows(seed: int, n: int = 1, length: int = 6) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, 1000, size=(n, length)).astype(np.int64)
+    return ids, np.ones_like(ids)
+
+
+@pytest.fixture
+def make(tiny, tmp_path):
+    made: list[Batcher] = []
+
+    def build(**settings) -> tuple[Batcher, FakeEngine, Metrics]:
+        engine = FakeEngine(tiny.spec)
+        engine._resident.update({slot: 0 for slot in range(1, 9)})
+        metrics = Metrics()
+        batcher = Batcher(engine, Settings(data_dir=tmp_path, **settings), metrics)
+        batcher.start()
+        made.append(batcher)
+        return batcher, engine, metrics
+
+    yield build
+    for batcher in made:
+        batcher.stop(5)
+
+
+def sample(metrics: Metrics, name: str, **labels: str) -> float:
+    return metrics.registry.get_sample_value(name, labels or None) or 0.0
+
+
+def test_concurrent_requests_share_mixed_batches_and_each_row_gets_its_own_answer(make):
+    batcher, engine, _ = make(batch_wait_ms=30)
+    pins = {slot: Pin(slot) for slot in range(1, 9)}
+    requests = [(1 + i % 8, *rows(i, n=1 + i % 3)) for i in range(40)]
+
+    async def fire():
+        items = [batcher.submit(pins[slot].lease(), ids, mask, 30) for slot, ids, mask in requests]
+        return await asyncio.gather(*[batcher.result(item) for item in items])
+
+    answers = asyncio.run(fire())
+    for (slot, ids, _), logits in zip(requests, answers):
+        assert torch.equal(logits, expected_logits(slot, torch.from_numpy(ids), engine.width))
+    assert len(engine.batches) < len(requests), "requests should share forward passes"
+    assert max(len(set(b)) for b in engine.batches) > 1, "batches should mix tasks"
+    assert all(pin.count == 0 for pin in pins.values())
+
+
+def test_a_full_queue_answers_overloaded_and_releases_the_lease(make):
+    batcher, engine, metrics = make(max_queue_rows=4, batch_wait_ms=0)
+    engine.gate = threading.Event()
+    pin = Pin(1)
+
+    async def fire():
+        first = batcher.submit(pin.lease(), *rows(0), 30)
+        await asyncio.sleep(0.2)  # the worker took it and waits at the gate
+        queued = [batcher.submit(pin.lease(), *rows(i, n=2), 30) for i in (1, 2)]  # 4 rows: full
+        with pytest.raises(Overloaded) as refused:
+            batcher.submit(pin.lease(), *rows(3), 30)
+        assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "1"
+        assert pin.count == 3  # the refused request's lease is already released
+        engine.gate.set()
+        return await asyncio.gather(*[batcher.result(i) for i in [first, *queued]])
+
+    assert len(asyncio.run(fire())) == 3
+    assert pin.count == 0
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="queue_full") == 1
+
+
+def test_a_request_past_its_deadline_is_never_computed(make):
+    batcher, engine, metrics = make(batch_wait_ms=0)
+    engine.gate = threading.Event()
+    busy, late = Pin(1), Pin(2)
+
+    async def fire():
+        first = batcher.submit(busy.lease(), *rows(0), 30)
+        await asyncio.sleep(0.1)
+        item = batcher.submit(late.lease(), *rows(1), timeout_s=0.05)
+        await asyncio.sleep(0.2)  # its deadline passes while the worker is busy
+        engine.gate.set()
+        with pytest.raises(DeadlineExceeded):
+            await batcher.result(item)
+        await batcher.result(first)
+
+    asyncio.run(fire())
+    assert all(2 not in batch for batch in engine.batches)
+    assert busy.count == late.count == 0
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="deadline") == 1
+
+
+def test_a_request_whose_client_left_is_never_computed(make):
+    batcher, engine, metrics = make(batch_wait_ms=0)
+    engine.gate = threading.Event()
+    busy, gone = Pin(1), Pin(2)
+
+    async def fire():
+        first = batcher.submit(busy.lease(), *rows(0), 30)
+        await asyncio.sleep(0.1)
+        item = batcher.submit(gone.lease(), *rows(1), 30)
+        waiting = asyncio.ensure_future(batcher.result(item))
+        await asyncio.sleep(0.05)
+        waiting.cancel()  # the HTTP handler is cancelled when its client disconnects
+        await asyncio.sleep(0.05)  # the cancellation runs on the loop's next turn
+        engine.gate.set()
+        await batcher.result(first)
+        await asyncio.sleep(0.2)
+
+    asyncio.run(fire())
+    assert all(2 not in batch for batch in engine.batches)
+    assert busy.count == gone.count == 0
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="client_gone") == 1
+
+
+def test_a_failing_forward_fails_its_batch_only_and_is_logged(make, caplog):
+    batcher, engine, _ = make(batch_wait_ms=50)
+    engine.fail_with = RuntimeError("boom")
+    pin = Pin(3)
+
+    async def fire():
+        items = [batcher.submit(pin.lease(), *rows(i), 30) for i in range(3)]
+        results = await asyncio.gather(*[batcher.result(i) for i in items], return_exceptions=True)
+        again = await batcher.result(batcher.submit(pin.lease(), *rows(9), 30))
+        return results, again
+
+    with caplog.at_level(logging.ERROR, logger="switchboard.server.runtime.batcher"):
+        results, again = asyncio.run(fire())
+    assert all(isinstance(r, RuntimeError) and str(r) == "boom" for r in results)
+    assert torch.equal(again, expected_logits(3, torch.from_numpy(rows(9)[0]), engine.width))
+    assert pin.count == 0
+    failure = next(r for r in caplog.records if "forward pass failed" in r.getMessage())
+    assert failure.exc_info is not None  # the traceback is in the log
+
+
+def test_stop_finishes_every_admitted_request(make):
+    batcher, engine, _ = make(batch_wait_ms=100)
+    pin = Pin(4)
+
+    async def fire():
+        items = [batcher.submit(pin.lease(), *rows(i), 30) for i in range(6)]
+        stopper = threading.Thread(target=batcher.stop)
+        stopper.start()
+        results = await asyncio.gather(*[batcher.result(i) for i in items])
+        stopper.join()
+        with pytest.raises(Overloaded):
+            batcher.submit(pin.lease(), *rows(7), 30)
+        return results
+
+    assert len(asyncio.run(fire())) == 6
+    assert pin.count == 0 and not batcher.running
