@@ -31,8 +31,15 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.batches = Counter("switchboard_batches", "Forward passes run", registry=r)
         self.dropped = Counter("switchboard_dropped_requests",
-                               "Requests dropped before inference", ["reason"], registry=r)
+                               "Requests refused or dropped before inference: queue_full, queue_delay, client_gone, "
+                               "deadline", ["reason"], registry=r)
         self.queue_depth = Gauge("switchboard_queue_depth_rows", "Rows waiting in the batcher queue", registry=r)
+        self.queue_tokens = Gauge("switchboard_queue_tokens", "Tokens (rows × length) waiting in the batcher queue",
+                                  registry=r)
+        self.drain_rate = Gauge("switchboard_drain_tokens_per_second",
+                                "Tokens per second the inference worker computes (moving average)", registry=r)
+        self.executor_pending = Gauge("switchboard_executor_pending", "Jobs running or waiting in a thread pool",
+                                      ["pool"], registry=r)
         self.resident_adapters = Gauge("switchboard_resident_adapters", "Task versions resident in device slots",
                                        registry=r)
         self.resident_bytes = Gauge("switchboard_resident_adapter_bytes", "Bytes of resident task parameters",

@@ -23,10 +23,17 @@ class Settings(BaseSettings):
                                                                     "shippers")
 
     max_length: int | None = Field(None, description="truncate inputs to this many tokens; default: the model's limit")
+
+    # Requests. Every client-supplied size has a bound here; see docs/limits.md.
     max_inputs_per_request: int = 64
+    max_input_chars: int = Field(50_000, description="characters per classify input (tokens past max_length are "
+                                                     "truncated anyway)")
     max_body_bytes: int = 1 << 20
     max_upload_bytes: int = 256 << 20
+    max_upload_files: int = 8
     max_labels: int = 1024
+    max_label_length: int = Field(128, description="characters per label name")
+    max_list_page: int = Field(1000, description="most tasks per page of GET /v1/tasks")
 
     # Batcher. A batch closes at max_batch_rows rows, at max_batch_tokens (rows × padded length), or
     # after batch_wait_ms once the worker is free. Tuned on 2 cores with MiniLM: see docs/benchmarks.md.
@@ -34,12 +41,20 @@ class Settings(BaseSettings):
     max_batch_tokens: int = 8192
     batch_wait_ms: float = 2.0
     chunk_rows: int = 8
+    # Admission: the queue is bounded in tokens (rows × length); past either bound a request gets 429
+    # at once, with Retry-After from the measured drain rate, instead of a 503 after waiting.
     max_queue_rows: int = 2048
+    max_queue_tokens: int = Field(65_536, description="rows × length waiting in the queue")
+    max_queue_delay_s: float = Field(2.0, description="refuse work whose estimated wait (queued tokens / measured "
+                                                      "tokens per second) is longer")
     request_timeout_s: float = 30.0
-    retry_after_s: int = 1
+    retry_after_s: int = Field(1, description="Retry-After of a 429 before any throughput was measured")
+    request_threads: int = Field(2, ge=1, description="threads that tokenize requests and load evicted adapters")
+    upload_threads: int = Field(1, ge=1, description="threads that parse and store uploads (apart from requests)")
+    max_pending_uploads: int = Field(8, ge=1, description="uploads parsing or waiting to parse; more → 429")
 
-    max_adapter_bytes: int = Field(1 << 30, description="device-slot byte budget; least recently used unpinned "
-                                                        "versions are evicted past it")
+    max_adapter_bytes: int = Field(1 << 30, description="device-slot byte budget; least recently used unleased "
+                                                        "versions are evicted past it; a larger adapter is refused")
     host_cache_bytes: int = Field(256 << 20, description="parsed adapters kept in host memory")
 
     # Few-shot training jobs (POST /v1/tasks/{task}/train): a separate process, one at a time.
@@ -47,7 +62,13 @@ class Settings(BaseSettings):
     train_nice: int = Field(19, ge=0, le=19, description="niceness of the training process (19 = lowest priority)")
     train_sched_idle: bool = Field(True, description="Linux SCHED_IDLE for the training process: it runs only "
                                                      "when a core would otherwise be idle")
+    train_max_memory_bytes: int = Field(6 << 30, description="address-space limit of the training process "
+                                                             "(RLIMIT_AS); past it the job fails")
+    train_max_seconds: float = Field(3600.0, description="wall-time limit of one job; past it the job is killed")
+    max_train_tokens: int = Field(16_000_000, description="steps × batch rows × longest tokenized example, per job")
     max_train_examples: int = 4096
+    max_train_text_chars: int = 10_000
     max_train_steps: int = 2000
+    max_train_batch_size: int = 64
     max_train_body_bytes: int = 8 << 20
     max_queued_jobs: int = 8

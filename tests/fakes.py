@@ -50,6 +50,11 @@ class FakeEngine:
             self._resident[slot] = adapter.nbytes
             return ResidentTask(slot, adapter.num_labels, adapter.nbytes)
 
+    def check_fits(self, adapter: TaskAdapter) -> int:
+        if adapter.nbytes > self.max_adapter_bytes:
+            raise CapacityError("larger than the fake budget")
+        return adapter.nbytes
+
     def unload(self, task: int) -> None:
         with self._lock:
             del self._resident[task]

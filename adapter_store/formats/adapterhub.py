@@ -17,6 +17,7 @@ import re
 
 import torch
 
+from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.tuners.head.config import HeadWeights
@@ -52,7 +53,8 @@ def is_adapterhub(config: dict) -> bool:
 
 def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: BackboneSpec,
           head_config: dict | None, head_tensors: dict[str, torch.Tensor] | None,
-          labels: list[str] | None = None) -> TaskAdapter:
+          labels: list[str] | None = None, limits: UploadLimits | None = None) -> TaskAdapter:
+    limits = limits or UploadLimits()
     inner = _config(config)
     if head_config is None or head_tensors is None:
         raise AdapterValidationError(
@@ -64,17 +66,18 @@ def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: Backbone
     if inner.get("architecture") == "lora":
         ia3, houlsby = _ia3(inner, adapter_tensors, spec), None
     elif inner.get("architecture") in (None, "bottleneck") and "reduction_factor" in inner:
-        ia3, houlsby = None, _bottleneck(inner, adapter_tensors, spec)
+        ia3, houlsby = None, _bottleneck(inner, adapter_tensors, spec, limits)
     else:
         raise AdapterValidationError(
             f"unsupported AdapterHub architecture {inner.get('architecture')!r}: Switchboard serves bottleneck "
             "(double_seq_bn) and IA3 adapters")
-    head, head_labels = _head(_config(head_config), head_tensors, spec)
+    head, head_labels = _head(_config(head_config), head_tensors, spec, limits)
     parts = {name: w for name, w in (("ia3", ia3), ("houlsby", houlsby), ("head", head)) if w is not None}
     return TaskAdapter(labels=list(labels or head_labels), parts=parts, metadata={"source_format": "adapterhub"})
 
 
-def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> HoulsbyWeights:
+def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
+                limits: UploadLimits) -> HoulsbyWeights:
     for option, value in _BOTTLENECK_REQUIRED.items():
         if option not in config and option in ("original_ln_before", "original_ln_after", "residual_before_ln"):
             raise AdapterValidationError(f"bottleneck config lacks {option}; cannot tell where the adapter sits")
@@ -113,6 +116,11 @@ def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSp
                                          f"not fit hidden size {d}")
         widths[(layer, site)] = m
     width = max(widths.values())
+    padded = L * 2 * (2 * d * width + width + d) * 4  # float32 bytes after zero-padding every layer
+    if padded > limits.max_task_bytes:
+        raise AdapterValidationError(
+            f"a bottleneck of width {width} pads to {padded} bytes for {L} layers, over the "
+            f"{limits.max_task_bytes}-byte limit for one task (the widest layer sets the width of every layer)")
     # Layers may differ in width (reduction_factor mapping) or be left out: zero-pad to the widest.
     # Every supported activation maps 0 to 0, so padded units contribute exactly nothing.
     down_w, down_b = torch.zeros(L, 2, width, d), torch.zeros(L, 2, width)
@@ -151,7 +159,8 @@ def _ia3(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> 
     return Ia3Weights(vectors)
 
 
-def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> tuple[HeadWeights, list[str]]:
+def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
+          limits: UploadLimits) -> tuple[HeadWeights, list[str]]:
     if config.get("head_type") != "classification":
         raise AdapterValidationError(f"unsupported head_type {config.get('head_type')!r}; use a classification head")
     layers = config.get("layers", 2)
@@ -170,13 +179,14 @@ def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) ->
         raise AdapterValidationError(f"head tensors {sorted(tensors)} do not form a {layers}-layer head with biases")
     out = by_index[linears[-1]]
     hidden = by_index[linears[0]] if layers == 2 else None
-    num_labels = int(config.get("num_labels", out["weight"].shape[0]))
+    num_labels = config.get("num_labels", out["weight"].shape[0])
+    if not isinstance(num_labels, int) or num_labels != out["weight"].shape[0]:
+        raise AdapterValidationError(f"head has {out['weight'].shape[0]} outputs but num_labels={num_labels!r}")
+    check_count(num_labels, limits, "head_config.json")
     label2id = config.get("label2id") or {}
     labels = [f"LABEL_{i}" for i in range(num_labels)]
     if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num_labels)):
         labels = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
-    if out["weight"].shape[0] != num_labels:
-        raise AdapterValidationError(f"head has {out['weight'].shape[0]} outputs but num_labels={num_labels}")
     pooling = "pooler" if config.get("use_pooler") else "cls"
     return HeadWeights(out_w=out["weight"], out_b=out["bias"], pooling=pooling,
                        hidden_w=hidden["weight"] if hidden else None,

@@ -7,10 +7,11 @@ Feed-forward modules scale their input, others their output (PEFT's IA3Layer). W
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
 
 import torch
 
+from switchboard.adapter_store.formats.module_patterns import module_matcher
+from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.tuners.head.config import HeadWeights
@@ -30,41 +31,29 @@ _SITES: dict[tuple[str, bool], str] = {
 }
 
 
-def _is_feedforward(module_key: str, feedforward_modules: str | Iterable[str] | None) -> bool:
-    """PEFT's own rule: a string is a full-match regex, a list matches by suffix."""
-    if not feedforward_modules:
-        return False
-    if isinstance(feedforward_modules, str):
-        return re.fullmatch(feedforward_modules, module_key) is not None
-    return any(module_key.endswith(target) for target in feedforward_modules)
-
-
 def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
-          labels: list[str] | None = None) -> TaskAdapter:
+          labels: list[str] | None = None, limits: UploadLimits | None = None) -> TaskAdapter:
+    limits = limits or UploadLimits()
     if config.get("peft_type") != "IA3":
         raise AdapterValidationError(
             f"unsupported PEFT adapter type {config.get('peft_type')!r}: Switchboard serves PEFT IA3 adapters")
-    ff_modules = config.get("feedforward_modules")
-    if ff_modules is not None and not isinstance(ff_modules, str) and not (
-            isinstance(ff_modules, list) and all(isinstance(m, str) for m in ff_modules)):
-        raise AdapterValidationError("feedforward_modules must be a string or a list of strings")
-    if isinstance(ff_modules, str):
-        try:
-            re.compile(ff_modules)
-        except re.error as exc:
-            raise AdapterValidationError(f"feedforward_modules is not a valid regex: {exc}") from exc
+    is_feedforward = module_matcher(config.get("feedforward_modules"), "feedforward_modules")
+    seen: dict[tuple[str, int], str] = {}
     vectors: dict[str, torch.Tensor] = {}
     head: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
         match = _LAYER_KEY.match(key)
         if match:
             layer, module = int(match.group(1)), match.group(2)
-            module_key = f"encoder.layer.{layer}.{module}"
-            site = _SITES.get((module, _is_feedforward(module_key, ff_modules)))
+            feedforward = is_feedforward(f"encoder.layer.{layer}.{module}")
+            site = _SITES.get((module, feedforward))
             if site is None:
                 raise AdapterValidationError(
-                    f"{key}: (IA)3 on {module} ({'input' if _is_feedforward(module_key, ff_modules) else 'output'}"
-                    " scaling) is not a site Switchboard supports")
+                    f"{key}: (IA)3 on {module} ({'input' if feedforward else 'output'} scaling) is not a site "
+                    "Switchboard supports")
+            if (site, layer) in seen:
+                raise AdapterValidationError(f"{key} and {seen[site, layer]} both scale layer {layer}'s {site}")
+            seen[site, layer] = key
             if not 0 <= layer < spec.num_layers:
                 raise AdapterValidationError(f"{key}: layer {layer} outside the backbone's {spec.num_layers} layers")
             dim = site_dim(site, spec)
@@ -83,7 +72,7 @@ def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
     if not vectors:
         raise AdapterValidationError("the PEFT adapter holds no ia3_l vectors")
     head_weights = _head(head)
-    names = labels or [f"LABEL_{i}" for i in range(head_weights.num_labels)]
+    names = labels or [f"LABEL_{i}" for i in range(check_count(head_weights.num_labels, limits, "classifier"))]
     return TaskAdapter(labels=list(names), parts={"ia3": Ia3Weights(vectors), "head": head_weights},
                        metadata={"source_format": "peft"})
 

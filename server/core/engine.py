@@ -119,6 +119,17 @@ class Engine:
         return sum(sum(int(torch.Size(shape).numel()) for shape, _ in c.fields.values())
                    * torch.empty((), dtype=self._pool_dtype(c)).element_size() for c in components)
 
+    def task_bytes(self, adapter: TaskAdapter) -> int:
+        return self.nbytes(self.components(adapter))
+
+    def check_fits(self, adapter: TaskAdapter) -> int:
+        """The task's resident bytes; CapacityError if it could never fit, even in an empty engine."""
+        nbytes = self.task_bytes(adapter)
+        if nbytes > self.max_adapter_bytes:
+            raise CapacityError(f"the adapter needs {nbytes} bytes resident, more than the whole slot budget of "
+                                f"{self.max_adapter_bytes} bytes (max_adapter_bytes)")
+        return nbytes
+
     # ----- load / unload ---------------------------------------------------------------------------
     def load(self, adapter: TaskAdapter) -> ResidentTask:
         """Validate and copy a task into free slots; raises CapacityError past the byte budget."""
@@ -151,13 +162,22 @@ class Engine:
             return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
 
     def unload(self, task: int) -> None:
+        """Free a task's slots; a pool no resident task uses any more is released with its memory, so
+        uploads of ever-new shapes (label counts, widths) cannot grow memory or slow the forward."""
         with self._lock:
             for key in self._task_pools.pop(task):
                 route = self._routes[key]
-                self._pools[key].reset_slot(int(route[task]))
+                pool = self._pools[key]
+                pool.reset_slot(int(route[task]))
                 route[task] = 0
+                if pool.used_slots == 0:
+                    del self._pools[key], self._routes[key]
             del self._task_bytes[task]
             self._free_tasks.append(task)
+
+    @property
+    def pool_count(self) -> int:
+        return len(self._pools)
 
     # ----- forward ---------------------------------------------------------------------------------
     def used_rows(self, pool_slots: torch.Tensor) -> torch.Tensor | None:
@@ -168,12 +188,11 @@ class Engine:
         return used.nonzero().squeeze(1).to(self.device)
 
     def batch_params(self, task_slots: torch.Tensor) -> BatchParams:
-        """Gather every row's parameters from the pools. task_slots: [B] long on the CPU."""
+        """Gather every row's parameters from the pools its tasks use. task_slots: [B] long on the CPU."""
         parts: dict[str, object] = {}
-        for key, route in self._routes.items():
-            slots = route.index_select(0, task_slots)
-            if not bool((slots > 0).any()):
-                continue
+        keys = dict.fromkeys(key for t in torch.unique(task_slots).tolist() for key in self._task_pools[t])
+        for key in keys:  # only the pools of this chunk's tasks, however many other shapes are resident
+            slots = self._routes[key].index_select(0, task_slots)
             kind = KINDS_BY_NAME[str(key[0])]
             parts[kind.name] = kind.gather(parts.get(kind.name), key, self._pools[key], slots, self)
         return BatchParams(parts)

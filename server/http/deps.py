@@ -8,13 +8,12 @@ from typing import Annotated
 from fastapi import Depends, Path, Request
 
 from switchboard.server.errors import NotReady
-from switchboard.server.http.schemas import ErrorResponse
+from switchboard.server.http.schemas import TASK_NAME, ErrorResponse
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import Runtime
 from switchboard.server.settings import Settings
 
-TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
-ERRORS = {code: {"model": ErrorResponse} for code in (404, 413, 422, 429, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503, 507)}
 
 
 @dataclass

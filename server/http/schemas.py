@@ -32,11 +32,19 @@ class BackboneInfo(BaseModel):
     fingerprint: str
 
 
+TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# Absolute ceilings of the schema; the server's settings may set lower ones (docs/limits.md).
+MAX_TEXT_CHARS = 1_000_000
+MAX_LABEL_CHARS = 1024
+MAX_INT32 = 2**31 - 1
+
+
 class ClassifyRequest(BaseModel):
-    task: str = Field(examples=["sentiment"])
-    inputs: str | list[str] = Field(examples=[["I loved it", "terrible service"]])
+    task: str = Field(pattern=TASK_NAME, examples=["sentiment"], description="task name (at most 64 characters)")
+    inputs: str | list[str] = Field(examples=[["I loved it", "terrible service"]],
+                                    description="one text or a list (max_inputs_per_request, max_input_chars)")
     raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
-    top_k: int | None = Field(None, ge=1, description="keep the k best labels per input")
+    top_k: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the k best labels per input")
 
     model_config = {"json_schema_extra": {"examples": [{"task": "sentiment", "inputs": ["I loved it"], "top_k": 2}]}}
 
@@ -71,16 +79,19 @@ class TaskSummary(TaskVersionSummary):  # type: ignore[misc,valid-type]
 
 
 class RollbackRequest(BaseModel):
-    version: int = Field(ge=1, examples=[1])
+    version: int = Field(ge=1, le=MAX_INT32, examples=[1])
 
 
 class TaskList(BaseModel):
-    tasks: list[TaskSummary]
+    tasks: list[TaskVersionSummary]  # type: ignore[valid-type]
+    next: str | None = Field(None, description="pass as `after` for the next page; null on the last page")
 
 
 class LabelledText(BaseModel):
-    text: str = Field(min_length=1, examples=["I loved it"])
-    label: str = Field(min_length=1, examples=["positive"])
+    text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["I loved it"],
+                      description="max_train_text_chars characters at most")
+    label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, examples=["positive"],
+                       description="max_label_length characters at most")
 
 
 class TrainRequest(BaseModel):
@@ -89,10 +100,10 @@ class TrainRequest(BaseModel):
     examples: list[LabelledText] = Field(min_length=2)
     eval_examples: list[LabelledText] | None = Field(None, description="scored after training; default: the "
                                                                           "training examples themselves")
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1, le=256)
-    lr: float = Field(3e-3, gt=0, le=1)
-    seed: int = 0
+    steps: int = Field(300, ge=1, le=MAX_INT32, description="max_train_steps at most")
+    batch_size: int = Field(16, ge=1, le=1024, description="max_train_batch_size at most")
+    lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     model_config = {"json_schema_extra": {"examples": [{"examples": [{"text": "I loved it", "label": "positive"},
                                                                      {"text": "awful", "label": "negative"}],

@@ -2,10 +2,15 @@
 
 A batch closes when the next request would pass the row limit or the token budget (rows × padded
 length), or `batch_wait_ms` after the worker started collecting. Requests past their deadline or whose
-client left are dropped before inference. The queue is bounded in rows: past it, `Overloaded` (429).
+client left are dropped before inference.
+
+Admission is by cost: the queue is bounded in rows and in tokens (rows × length), and by the wait a
+new request would face — queued tokens divided by the drain rate the worker measures. Past any bound
+the request is refused at once with 429 and a `Retry-After` computed from that drain rate, rather than
+queued to time out later with a 503.
 
 The batcher owns each submitted request's lease from `submit` on and releases it exactly once: when
-the request is refused, dropped, or its forward pass is over.
+the request is refused, dropped, or its forward pass is over — before the answer is delivered.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -28,6 +34,7 @@ from switchboard.server.runtime.lease import Lease
 from switchboard.server.settings import Settings
 
 log = logging.getLogger(__name__)
+MAX_RETRY_AFTER_S = 60
 
 
 class ForwardEngine(Protocol):
@@ -60,6 +67,11 @@ class WorkItem:
     def length(self) -> int:
         return int(self.input_ids.shape[1])
 
+    @property
+    def tokens(self) -> int:
+        """What it costs the queue: rows × padded length."""
+        return self.rows * self.length
+
 
 def _resolve(item: WorkItem, result: object = None, error: BaseException | None = None) -> None:
     def settle() -> None:
@@ -73,6 +85,24 @@ def _resolve(item: WorkItem, result: object = None, error: BaseException | None 
     item.loop.call_soon_threadsafe(settle)
 
 
+class DrainRate:
+    """Tokens per second the worker computes, as an exponentially weighted mean over batches."""
+
+    def __init__(self, weight: float = 0.2) -> None:
+        self.weight = weight
+        self.tokens_per_s: float | None = None
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        if tokens <= 0 or seconds <= 0:
+            return
+        rate = tokens / seconds
+        self.tokens_per_s = rate if self.tokens_per_s is None else (
+            (1 - self.weight) * self.tokens_per_s + self.weight * rate)
+
+    def seconds_for(self, tokens: int, fallback: float) -> float:
+        return tokens / self.tokens_per_s if self.tokens_per_s else fallback
+
+
 class Batcher:
     def __init__(self, engine: ForwardEngine, settings: Settings, metrics: Metrics,
                  after_batch: Callable[[], None] = lambda: None) -> None:
@@ -83,6 +113,9 @@ class Batcher:
         self._after_batch = after_batch
         self._queue: collections.deque[WorkItem] = collections.deque()
         self._queued_rows = 0
+        self._queued_tokens = 0
+        self._inflight_tokens = 0
+        self.drain = DrainRate()
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
@@ -102,6 +135,30 @@ class Batcher:
             self._cond.notify_all()
         self._thread.join(timeout)
 
+    # ----- admission (event loop) ---------------------------------------------------------------------
+    def _refusal(self, item: WorkItem) -> tuple[str, str, float] | None:
+        """(metric reason, message, seconds until it would fit) if the item must be refused."""
+        s = self._settings
+        if self._queued_rows + item.rows > s.max_queue_rows:
+            excess = self._queued_rows + item.rows - s.max_queue_rows
+            return "queue_full", f"queue is full ({self._queued_rows} rows waiting)", self._wait_for_rows(excess)
+        if self._queued_tokens + item.tokens > s.max_queue_tokens and self._queued_tokens:
+            excess = self._queued_tokens + item.tokens - s.max_queue_tokens
+            return ("queue_full", f"queue is full ({self._queued_tokens} tokens waiting)",
+                    self.drain.seconds_for(excess, s.retry_after_s))
+        rate = self.drain.tokens_per_s
+        if rate and self._queued_tokens:
+            wait = (self._queued_tokens + self._inflight_tokens + item.tokens) / rate
+            if wait > s.max_queue_delay_s:
+                return ("queue_delay", f"the queue would take {wait:.1f} s to reach this request "
+                        f"(limit {s.max_queue_delay_s:g} s)", wait - s.max_queue_delay_s)
+        return None
+
+    def _wait_for_rows(self, rows: int) -> float:
+        if not self._queued_rows:
+            return float(self._settings.retry_after_s)
+        return self.drain.seconds_for(rows * self._queued_tokens // self._queued_rows, self._settings.retry_after_s)
+
     def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float) -> WorkItem:
         """Queue one request's rows (call on the event loop). Takes ownership of the lease — the caller
         hands it over with `lease.transfer()` — whose version must be resident. Raises Overloaded."""
@@ -116,14 +173,15 @@ class Batcher:
             if self._stopping:
                 lease.release()
                 raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
-            if self._queued_rows + item.rows > self._settings.max_queue_rows:
+            refusal = self._refusal(item)
+            if refusal is not None:
                 lease.release()
-                self._metrics.dropped.labels("queue_full").inc()
-                raise Overloaded(f"queue is full ({self._queued_rows} rows waiting); retry later",
-                                 {"Retry-After": str(self._settings.retry_after_s)})
+                reason, message, seconds = refusal
+                self._metrics.dropped.labels(reason).inc()
+                retry = min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
+                raise Overloaded(f"{message}; retry in {retry} s", {"Retry-After": str(retry)})
             self._queue.append(item)
-            self._queued_rows += item.rows
-            self._metrics.queue_depth.set(self._queued_rows)
+            self._account(item, +1)
             self._cond.notify()
         return item
 
@@ -139,6 +197,13 @@ class Batcher:
         except asyncio.CancelledError:
             item.future.cancel()
             raise
+
+    def _account(self, item: WorkItem, sign: int) -> None:
+        """Queue totals and gauges; called with the condition held."""
+        self._queued_rows += sign * item.rows
+        self._queued_tokens += sign * item.tokens
+        self._metrics.queue_depth.set(self._queued_rows)
+        self._metrics.queue_tokens.set(self._queued_tokens)
 
     # ----- worker thread -----------------------------------------------------------------------------
     def _take(self) -> list[WorkItem]:
@@ -156,21 +221,22 @@ class Batcher:
                     item = self._queue[0]
                     if self._drop(item):  # dead requests neither count toward nor close a batch
                         self._queue.popleft()
-                        self._queued_rows -= item.rows
+                        self._account(item, -1)
                         continue
                     new_rows, new_width = rows + item.rows, max(width, item.length)
                     if batch and (new_rows > s.max_batch_rows or new_rows * new_width > s.max_batch_tokens):
                         full = True
                         break
                     self._queue.popleft()
-                    self._queued_rows -= item.rows
+                    self._account(item, -1)
                     batch.append(item)
                     rows, width = new_rows, new_width
-                self._metrics.queue_depth.set(self._queued_rows)
                 remaining = close_at - time.monotonic()
                 if full or remaining <= 0 or self._stopping:
                     # requests whose client left or whose deadline passed while we collected
-                    return [item for item in batch if not self._drop(item)]
+                    batch = [item for item in batch if not self._drop(item)]
+                    self._inflight_tokens = sum(item.tokens for item in batch)
+                    return batch
                 self._cond.wait(remaining)
 
     def _drop(self, item: WorkItem) -> bool:
@@ -208,6 +274,8 @@ class Batcher:
                 # still holds its version (the slot may be unloaded from here on).
                 for item in batch:
                     item.lease.release()
+                with self._cond:
+                    self._inflight_tokens = 0
             for i, item in enumerate(batch):
                 if isinstance(outcome, BaseException):
                     _resolve(item, error=outcome)
@@ -238,6 +306,7 @@ class Batcher:
         elapsed = time.monotonic() - start
         real_tokens = int(mask.sum())
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
+        self.drain.observe(sum(item.tokens for item in batch), elapsed)
         m = self._metrics
         m.batches.inc()
         m.inference_duration.observe(elapsed)
@@ -245,4 +314,6 @@ class Batcher:
         m.batch_tokens.observe(real_tokens)
         m.batch_padding.observe(1.0 - real_tokens / max(1, computed))
         m.batch_tasks.observe(len(np.unique(slots)))
+        if self.drain.tokens_per_s:
+            m.drain_rate.set(self.drain.tokens_per_s)
         return list(torch.split(logits, [item.rows for item in batch]))

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from switchboard.adapter_store.formats import native
+from switchboard.adapter_store.limits import UploadLimits
 from switchboard.adapter_store.store import AdapterStore
 from switchboard.server.core.backbone import Backbone, load_backbone
 from switchboard.server.core.engine import Engine
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.batcher import Batcher
+from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.registry import Registry
 from switchboard.server.runtime.training.jobs import JobRunner
 from switchboard.server.settings import Settings
@@ -32,6 +35,9 @@ class Runtime:
     registry: Registry
     batcher: Batcher
     jobs: JobRunner
+    request_pool: BoundedExecutor  # tokenizing requests, loading evicted adapters
+    upload_pool: BoundedExecutor  # parsing and storing uploads
+    upload_limits: UploadLimits
 
     @property
     def ready(self) -> bool:
@@ -41,6 +47,8 @@ class Runtime:
         """Training jobs first (cancelled), then the batcher (admitted requests finish), then the store."""
         self.jobs.stop()
         self.batcher.stop()
+        self.upload_pool.shutdown()
+        self.request_pool.shutdown()
         self.store.close()
 
 
@@ -60,6 +68,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
     restored = registry.restore()
     batcher = Batcher(engine, s, metrics, after_batch=registry.unload_released)
+    batcher.drain.observe(*_warm_up(engine))
     batcher.start()
 
     def register(task: str, blob: bytes) -> dict:
@@ -70,11 +79,27 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
         return registry.put(task, adapter, fingerprint).summary()
 
     jobs = JobRunner(register, metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
-                     sched_idle=s.train_sched_idle, max_queued=s.max_queued_jobs)
+                     sched_idle=s.train_sched_idle, max_queued=s.max_queued_jobs,
+                     max_memory_bytes=s.train_max_memory_bytes, max_seconds=s.train_max_seconds)
     jobs.start()
     spec = engine.spec
     log.info("ready: model %s (%s, %d layers, max_length %d, %s), dtype %s, %d torch threads on %s; "
              "store %s with %d tasks; slot budget %d MiB",
              spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, s.dtype,
              torch.get_num_threads(), engine.device, s.data_dir.resolve(), restored, s.max_adapter_bytes >> 20)
-    return Runtime(engine, store, registry, batcher, jobs)
+    limits = UploadLimits(max_labels=s.max_labels, max_label_length=s.max_label_length,
+                          max_task_bytes=s.max_adapter_bytes, max_files=s.max_upload_files)
+    request_pool = BoundedExecutor("request", s.request_threads, max(1, s.max_queue_rows), metrics, s.retry_after_s)
+    upload_pool = BoundedExecutor("upload", s.upload_threads, s.max_pending_uploads, metrics, s.retry_after_s)
+    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits)
+
+
+def _warm_up(engine: Engine, rows: int = 8, length: int = 64) -> tuple[int, float]:
+    """Run the backbone twice on a dummy batch: the first call warms kernels up, the second measures
+    the tokens per second that seed the batcher's admission control before any real batch ran."""
+    ids = torch.full((rows, length), engine.pad_id + 1, dtype=torch.long)
+    mask = torch.ones_like(ids)
+    engine.bare_hidden(ids, mask)
+    start = time.perf_counter()
+    engine.bare_hidden(ids, mask)
+    return rows * length, time.perf_counter() - start

@@ -35,8 +35,11 @@ class SlotEngine(Protocol):
     """What the registry needs from the engine (tests drive it with a fake)."""
 
     spec: BackboneSpec
+    max_adapter_bytes: int
 
     def load(self, adapter: TaskAdapter) -> ResidentTask: ...
+
+    def check_fits(self, adapter: TaskAdapter) -> int: ...
 
     def unload(self, task: int) -> None: ...
 
@@ -109,8 +112,12 @@ class Registry:
 
     # ----- writes ------------------------------------------------------------------------------------
     def put(self, task: str, adapter: TaskAdapter, fingerprint: str) -> VersionRecord:
-        """Durably store, load into a slot, then switch the name (blocking: call off the event loop)."""
+        """Durably store, load into a slot, then switch the name (blocking: call off the event loop).
+
+        An adapter that could never fit the slot budget is refused (CapacityError) before anything is
+        written."""
         start = time.perf_counter()
+        self._engine.check_fits(adapter)
         digest = adapter.content_hash()
         blob = native.dumps(adapter, fingerprint)
         with self._write_lock:
@@ -220,6 +227,7 @@ class Registry:
                 with self._lock:
                     if adapter.nbytes <= self._host.maxsize:
                         self._host[sha] = adapter
+            self._make_room(self._engine.check_fits(adapter))
             while True:
                 try:
                     resident = self._engine.load(adapter)
@@ -234,6 +242,16 @@ class Registry:
             self._metrics.adapter_loads.inc()
             self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
         self._update_gauges()
+
+    def _make_room(self, nbytes: int) -> None:
+        """Refuse a load that evicting every unleased version could not make room for — before evicting
+        anything, so one request cannot empty the slots of every other task for nothing."""
+        with self._lock:
+            evictable = sum(v.resident.nbytes for v in self._resident.values() if v.pins == 0 and v.resident)
+        short = self._engine.resident_bytes + nbytes - evictable - self._engine.max_adapter_bytes
+        if short > 0:
+            raise CapacityError(f"{nbytes} bytes needed; the slot budget is {self._engine.max_adapter_bytes} bytes "
+                                f"and in-flight requests hold {short} bytes too many")
 
     def _evict_one(self) -> bool:
         with self._lock:
@@ -259,6 +277,13 @@ class Registry:
     def snapshot(self) -> list[TaskView]:
         with self._lock:
             return [TaskView(e.current.record, [v.record for v in e.versions]) for _, e in sorted(self._tasks.items())]
+
+    def page(self, after: str | None, limit: int) -> list[TaskView]:
+        """Up to `limit` tasks named after `after`, by name."""
+        with self._lock:
+            names = sorted(name for name in self._tasks if after is None or name > after)[:limit]
+            return [TaskView(self._tasks[n].current.record, [v.record for v in self._tasks[n].versions])
+                    for n in names]
 
     # ----- housekeeping ------------------------------------------------------------------------------
     def unload_released(self) -> None:

@@ -29,15 +29,19 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
         raise InvalidRequest("inputs must hold at least one text")
     if len(texts) > settings.max_inputs_per_request:
         raise PayloadTooLarge(f"{len(texts)} inputs; at most {settings.max_inputs_per_request} per request")
+    longest = max(map(len, texts))
+    if longest > settings.max_input_chars:
+        raise PayloadTooLarge(f"an input of {longest} characters; at most {settings.max_input_chars} "
+                              f"(inputs are truncated to {runtime.engine.spec.max_length} tokens anyway)")
     with runtime.registry.acquire(body.task) as lease:  # released here unless handed to the batcher
         record = lease.record
         if lease.slot is None:  # evicted or restored from the store: load it off the loop
             try:
-                await asyncio.to_thread(runtime.registry.ensure_resident, lease)
+                await runtime.request_pool.run(runtime.registry.ensure_resident, lease)
             except CapacityError as exc:
                 raise InsufficientCapacity(f"no device slot free for task {body.task!r}: {exc}") from exc
-        ids, mask = await asyncio.to_thread(tokenize, runtime.engine.backbone.tokenizer, texts,
-                                            runtime.engine.spec.max_length)
+        ids, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer, texts,
+                                                   runtime.engine.spec.max_length)
         item = runtime.batcher.submit(lease.transfer(), ids, mask, settings.request_timeout_s)
     answer = asyncio.ensure_future(runtime.batcher.result(item))
     watch = asyncio.ensure_future(_client_gone(request))

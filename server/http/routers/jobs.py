@@ -2,34 +2,57 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
+from typing import Annotated
 
+from fastapi import APIRouter, Path, Response
+
+from switchboard.adapter_store.limits import check_labels
+from switchboard.server.core.adapter import AdapterValidationError
+from switchboard.server.core.tokenize import tokenize
 from switchboard.server.errors import InvalidRequest, PayloadTooLarge
 from switchboard.server.http.deps import ERRORS, RuntimeDep, SettingsDep, TaskName
 from switchboard.server.http.schemas import JobList, JobSummary, TrainRequest
 from switchboard.server.runtime.training.jobs import JobSpec
 
 router = APIRouter(tags=["training jobs"])
+JobId = Annotated[str, Path(max_length=64, description="a job id, as returned by POST …/train")]
 
 
 @router.post("/v1/tasks/{task}/train", status_code=202, response_model=JobSummary, responses=ERRORS)
-def train_task(task: TaskName, body: TrainRequest, runtime: RuntimeDep, settings: SettingsDep,
-               response: Response) -> JobSummary:
-    """Start a background few-shot (IA)3 job; on success its adapter becomes the task's next version."""
+async def train_task(task: TaskName, body: TrainRequest, runtime: RuntimeDep, settings: SettingsDep,
+                     response: Response) -> JobSummary:
+    """Start a background few-shot (IA)3 job; on success its adapter becomes the task's next version.
+    Every bound is checked here, before anything is queued; the job's process is bounded again in
+    memory (RLIMIT_AS) and wall time while it runs."""
     s = settings
-    n = len(body.examples) + len(body.eval_examples or [])
-    if n > s.max_train_examples:
-        raise PayloadTooLarge(f"{n} examples; at most {s.max_train_examples} per job")
+    examples = body.examples + (body.eval_examples or [])
+    if len(examples) > s.max_train_examples:
+        raise PayloadTooLarge(f"{len(examples)} examples; at most {s.max_train_examples} per job")
     if body.steps > s.max_train_steps:
         raise InvalidRequest(f"steps: at most {s.max_train_steps}")
-    labels = {e.label for e in body.examples}
+    if body.batch_size > s.max_train_batch_size:
+        raise InvalidRequest(f"batch_size: at most {s.max_train_batch_size}")
+    longest_text = max(len(e.text) for e in examples)
+    if longest_text > s.max_train_text_chars:
+        raise PayloadTooLarge(f"an example of {longest_text} characters; at most {s.max_train_text_chars}")
+    labels = sorted({e.label for e in body.examples})
     if len(labels) < 2:
         raise InvalidRequest("examples need at least two distinct labels")
-    if len(labels) > s.max_labels:
-        raise InvalidRequest(f"at most {s.max_labels} labels")
-    unseen = {e.label for e in body.eval_examples or []} - labels
+    try:
+        check_labels(labels, runtime.upload_limits, "example labels")
+    except AdapterValidationError as exc:
+        raise InvalidRequest(str(exc)) from exc
+    unseen = {e.label for e in body.eval_examples or []} - set(labels)
     if unseen:
         raise InvalidRequest(f"eval_examples use labels absent from examples: {sorted(unseen)[:5]}")
+    # Token budget: every step runs at most batch_size rows of at most the longest example's tokens.
+    _, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer,
+                                             [e.text for e in body.examples], runtime.engine.spec.max_length)
+    budget = body.steps * min(body.batch_size, len(body.examples)) * int(mask.shape[1])
+    if budget > s.max_train_tokens:
+        raise InvalidRequest(f"the job could process {budget} tokens (steps × batch rows × {mask.shape[1]} tokens of "
+                             f"the longest example); at most {s.max_train_tokens}: use fewer steps, a smaller "
+                             "batch_size or shorter examples")
     spec = JobSpec(examples=[(e.text, e.label) for e in body.examples],
                    eval_examples=[(e.text, e.label) for e in body.eval_examples] if body.eval_examples else None,
                    steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed)
@@ -44,11 +67,11 @@ def list_jobs(runtime: RuntimeDep) -> JobList:
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
-def get_job(job_id: str, runtime: RuntimeDep) -> JobSummary:
+def get_job(job_id: JobId, runtime: RuntimeDep) -> JobSummary:
     return JobSummary(**runtime.jobs.get(job_id).summary())
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
-def cancel_job(job_id: str, runtime: RuntimeDep) -> JobSummary:
+def cancel_job(job_id: JobId, runtime: RuntimeDep) -> JobSummary:
     """Cancel a queued or running job (a finished one is left as it is)."""
     return JobSummary(**runtime.jobs.cancel(job_id).summary())

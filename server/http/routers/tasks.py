@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 from typing import Annotated
 
-from fastapi import APIRouter, File, Form, Response, UploadFile
+from fastapi import APIRouter, File, Form, Query, Response, UploadFile
 
+from switchboard.adapter_store.limits import UploadLimits, check_labels
 from switchboard.adapter_store.store import VersionRecord
 from switchboard.adapter_store.upload import parse_upload
 from switchboard.server.core.adapter import AdapterValidationError
 from switchboard.server.core.engine import CapacityError
 from switchboard.server.errors import InsufficientCapacity, InvalidAdapter, InvalidRequest
 from switchboard.server.http.deps import ERRORS, RuntimeDep, SettingsDep, TaskName
-from switchboard.server.http.schemas import RollbackRequest, TaskList, TaskSummary, TaskVersionSummary
+from switchboard.server.http.schemas import TASK_NAME, RollbackRequest, TaskList, TaskSummary, TaskVersionSummary
 from switchboard.server.runtime.registry import TaskView
 
 router = APIRouter(tags=["tasks"])
@@ -34,21 +34,25 @@ async def put_task(task: TaskName, runtime: RuntimeDep, settings: SettingsDep,
                    files: Annotated[list[UploadFile], File(description="files of a saved adapter directory")],
                    labels: Annotated[str | None, Form(description="JSON array of label names")] = None,
                    ) -> TaskVersionSummary:
-    """Upload a PEFT, AdapterHub or native adapter as the task's next version; it serves at once."""
-    label_list = _parse_labels(labels, settings.max_labels)
+    """Upload a PEFT, AdapterHub or native adapter as the task's next version; it serves at once.
+    Refused with 507 before anything is written if it could never fit the slot budget."""
+    limits = runtime.upload_limits
+    if len(files) > limits.max_files:
+        raise InvalidAdapter(f"{len(files)} files; an adapter has at most {limits.max_files}")
+    label_list = _parse_labels(labels, limits)
     contents: dict[str, bytes] = {}
     for f in files:
         name = f.filename or ""
         if name in contents:
-            raise InvalidAdapter(f"file {name!r} uploaded twice")
+            raise InvalidAdapter(f"file {name[:80]!r} uploaded twice")
         contents[name] = await f.read()
     spec = runtime.engine.spec
 
     def parse_and_store() -> VersionRecord:
-        return runtime.registry.put(task, parse_upload(contents, spec, label_list), spec.fingerprint)
+        return runtime.registry.put(task, parse_upload(contents, spec, label_list, limits), spec.fingerprint)
 
     try:
-        record = await asyncio.to_thread(parse_and_store)
+        record = await runtime.upload_pool.run(parse_and_store)
     except AdapterValidationError as exc:
         raise InvalidAdapter(str(exc)) from exc
     except CapacityError as exc:
@@ -57,8 +61,17 @@ async def put_task(task: TaskName, runtime: RuntimeDep, settings: SettingsDep,
 
 
 @router.get("/v1/tasks", response_model=TaskList, responses=ERRORS)
-def list_tasks(runtime: RuntimeDep) -> TaskList:
-    return TaskList(tasks=[_task(view) for view in runtime.registry.snapshot()])
+def list_tasks(runtime: RuntimeDep, settings: SettingsDep,
+               limit: Annotated[int, Query(ge=1, le=100_000, description="tasks per page (max_list_page)")] = 100,
+               after: Annotated[str | None, Query(pattern=TASK_NAME, description="the last task of the "
+                                                                                "previous page")] = None,
+               ) -> TaskList:
+    """The current version of every task, by name, a page at a time (`versions`: GET /v1/tasks/{task})."""
+    limit = min(limit, settings.max_list_page)
+    views = runtime.registry.page(after, limit + 1)
+    more = len(views) > limit
+    return TaskList(tasks=[_version(view.current) for view in views[:limit]],
+                    next=views[limit - 1].current.task if more else None)
 
 
 @router.get("/v1/tasks/{task}", response_model=TaskSummary, responses=ERRORS)
@@ -78,15 +91,16 @@ def delete_task(task: TaskName, runtime: RuntimeDep) -> Response:
     return Response(status_code=204)
 
 
-def _parse_labels(labels: str | None, max_labels: int) -> list[str] | None:
+def _parse_labels(labels: str | None, limits: UploadLimits) -> list[str] | None:
     if labels is None or labels == "":
         return None
     try:
         value = json.loads(labels)
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, RecursionError) as exc:
         raise InvalidRequest("labels must be a JSON array of strings") from exc
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise InvalidRequest("labels must be a JSON array of non-empty strings")
-    if len(value) > max_labels:
-        raise InvalidRequest(f"at most {max_labels} labels")
-    return value
+    try:
+        return check_labels(value, limits)
+    except AdapterValidationError as exc:
+        raise InvalidRequest(str(exc)) from exc

@@ -15,6 +15,7 @@ import logging
 import multiprocessing
 import os
 import queue
+import resource
 import threading
 import time
 import uuid
@@ -72,16 +73,27 @@ class Job:
 Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → version summary
 
 
+@dataclass(frozen=True)
+class Sandbox:
+    """What a training process may take: threads, priority, address space."""
+
+    threads: int = 1
+    nice: int = 19
+    sched_idle: bool = True
+    max_memory_bytes: int = 6 << 30
+
+
 def _train_in_child(conn: Connection, model_path: str | None, max_length: int | None, spec: JobSpec,
-                    threads: int, nice: int, sched_idle: bool) -> None:
-    """Child process entry point: lower priority and thread count first, then load, train, send back."""
+                    sandbox: Sandbox) -> None:
+    """Child process entry point: limits and priority first, then load, train, send back."""
     try:
-        os.nice(nice)
-        if sched_idle and hasattr(os, "sched_setscheduler"):  # Linux: run only on otherwise idle cores
+        resource.setrlimit(resource.RLIMIT_AS, (sandbox.max_memory_bytes, sandbox.max_memory_bytes))
+        os.nice(sandbox.nice)
+        if sandbox.sched_idle and hasattr(os, "sched_setscheduler"):  # Linux: run only on otherwise idle cores
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
         import torch
 
-        torch.set_num_threads(threads)
+        torch.set_num_threads(sandbox.threads)
         from switchboard.adapter_store.formats import native
         from switchboard.server.core.backbone import load_backbone
         from switchboard.server.runtime.training.trainer import TrainConfig, train
@@ -94,8 +106,15 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
         summary = {k: report[k] for k in ("accuracy", "macro_f1", "params", "train_seconds", "steps")}
         summary["evaluated_on"] = "eval_examples" if spec.eval_examples else "training examples"
         conn.send(("done", native.dumps(adapter, backbone.spec.fingerprint), summary))
+    except MemoryError:
+        conn.send(("error", f"the training process ran out of its {sandbox.max_memory_bytes >> 20} MiB memory limit "
+                            "(train_max_memory_bytes); use fewer or shorter examples or a smaller batch_size"))
     except Exception as exc:  # reported as the job's error
-        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+        message = f"{type(exc).__name__}: {exc}"
+        if "can't allocate memory" in message or "std::bad_alloc" in message:
+            message = (f"the training process ran out of its {sandbox.max_memory_bytes >> 20} MiB memory limit "
+                       f"(train_max_memory_bytes): {message[:200]}")
+        conn.send(("error", message))
     finally:
         conn.close()
 
@@ -103,14 +122,13 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
 class JobRunner:
     def __init__(self, register: Register, metrics: Metrics, model_path: Path | None, max_length: int | None,
                  threads: int = 1, nice: int = 19, sched_idle: bool = True, max_queued: int = 8,
-                 keep_finished: int = 256) -> None:
+                 keep_finished: int = 256, max_memory_bytes: int = 6 << 30, max_seconds: float = 3600.0) -> None:
         self._register = register
         self._metrics = metrics
         self._model_path = str(model_path) if model_path else None
         self._max_length = max_length
-        self._threads = threads
-        self._nice = nice
-        self._sched_idle = sched_idle
+        self._sandbox = Sandbox(threads, nice, sched_idle, max_memory_bytes)
+        self._max_seconds = max_seconds
         self._max_queued = max_queued
         self._keep_finished = keep_finished
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
@@ -203,14 +221,17 @@ class JobRunner:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
         process = ctx.Process(target=_train_in_child, name=f"train-{job.id[:8]}", daemon=True,
-                              args=(child, self._model_path, self._max_length, job.spec, self._threads, self._nice,
-                                    self._sched_idle))
+                              args=(child, self._model_path, self._max_length, job.spec, self._sandbox))
         process.start()
         child.close()
+        deadline = time.monotonic() + self._max_seconds
         try:
             while True:
                 if job.cancel_requested:
                     return CANCELLED, None, "cancelled by a client" if not self._stopping else "server shutting down"
+                if time.monotonic() > deadline:
+                    return FAILED, None, (f"stopped after its wall-time limit of {self._max_seconds:g} s "
+                                          f"(train_max_seconds) at step {job.step} of {job.total_steps}")
                 if not parent.poll(0.2):
                     if not process.is_alive() and not parent.poll(0):
                         return FAILED, None, f"training process exited with code {process.exitcode}"
