@@ -109,5 +109,8 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
             raise AdapterValidationError(f"{len(labels)} labels given for a head with {adapter.num_labels} outputs")
         adapter.labels = list(labels)
     check_labels(adapter.labels, limits)
+    if adapter.nbytes > limits.max_task_bytes:
+        raise AdapterValidationError(f"the adapter holds {adapter.nbytes} parameter bytes; one task may hold at most "
+                                     f"{limits.max_task_bytes}")
     adapter.validate(spec)
     return adapter

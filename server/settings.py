@@ -55,6 +55,8 @@ class Settings(BaseSettings):
 
     max_adapter_bytes: int = Field(1 << 30, description="device-slot byte budget; least recently used unleased "
                                                         "versions are evicted past it; a larger adapter is refused")
+    max_task_bytes: int = Field(128 << 20, description="parameter bytes of one task after any expansion (AdapterHub "
+                                                       "zero-pads every layer to the widest); larger → 422")
     host_cache_bytes: int = Field(256 << 20, description="parsed adapters kept in host memory")
 
     # Few-shot training jobs (POST /v1/tasks/{task}/train): a separate process, one at a time.

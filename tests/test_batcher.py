@@ -179,3 +179,67 @@ def test_stop_finishes_every_admitted_request(make):
 
     assert len(asyncio.run(fire())) == 6
     assert pin.count == 0 and not batcher.running
+
+
+def test_the_queue_is_bounded_in_tokens_and_retry_after_follows_the_drain_rate(make):
+    """Long inputs fill the queue by tokens long before they fill it by rows: the 64 × 512-token probe."""
+    batcher, engine, metrics = make(max_queue_tokens=4096, max_queue_delay_s=1000, batch_wait_ms=0)
+    engine.gate = threading.Event()
+    batcher.drain.tokens_per_s = 1000.0  # as if measured: 1,000 tokens per second
+    pin = Pin(5)
+
+    async def fire():
+        first = batcher.submit(pin.lease(), *rows(0, length=512), 30)
+        await asyncio.sleep(0.1)  # in flight at the gate
+        admitted, refusals = [first], []
+        for i in range(1, 64):
+            try:
+                admitted.append(batcher.submit(pin.lease(), *rows(i, length=512), 30))
+            except Overloaded as exc:
+                refusals.append(exc)
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(item) for item in admitted])
+        return admitted, refusals
+
+    admitted, refusals = asyncio.run(fire())
+    assert len(admitted) == 1 + 4096 // 512 and len(refusals) == 64 - len(admitted)
+    assert all(r.status == 429 and "tokens waiting" in r.message for r in refusals)
+    # one 512-token request over a full queue drains in 512 / 1000 s: Retry-After rounds up to 1 s
+    assert {r.headers["Retry-After"] for r in refusals} == {"1"}
+    assert pin.count == 0
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="queue_full") == len(refusals)
+
+
+def test_work_that_would_wait_too_long_is_refused_at_admission_not_after_waiting(make):
+    batcher, engine, metrics = make(max_queue_delay_s=2.0, batch_wait_ms=0)
+    engine.gate = threading.Event()
+    batcher.drain.tokens_per_s = 1000.0
+    pin = Pin(6)
+
+    async def fire():
+        first = batcher.submit(pin.lease(), *rows(0, length=500), 30)
+        await asyncio.sleep(0.1)
+        queued = [batcher.submit(pin.lease(), *rows(i, length=500), 30) for i in (1, 2)]  # 1.5 s incl. in flight
+        with pytest.raises(Overloaded) as late:
+            batcher.submit(pin.lease(), *rows(3, length=1000), 30)  # would wait 2.5 s
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(item) for item in [first, *queued]])
+        return late.value
+
+    late = asyncio.run(fire())
+    assert late.status == 429 and "would take 2.5 s" in late.message and late.headers["Retry-After"] == "1"
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="queue_delay") == 1
+    assert pin.count == 0
+
+
+def test_the_drain_rate_is_measured_from_real_batches(make):
+    batcher, engine, metrics = make(batch_wait_ms=0)
+    pin = Pin(7)
+
+    async def fire():
+        for i in range(3):
+            await batcher.result(batcher.submit(pin.lease(), *rows(i, n=4, length=32), 30))
+
+    asyncio.run(fire())
+    assert batcher.drain.tokens_per_s and batcher.drain.tokens_per_s > 0
+    assert sample(metrics, "switchboard_drain_tokens_per_second") == pytest.approx(batcher.drain.tokens_per_s)

@@ -138,22 +138,25 @@ def test_hot_swap_under_load_every_answer_matches_its_version(server, tiny_dir, 
 
 
 def test_rss_stays_flat_over_upload_delete_cycles(server_process, tiny_dir):
+    """1,000 cycles, each of a new shape (label count 2–201, bottleneck width 4–53), as in the report
+    where every distinct shape left a pool behind forever."""
     url, proc = server_process
     fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
-    blobs = [native.dumps(random_adapter(tiny_dir[1].spec, seed=i, kind=k, width=16), fp)
-             for i, k in enumerate(["ia3", "houlsby", "mixed", "houlsby"])]
+    kinds = ["ia3", "houlsby", "mixed", "houlsby"]
+    blobs = [native.dumps(random_adapter(tiny_dir[1].spec, seed=i, kind=kinds[i % 4], width=4 + i % 50,
+                                         num_labels=2 + i % 200), fp) for i in range(200)]
     rss = psutil.Process(proc.pid)
 
-    def cycles(n: int) -> None:
+    def cycles(n: int, offset: int) -> None:
         with httpx.Client(timeout=30) as client:
-            for i in range(n):
-                r = client.put(f"{url}/v1/tasks/cycle", files=[("files", ("adapter.safetensors", blobs[i % 4]))])
+            for i in range(offset, offset + n):
+                r = client.put(f"{url}/v1/tasks/cycle", files=[("files", ("adapter.safetensors", blobs[i % 200]))])
                 assert r.status_code == 201
                 assert client.post(f"{url}/v1/classify", json={"task": "cycle", "inputs": "x"}).status_code == 200
                 assert client.delete(f"{url}/v1/tasks/cycle").status_code == 204
 
-    cycles(200)  # warm-up: allocator pools, caches, pool capacity
+    cycles(200, 0)  # warm-up: allocator pools, caches, pool capacity
     baseline = rss.memory_info().rss
-    cycles(1000)
+    cycles(1000, 7)
     grown = rss.memory_info().rss - baseline
     assert grown < 16 << 20, f"RSS grew by {grown / 2**20:.1f} MiB over 1000 upload/delete cycles"

@@ -116,3 +116,28 @@ def test_delete_keeps_the_blob_a_lease_still_needs(registry, tiny):
     other = put(reg, "u", 2, tiny.spec)
     reg.delete("u")
     assert not store.blob_path(other.sha256).exists()
+
+
+def test_a_load_that_cannot_fit_evicts_nothing(tiny, tmp_path):
+    """One request for a version that cannot fit beside the leased ones must not empty every other
+    task's slots first."""
+    small = [random_adapter(tiny.spec, seed=i, kind="ia3") for i in range(3)]
+    engine = FakeEngine(tiny.spec, max_adapter_bytes=small[0].nbytes * 3)
+    store = AdapterStore(tmp_path)
+    reg = Registry(engine, Metrics(), store)
+    for i, adapter in enumerate(small):
+        reg.put(f"t{i}", adapter, tiny.spec.fingerprint)
+    assert engine.resident_tasks == 3
+    held = reg.acquire("t0")
+    big = random_adapter(tiny.spec, seed=9, kind="ia3", num_labels=40)  # fits alone, not beside t0
+    assert small[0].nbytes * 2 < big.nbytes <= engine.max_adapter_bytes
+    record = reg.put("big", big, tiny.spec.fingerprint)  # stored; its load is refused without evicting
+    assert record.version == 1 and engine.resident_tasks == 3
+    with reg.acquire("big") as lease, pytest.raises(CapacityError):
+        reg.ensure_resident(lease)
+    assert engine.resident_tasks == 3  # t1 and t2 are still resident
+    held.release()
+    with reg.acquire("big") as lease:
+        reg.ensure_resident(lease)  # now t0 can go too: room is made
+        assert engine.is_resident(lease.slot)
+    store.close()

@@ -18,7 +18,7 @@ from switchboard.clients import sdk
 from switchboard.server.core.engine import Engine
 from switchboard.server.runtime.training.trainer import TrainConfig, train
 from tests.factories import TEXTS, tiny_backbone
-from tests.server_fixture import metric_samples, running_server, upload
+from tests.server_fixture import metric_samples, running_server, serving_in_thread, upload
 from tests.test_train import synthetic
 
 ENV = {"SWITCHBOARD_MAX_TRAIN_EXAMPLES": "200", "SWITCHBOARD_MAX_TRAIN_STEPS": "5000",
@@ -140,3 +140,21 @@ def test_a_killed_server_takes_its_training_process_with_it(tiny_dir, tmp_path):
         proc.wait()
         gone, alive = psutil.wait_procs(children, timeout=30)
         assert not alive, alive
+
+
+@pytest.mark.parametrize("limits, needle", [
+    ({"train_max_memory_bytes": 700 << 20}, "memory limit"),  # the child cannot even load its libraries
+    ({"train_max_seconds": 2.0}, "wall-time limit"),
+])
+def test_a_job_past_its_sandbox_fails_clearly_and_the_server_is_untouched(tiny_dir, tmp_path, adapters, limits,
+                                                                         needle):
+    with serving_in_thread(tmp_path, tiny_dir[1], model=tiny_dir[0], **limits) as (url, state):
+        fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
+        assert upload(url, "other", adapters["task-1"], fp).status_code == 201
+        with sdk.Client(url) as client:
+            job = client.train("boxed", synthetic(10, seed=2), steps=2000)
+            done = _wait(client, job.id, lambda j: j.done, timeout=120)
+            assert done.status == "failed" and needle in done.error, done.error
+            assert client.classify("other", TEXTS[:2]).version == 1
+            assert "boxed" not in {t.task for t in client.tasks()}
+        assert state.runtime.batcher.running

@@ -88,7 +88,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
              spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, s.dtype,
              torch.get_num_threads(), engine.device, s.data_dir.resolve(), restored, s.max_adapter_bytes >> 20)
     limits = UploadLimits(max_labels=s.max_labels, max_label_length=s.max_label_length,
-                          max_task_bytes=s.max_adapter_bytes, max_files=s.max_upload_files)
+                          max_task_bytes=s.max_task_bytes, max_files=s.max_upload_files)
     request_pool = BoundedExecutor("request", s.request_threads, max(1, s.max_queue_rows), metrics, s.retry_after_s)
     upload_pool = BoundedExecutor("upload", s.upload_threads, s.max_pending_uploads, metrics, s.retry_after_s)
     return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits)

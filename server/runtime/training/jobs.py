@@ -73,6 +73,10 @@ class Job:
 Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → version summary
 
 
+# how running out of address space shows up: allocator errors, mmap of weights, mapping shared libraries
+_OUT_OF_MEMORY = ("allocate memory", "bad_alloc", "failed to map segment", "cannot allocate")
+
+
 @dataclass(frozen=True)
 class Sandbox:
     """What a training process may take: threads, priority, address space."""
@@ -106,14 +110,11 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
         summary = {k: report[k] for k in ("accuracy", "macro_f1", "params", "train_seconds", "steps")}
         summary["evaluated_on"] = "eval_examples" if spec.eval_examples else "training examples"
         conn.send(("done", native.dumps(adapter, backbone.spec.fingerprint), summary))
-    except MemoryError:
-        conn.send(("error", f"the training process ran out of its {sandbox.max_memory_bytes >> 20} MiB memory limit "
-                            "(train_max_memory_bytes); use fewer or shorter examples or a smaller batch_size"))
-    except Exception as exc:  # reported as the job's error
-        message = f"{type(exc).__name__}: {exc}"
-        if "can't allocate memory" in message or "std::bad_alloc" in message:
+    except Exception as exc:  # reported as the job's error (ImportError too: a library that cannot map)
+        message = f"{type(exc).__name__}: {exc}"[:500]
+        if isinstance(exc, MemoryError) or any(sign in message.lower() for sign in _OUT_OF_MEMORY):
             message = (f"the training process ran out of its {sandbox.max_memory_bytes >> 20} MiB memory limit "
-                       f"(train_max_memory_bytes): {message[:200]}")
+                       f"(train_max_memory_bytes); use fewer or shorter examples or a smaller batch_size ({message})")
         conn.send(("error", message))
     finally:
         conn.close()
@@ -217,6 +218,10 @@ class JobRunner:
             with self._lock:
                 self._finish(job, status, result, error)
 
+    def _died(self, exitcode: int | None) -> str:
+        return (f"the training process exited with code {exitcode} before reporting (it may have hit its "
+                f"{self._sandbox.max_memory_bytes >> 20} MiB memory limit, train_max_memory_bytes)")
+
     def _train(self, job: Job) -> tuple[str, dict | None, str | None]:
         ctx = multiprocessing.get_context("spawn")
         parent, child = ctx.Pipe(duplex=False)
@@ -234,12 +239,13 @@ class JobRunner:
                                           f"(train_max_seconds) at step {job.step} of {job.total_steps}")
                 if not parent.poll(0.2):
                     if not process.is_alive() and not parent.poll(0):
-                        return FAILED, None, f"training process exited with code {process.exitcode}"
+                        return FAILED, None, self._died(process.exitcode)
                     continue
                 try:
                     message = parent.recv()
                 except EOFError:
-                    return FAILED, None, f"training process exited with code {process.exitcode}"
+                    process.join(5)
+                    return FAILED, None, self._died(process.exitcode)
                 if message[0] == "progress":
                     _, job.step, job.total_steps, job.loss = message
                 elif message[0] == "error":
