@@ -17,6 +17,7 @@ class Connection:
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
+        self.retry_after: float = 0.0  # of the last answer (a 429's Retry-After header), 0 if none
 
     async def _connect(self) -> None:
         self._reader, self._writer = await asyncio.open_connection(self.host, self.port)
@@ -40,9 +41,12 @@ class Connection:
                     raise
         status = int(header[9:12])
         length = 0
+        self.retry_after = 0.0
         for line in header.split(b"\r\n")[1:]:
             if line[:15].lower() == b"content-length:":
                 length = int(line[15:])
+            elif line[:12].lower() == b"retry-after:":
+                self.retry_after = float(line[12:])
         data = await self._reader.readexactly(length) if length else b""
         return status, data
 

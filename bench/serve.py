@@ -42,34 +42,42 @@ def zipf_tasks(n_tasks: int, n: int, s: float, rng: random.Random) -> list[str]:
 
 
 @contextmanager
-def server_process(cmd: list[str], url: str):
+def server_process(cmd: list[str], url: str, env: dict[str, str] | None = None):
     with tempfile.TemporaryDirectory() as logs:
-        with running_process(cmd, url, Path(logs) / "server.log") as (proc, ready_s):
+        with running_process(cmd, url, Path(logs) / "server.log", env=env) as (proc, ready_s):
             yield proc, ready_s
 
 
-async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency: int, duration: float) -> dict:
-    """Saturation: `concurrency` clients send back-to-back for `duration` seconds."""
-    done = errors = 0
+async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency: int, duration: float,
+                      ramp: float = 1.0) -> dict:
+    """Saturation: `concurrency` clients send back-to-back for `duration` seconds; a client told 429
+    waits its Retry-After, as a well-behaved client does. `rps` counts answered requests only."""
+    done = errors = refused = 0
     stop = time.monotonic() + duration
     counter = iter(range(10**9))
 
-    async def client_loop(conn: Connection) -> None:
-        nonlocal done, errors
+    async def client_loop(conn: Connection, start_after: float) -> None:
+        nonlocal done, errors, refused
+        await asyncio.sleep(start_after)
         while time.monotonic() < stop:
             i = next(counter)
             status, _ = await conn.post_json("/v1/classify", {"task": tasks[i % len(tasks)],
                                                               "inputs": texts[i % len(texts)]})
-            done += 1
+            if status == 429:
+                refused += 1
+                await asyncio.sleep(min(conn.retry_after or 1.0, max(0.0, stop - time.monotonic())))
+                continue
+            done += status == 200
             errors += status != 200
 
     conns = [Connection(url) for _ in range(concurrency)]
     start = time.monotonic()
-    await asyncio.gather(*[client_loop(c) for c in conns])
+    # clients join over `ramp` seconds, as a real population does, not in the same millisecond
+    await asyncio.gather(*[client_loop(c, ramp * i / concurrency) for i, c in enumerate(conns)])
     elapsed = time.monotonic() - start
     for c in conns:
         await c.close()
-    return {"rps": done / elapsed, "errors": errors, "requests": done}
+    return {"rps": done / elapsed, "errors": errors, "refused": refused, "requests": done}
 
 
 async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration: float,
@@ -144,6 +152,8 @@ def main() -> None:
     parser.add_argument("--zipf", type=float, default=1.1)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--duration", type=float, default=None, help="seconds per measurement")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE settings for the Switchboard server")
+    parser.add_argument("--saturation-only", action="store_true", help="only Switchboard's closed-loop saturation")
     args = parser.parse_args()
     duration = args.duration or (15.0 if args.quick else 40.0)
     rng = random.Random(0)
@@ -151,6 +161,19 @@ def main() -> None:
     tasks = zipf_tasks(args.tasks, 4000, args.zipf, rng)
     torch.set_num_threads(2)
 
+    env = dict(kv.split("=", 1) for kv in args.env)
+    if args.saturation_only:
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        with tempfile.TemporaryDirectory() as data:
+            cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--log-level", "warning", "--max-length",
+                   "128", "--port", str(port), "--data-dir", data]
+            with server_process(cmd, url, env):
+                upload_all(url, args.tasks)
+                asyncio.run(closed_loop(url, tasks, texts, args.concurrency, 5.0))
+                sat = asyncio.run(closed_loop(url, tasks, texts, args.concurrency, duration))
+        print(json.dumps({"env": env, "concurrency": args.concurrency, **sat}))
+        return
     engine_rps = engine_throughput(args.tasks, tasks, texts, rows=64, duration=duration)
     print(f"engine alone: {engine_rps:.1f} rows/s (batches of 64 mixed Zipf rows, forward only)", flush=True)
 
@@ -165,7 +188,7 @@ def main() -> None:
         url = f"http://127.0.0.1:{port}"
         with tempfile.TemporaryDirectory() as data:
             cmd = base_cmd + ["--port", str(port)] + (["--data-dir", data] if name == "switchboard" else [])
-            with server_process(cmd, url) as (_, ready_s):
+            with server_process(cmd, url, env if name == "switchboard" else None) as (_, ready_s):
                 if name == "switchboard":
                     t0 = time.monotonic()
                     upload_all(url, args.tasks)
@@ -185,7 +208,7 @@ def main() -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
-        with server_process(servers["switchboard"] + ["--port", str(port), "--data-dir", data], url):
+        with server_process(servers["switchboard"] + ["--port", str(port), "--data-dir", data], url, env):
             upload_all(url, args.tasks)
             same_load = asyncio.run(open_loop(url, tasks, texts, common, duration))
     agree = max(abs(a["score"] - b["score"])

@@ -39,6 +39,8 @@ class Settings(BaseSettings):
     # after batch_wait_ms once the worker is free. Tuned on 2 cores with MiniLM: see docs/benchmarks.md.
     max_batch_rows: int = 64
     max_batch_tokens: int = 8192
+    max_batch_ms: float = Field(150.0, description="under overload, … or when its estimated compute time (tokens / "
+                                                   "measured tokens per second) would pass this; 0 = off")
     batch_wait_ms: float = 2.0
     chunk_rows: int = 8
     # Admission: the queue is bounded in tokens (rows × length); past either bound a request gets 429
@@ -46,7 +48,12 @@ class Settings(BaseSettings):
     max_queue_rows: int = 2048
     max_queue_tokens: int = Field(65_536, description="rows × length waiting in the queue")
     max_queue_delay_s: float = Field(2.0, description="refuse work whose estimated wait (queued tokens / measured "
-                                                      "tokens per second) is longer")
+                                                      "tokens per second) is longer: the burst allowance")
+    queue_target_ms: float = Field(100.0, description="under overload admit only work that would wait at most this "
+                                                      "long")
+    queue_interval_ms: float = Field(250.0, description="overload = with requests waiting, more tokens offered in this "
+                                                        "window than overload_factor × what the worker drains in it")
+    overload_factor: float = Field(2.0, gt=1.0, description="demand over capacity that counts as overload")
     request_timeout_s: float = 30.0
     retry_after_s: int = Field(1, description="Retry-After of a 429 before any throughput was measured")
     request_threads: int = Field(2, ge=1, description="threads that tokenize requests and load evicted adapters")

@@ -183,9 +183,10 @@ def test_stop_finishes_every_admitted_request(make):
 
 def test_the_queue_is_bounded_in_tokens_and_retry_after_follows_the_drain_rate(make):
     """Long inputs fill the queue by tokens long before they fill it by rows: the 64 × 512-token probe."""
-    batcher, engine, metrics = make(max_queue_tokens=4096, max_queue_delay_s=1000, batch_wait_ms=0)
+    batcher, engine, metrics = make(max_queue_tokens=4096, max_queue_delay_s=1000, batch_wait_ms=0,
+                                    overload_factor=1e9)  # this test isolates the token bound
     engine.gate = threading.Event()
-    batcher.drain.tokens_per_s = 1000.0  # as if measured: 1,000 tokens per second
+    batcher.drain.assume(1000.0)  # as if measured: 1,000 tokens per second
     pin = Pin(5)
 
     async def fire():
@@ -211,17 +212,17 @@ def test_the_queue_is_bounded_in_tokens_and_retry_after_follows_the_drain_rate(m
 
 
 def test_work_that_would_wait_too_long_is_refused_at_admission_not_after_waiting(make):
-    batcher, engine, metrics = make(max_queue_delay_s=2.0, batch_wait_ms=0)
+    batcher, engine, metrics = make(max_queue_delay_s=2.0, batch_wait_ms=0, overload_factor=1e9)  # the burst cap alone
     engine.gate = threading.Event()
-    batcher.drain.tokens_per_s = 1000.0
+    batcher.drain.assume(1000.0)
     pin = Pin(6)
 
     async def fire():
         first = batcher.submit(pin.lease(), *rows(0, length=500), 30)
         await asyncio.sleep(0.1)
-        queued = [batcher.submit(pin.lease(), *rows(i, length=500), 30) for i in (1, 2)]  # 1.5 s incl. in flight
+        queued = [batcher.submit(pin.lease(), *rows(i, length=500), 30) for i in (1, 2, 3, 4)]  # 2.5 s ahead
         with pytest.raises(Overloaded) as late:
-            batcher.submit(pin.lease(), *rows(3, length=1000), 30)  # would wait 2.5 s
+            batcher.submit(pin.lease(), *rows(5, length=10), 30)  # even a short one would wait 2.5 s
         engine.gate.set()
         await asyncio.gather(*[batcher.result(item) for item in [first, *queued]])
         return late.value
@@ -243,3 +244,42 @@ def test_the_drain_rate_is_measured_from_real_batches(make):
     asyncio.run(fire())
     assert batcher.drain.tokens_per_s and batcher.drain.tokens_per_s > 0
     assert sample(metrics, "switchboard_drain_tokens_per_second") == pytest.approx(batcher.drain.tokens_per_s)
+
+
+def test_a_standing_queue_switches_admission_to_the_short_target(make):
+    """A burst may queue up to max_queue_delay_s. Admitted demand above 2 × what the worker drains is
+    overload: then only work that waits at most the target is admitted, until demand is back at
+    capacity. A standing queue that is not fed faster than it drains (a closed loop) is not shed."""
+    batcher, engine, metrics = make(queue_target_ms=100, queue_interval_ms=200, max_queue_delay_s=5, batch_wait_ms=0)
+    batcher.drain.assume(1000.0)
+    pin = Pin(2)
+
+    async def fire():
+        for i in range(3):  # the server has been serving: some work completed
+            await batcher.result(batcher.submit(pin.lease(), *rows(40 + i, length=100), 30))
+        batcher.drain.assume(1000.0)
+        engine.gate = threading.Event()
+        first = batcher.submit(pin.lease(), *rows(0, length=100), 30)
+        await asyncio.sleep(0.05)  # the worker took it and is held at the gate
+        admitted = [batcher.submit(pin.lease(), *rows(1, length=100), 30)]
+        await asyncio.sleep(0.3)  # a standing queue, but fed with only 100 tokens: less than it drains
+        assert not batcher.overloaded
+        shed = None
+        for i in range(40):  # a surge of 5,000 tokens/s: first admitted (under the 5 s cap), then shed
+            try:
+                admitted.append(batcher.submit(pin.lease(), *rows(2 + i, length=100), 30))
+            except Overloaded as exc:
+                shed = exc
+                break
+            await asyncio.sleep(0.02)
+        assert shed is not None and batcher.overloaded and len(admitted) >= 3
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(item) for item in [first, *admitted]])
+        await asyncio.sleep(0.6)  # demand fell back and nothing was shed for an interval
+        assert not batcher.overloaded
+        await batcher.result(batcher.submit(pin.lease(), *rows(30, length=10), 30))
+        return shed
+
+    shed = asyncio.run(fire())
+    assert shed.status == 429 and shed.message.startswith("overloaded") and "limit 0.1 s" in shed.message
+    assert pin.count == 0

@@ -1,12 +1,20 @@
 """Dynamic mixed-task batching: an asyncio front and one inference worker thread.
 
 A batch closes when the next request would pass the row limit or the token budget (rows × padded
-length), or `batch_wait_ms` after the worker started collecting. Requests past their deadline or whose
-client left are dropped before inference.
+length), or `batch_wait_ms` after the worker started collecting; under overload also at a time budget
+(`max_batch_ms` of tokens at the measured drain rate), so long inputs cannot make everyone wait for
+long batches. Requests past their deadline or whose client left are dropped before inference.
 
 Admission is by cost: the queue is bounded in rows and in tokens (rows × length), and by the wait a
-new request would face — queued tokens divided by the drain rate the worker measures. Past any bound
-the request is refused at once with 429 and a `Retry-After` computed from that drain rate, rather than
+new request would face — the tokens ahead of it divided by the drain rate the worker measures. Bursts
+may queue up to `max_queue_delay_s`. Overload is demand above capacity: with requests waiting, the
+tokens admitted per `queue_interval_ms` (decaying sums, no window) exceed `overload_factor` × the
+larger of what the worker completed and its peak drain rate, after it completed some work (so a
+client population starting at once is no surge). Under overload only work that would wait at most
+`queue_target_ms` is admitted (CoDel's target, as Facebook's servers use it for admission), so
+admitted requests stay fast while the excess is refused; overload lasts until a whole interval
+passes with nothing shed and admitted demand back at capacity. Past any bound a
+request is refused at once with 429 and a `Retry-After` computed from the drain rate, rather than
 queued to time out later with a 503.
 
 The batcher owns each submitted request's lease from `submit` on and releases it exactly once: when
@@ -86,11 +94,17 @@ def _resolve(item: WorkItem, result: object = None, error: BaseException | None 
 
 
 class DrainRate:
-    """Tokens per second the worker computes, as an exponentially weighted mean over batches."""
+    """Tokens per second the worker computes: an exponentially weighted mean over batches (what the
+    queue drains at now), and its peak, held and decaying with a half-life of `peak_half_life_s` (what
+    the engine can do: small batches under overload are slower per token, and capacity must not seem
+    to shrink because of them)."""
 
-    def __init__(self, weight: float = 0.2) -> None:
+    def __init__(self, weight: float = 0.2, peak_half_life_s: float = 60.0) -> None:
         self.weight = weight
+        self.peak_half_life_s = peak_half_life_s
         self.tokens_per_s: float | None = None
+        self._peak = 0.0
+        self._peak_at = time.monotonic()
 
     def observe(self, tokens: int, seconds: float) -> None:
         if tokens <= 0 or seconds <= 0:
@@ -98,9 +112,38 @@ class DrainRate:
         rate = tokens / seconds
         self.tokens_per_s = rate if self.tokens_per_s is None else (
             (1 - self.weight) * self.tokens_per_s + self.weight * rate)
+        if self.tokens_per_s >= self.peak:
+            self._peak, self._peak_at = self.tokens_per_s, time.monotonic()
+
+    def assume(self, tokens_per_s: float) -> None:
+        """Set the rate and its peak (tests and start-up measurements)."""
+        self.tokens_per_s = self._peak = tokens_per_s
+        self._peak_at = time.monotonic()
+
+    @property
+    def peak(self) -> float:
+        return self._peak * 0.5 ** ((time.monotonic() - self._peak_at) / self.peak_half_life_s)
 
     def seconds_for(self, tokens: int, fallback: float) -> float:
         return tokens / self.tokens_per_s if self.tokens_per_s else fallback
+
+
+class DecayingSum:
+    """Σ tokens · exp(−age/τ): a rate times τ that needs no window, so arrivals that follow a batch's
+    completions add to it as those completions do, however long the batch (a window would see one
+    without the other)."""
+
+    def __init__(self, tau: float) -> None:
+        self.tau = tau
+        self._value = 0.0
+        self._at = time.monotonic()
+
+    def value(self, now: float) -> float:
+        return self._value * math.exp(-(now - self._at) / self.tau)
+
+    def add(self, tokens: float, now: float) -> None:
+        self._value = self.value(now) + tokens
+        self._at = now
 
 
 class Batcher:
@@ -116,6 +159,11 @@ class Batcher:
         self._queued_tokens = 0
         self._inflight_tokens = 0
         self.drain = DrainRate()
+        self._overloaded = False
+        self._shed_at = -math.inf  # last refusal of work the burst allowance would have admitted
+        tau = settings.queue_interval_ms / 1000
+        self._arrivals = DecayingSum(tau)  # tokens admitted
+        self._completions = DecayingSum(tau)  # tokens computed
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
@@ -148,16 +196,72 @@ class Batcher:
                     self.drain.seconds_for(excess, s.retry_after_s))
         rate = self.drain.tokens_per_s
         if rate and self._queued_tokens:
-            wait = (self._queued_tokens + self._inflight_tokens + item.tokens) / rate
-            if wait > s.max_queue_delay_s:
-                return ("queue_delay", f"the queue would take {wait:.1f} s to reach this request "
-                        f"(limit {s.max_queue_delay_s:g} s)", wait - s.max_queue_delay_s)
+            # Overloaded: the waiting room is held to the target (the batch in flight keeps the worker
+            # busy meanwhile). Otherwise a burst may wait up to the cap, the batch in flight included.
+            overloaded = self.overloaded
+            if overloaded:
+                wait, limit = self._queued_tokens / rate, s.queue_target_ms / 1000
+            else:
+                wait, limit = (self._queued_tokens + self._inflight_tokens) / rate, s.max_queue_delay_s
+            if wait > limit:
+                if overloaded:
+                    self._shed_at = time.monotonic()
+                state = "overloaded: " if overloaded else ""
+                return ("queue_delay", f"{state}the queue would take {wait:.1f} s to reach this request "
+                        f"(limit {limit:g} s)", wait - limit)
         return None
+
+    @property
+    def overloaded(self) -> bool:
+        """Admitted demand above `overload_factor` × capacity enters overload; back at capacity leaves it."""
+        with self._cond:  # re-entrant: admission and the worker call this with the lock held
+            return self._update_overload()
+
+    def _update_overload(self) -> bool:
+        now, interval = time.monotonic(), self._settings.queue_interval_ms / 1000
+        if not self.drain.tokens_per_s:
+            return False
+        completed = self._completions.value(now)
+        capacity = max(completed, max(self.drain.peak, self.drain.tokens_per_s) * interval)
+        demand = self._arrivals.value(now)
+        was = self._overloaded
+        if was:
+            self._overloaded = demand > capacity or now - self._shed_at < interval
+        else:
+            # completions first: a client population starting at once, before anything finished, is no surge
+            self._overloaded = (self._queued_rows > 0 and completed > 0.05 * capacity
+                                and demand > self._settings.overload_factor * capacity)
+        if self._overloaded != was:
+            log.log(logging.WARNING if self._overloaded else logging.INFO,
+                    "%s overload: %d tokens admitted per %.0f ms, %d completed, %d drainable; %d rows queued",
+                    "entering" if self._overloaded else "leaving", demand, interval * 1000, completed,
+                    self.drain.tokens_per_s * interval, self._queued_rows)
+        return self._overloaded
+
+    def _offered(self, tokens: int) -> None:
+        """Record admitted demand (called with the condition held)."""
+        self._arrivals.add(tokens, time.monotonic())
 
     def _wait_for_rows(self, rows: int) -> float:
         if not self._queued_rows:
             return float(self._settings.retry_after_s)
         return self.drain.seconds_for(rows * self._queued_tokens // self._queued_rows, self._settings.retry_after_s)
+
+    def precheck(self) -> None:
+        """Refuse now (429) if even the smallest request would be refused: the work already queued
+        waits too long. Called before a request is tokenized, so shed work costs almost nothing."""
+        with self._cond:
+            probe = WorkItem(0, None, np.empty((1, 0), np.int64), np.empty((1, 0), np.int64),  # type: ignore[arg-type]
+                             None, None, 0.0, 0.0)  # type: ignore[arg-type]
+            refusal = self._refusal(probe)
+        if refusal is not None:
+            self._refuse(refusal)
+
+    def _refuse(self, refusal: tuple[str, str, float]) -> None:
+        reason, message, seconds = refusal
+        self._metrics.dropped.labels(reason).inc()
+        retry = min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
+        raise Overloaded(f"{message}; retry in {retry} s", {"Retry-After": str(retry)})
 
     def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float) -> WorkItem:
         """Queue one request's rows (call on the event loop). Takes ownership of the lease — the caller
@@ -176,10 +280,8 @@ class Batcher:
             refusal = self._refusal(item)
             if refusal is not None:
                 lease.release()
-                reason, message, seconds = refusal
-                self._metrics.dropped.labels(reason).inc()
-                retry = min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
-                raise Overloaded(f"{message}; retry in {retry} s", {"Retry-After": str(retry)})
+                self._refuse(refusal)
+            self._offered(item.tokens)
             self._queue.append(item)
             self._account(item, +1)
             self._cond.notify()
@@ -214,6 +316,9 @@ class Batcher:
         with self._cond:
             while not self._queue and not self._stopping:
                 self._cond.wait()
+            max_tokens = s.max_batch_tokens
+            if s.max_batch_ms > 0 and self.drain.tokens_per_s and self._update_overload():
+                max_tokens = min(max_tokens, int(self.drain.tokens_per_s * s.max_batch_ms / 1000))
             close_at = time.monotonic() + s.batch_wait_ms / 1000.0
             while True:
                 full = False
@@ -224,7 +329,7 @@ class Batcher:
                         self._account(item, -1)
                         continue
                     new_rows, new_width = rows + item.rows, max(width, item.length)
-                    if batch and (new_rows > s.max_batch_rows or new_rows * new_width > s.max_batch_tokens):
+                    if batch and (new_rows > s.max_batch_rows or new_rows * new_width > max_tokens):
                         full = True
                         break
                     self._queue.popleft()
@@ -276,6 +381,7 @@ class Batcher:
                     item.lease.release()
                 with self._cond:
                     self._inflight_tokens = 0
+                    self._completions.add(sum(item.tokens for item in batch), time.monotonic())
             for i, item in enumerate(batch):
                 if isinstance(outcome, BaseException):
                     _resolve(item, error=outcome)

@@ -33,6 +33,7 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
     if longest > settings.max_input_chars:
         raise PayloadTooLarge(f"an input of {longest} characters; at most {settings.max_input_chars} "
                               f"(inputs are truncated to {runtime.engine.spec.max_length} tokens anyway)")
+    runtime.batcher.precheck()  # overloaded: refuse before spending a tokenizer call on it
     with runtime.registry.acquire(body.task) as lease:  # released here unless handed to the batcher
         record = lease.record
         if lease.slot is None:  # evicted or restored from the store: load it off the loop
