@@ -44,6 +44,8 @@ class Metrics:
                                        registry=r)
         self.resident_bytes = Gauge("switchboard_resident_adapter_bytes", "Bytes of resident task parameters",
                                     registry=r)
+        self.slot_pools = Gauge("switchboard_slot_pools", "Slot pools allocated (one per module shape in use)",
+                                registry=r)
         self.registered_tasks = Gauge("switchboard_registered_tasks", "Tasks with a current version", registry=r)
         self.adapter_loads = Counter("switchboard_adapter_loads", "Adapter loads into device slots", registry=r)
         self.adapter_load_duration = Histogram("switchboard_adapter_load_duration_seconds",

@@ -41,6 +41,10 @@ class FakeEngine:
     def resident_bytes(self) -> int:
         return sum(self._resident.values())
 
+    @property
+    def pool_count(self) -> int:
+        return len(self._resident)
+
     def load(self, adapter: TaskAdapter) -> ResidentTask:
         adapter.validate(self.spec)
         with self._lock:

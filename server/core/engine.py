@@ -8,6 +8,9 @@ row's parameters by index: no Python loop over examples.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 from dataclasses import dataclass
 
@@ -43,6 +46,19 @@ def reduce_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
                 if isinstance(module, torch.nn.Linear):
                     module.to(dtype)
     return model
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")  # runs ldconfig: once
+    return ctypes.CDLL(name) if name else None
+
+
+def _malloc_trim() -> None:
+    """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
+    libc = _libc()
+    if libc is not None and hasattr(libc, "malloc_trim"):
+        libc.malloc_trim(0)
 
 
 def default_device() -> torch.device:
@@ -164,6 +180,7 @@ class Engine:
     def unload(self, task: int) -> None:
         """Free a task's slots; a pool no resident task uses any more is released with its memory, so
         uploads of ever-new shapes (label counts, widths) cannot grow memory or slow the forward."""
+        released = False
         with self._lock:
             for key in self._task_pools.pop(task):
                 route = self._routes[key]
@@ -172,8 +189,11 @@ class Engine:
                 route[task] = 0
                 if pool.used_slots == 0:
                     del self._pools[key], self._routes[key]
+                    released = True
             del self._task_bytes[task]
             self._free_tasks.append(task)
+        if released and self.device.type == "cpu":
+            _malloc_trim()
 
     @property
     def pool_count(self) -> int:

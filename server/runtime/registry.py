@@ -49,6 +49,9 @@ class SlotEngine(Protocol):
     @property
     def resident_bytes(self) -> int: ...
 
+    @property
+    def pool_count(self) -> int: ...
+
 
 @dataclass(eq=False)
 class _Version:
@@ -309,5 +312,6 @@ class Registry:
         m = self._metrics
         m.resident_adapters.set(self._engine.resident_tasks)
         m.resident_bytes.set(self._engine.resident_bytes)
+        m.slot_pools.set(self._engine.pool_count)
         m.host_cache_bytes.set(self._host.currsize)
         m.registered_tasks.set(len(self._tasks))
