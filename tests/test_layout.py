@@ -67,3 +67,11 @@ def test_the_wheel_installs_one_top_level_name(tmp_path):
     for folder, package in FOLDERS.items():  # each folder's modules land under its switchboard.* name
         module = next((ROOT / folder).glob("*.py")).name
         assert f"{package.replace('.', '/')}/{module}" in names
+
+
+def test_every_setting_is_documented():
+    from switchboard.server.settings import Settings
+
+    doc = (ROOT / "docs" / "configuration.md").read_text()
+    missing = [name for name in Settings.model_fields if f"`{name}`" not in doc]
+    assert not missing, f"settings missing from docs/configuration.md: {missing}"

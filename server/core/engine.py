@@ -8,14 +8,12 @@ row's parameters by index: no Python loop over examples.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
-import functools
 import threading
 from dataclasses import dataclass
 
 import torch
 
+from switchboard.server.core import memory
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec
 from switchboard.server.core.forward import BatchParams, encode, encoder_forward
@@ -46,19 +44,6 @@ def reduce_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Mod
                 if isinstance(module, torch.nn.Linear):
                     module.to(dtype)
     return model
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")  # runs ldconfig: once
-    return ctypes.CDLL(name) if name else None
-
-
-def _malloc_trim() -> None:
-    """Hand freed heap memory back to the OS (glibc keeps it otherwise); a no-op elsewhere."""
-    libc = _libc()
-    if libc is not None and hasattr(libc, "malloc_trim"):
-        libc.malloc_trim(0)
 
 
 def default_device() -> torch.device:
@@ -193,7 +178,7 @@ class Engine:
             del self._task_bytes[task]
             self._free_tasks.append(task)
         if released and self.device.type == "cpu":
-            _malloc_trim()
+            memory.trim()
 
     @property
     def pool_count(self) -> int:

@@ -12,6 +12,7 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.adapter_store.limits import UploadLimits
 from switchboard.adapter_store.store import AdapterStore
+from switchboard.server.core import memory
 from switchboard.server.core.backbone import Backbone, load_backbone
 from switchboard.server.core.engine import Engine
 from switchboard.server.metrics import Metrics
@@ -59,6 +60,7 @@ def default_backbone_factory(settings: Settings) -> BackboneFactory:
 def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None) -> Runtime:
     """Blocking (loads the model): run it off the event loop."""
     s = settings
+    memory.limit_arenas(2)  # before the pools' threads allocate
     if s.threads > 0:
         torch.set_num_threads(s.threads)
     backbone = (backbone_factory or default_backbone_factory(s))()
@@ -67,7 +69,14 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     store = AdapterStore(s.data_dir)
     registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
     restored = registry.restore()
-    batcher = Batcher(engine, s, metrics, after_batch=registry.unload_released)
+    trim = memory.periodic_trim(10.0)
+
+    def housekeeping() -> None:
+        """Between batches: unload retired versions; now and then hand freed memory back."""
+        registry.unload_released()
+        trim()
+
+    batcher = Batcher(engine, s, metrics, after_batch=housekeeping)
     batcher.drain.observe(*_warm_up(engine))
     batcher.start()
 
