@@ -18,17 +18,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from switchboard.server.http.app import create_app
     from switchboard.server.log_config import configure_logging, logging_config
+    from switchboard.server.runtime.tenancy import open_mode_refusal
     from switchboard.server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
                                    "data_dir": args.data_dir, "dtype": args.dtype, "threads": args.threads,
                                    "max_length": args.max_length, "log_level": args.log_level,
-                                   "log_format": args.log_format}.items() if v is not None}
+                                   "log_format": args.log_format, "admin_key_file": args.admin_key_file,
+                                   "allow_unauthenticated": args.allow_unauthenticated or None}.items()
+                 if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    logging.getLogger("switchboard.clients.cli").info(
-        "switchboard %s serving on http://%s:%d (open mode: no API keys); data in %s",
-        _version(), settings.host, settings.port, Path(settings.data_dir).resolve())
+    log = logging.getLogger("switchboard.clients.cli")
+    has_key = settings.admin_key is not None or settings.admin_key_file is not None
+    refusal = open_mode_refusal(settings.host, has_key, settings.allow_unauthenticated)
+    if refusal:
+        log.error(refusal)
+        print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    mode = "auth mode" if has_key else (
+        "OPEN MODE: no API keys, anyone who can reach this address acts as tenant 'default'")
+    log.info("switchboard %s serving on http://%s:%d (%s); data in %s", _version(), settings.host, settings.port,
+             mode, Path(settings.data_dir).resolve())
+    if not has_key:
+        log.warning("open mode: start with SWITCHBOARD_ADMIN_KEY or --admin-key-file for tenants and API keys")
     server: uvicorn.Server | None = None
 
     def stop() -> None:  # startup failed: exit instead of answering 503 forever
@@ -79,25 +92,37 @@ def _sdk_call(fn) -> int:
     return 0
 
 
-def _cmd_upload(args: argparse.Namespace) -> int:
+def _client(args: argparse.Namespace, timeout: float = 60.0, admin: bool = False):  # noqa: ANN202
     from switchboard.clients.sdk import Client
 
-    with Client(args.url, timeout=120) as client:
+    key = args.api_key or (os.environ.get("SWITCHBOARD_ADMIN_KEY") if admin else None)
+    return Client(args.url, timeout=timeout, api_key=key, tenant=getattr(args, "tenant", None))
+
+
+def _cmd_upload(args: argparse.Namespace) -> int:
+    with _client(args, timeout=120) as client:
         return _sdk_call(lambda: client.upload(args.task, *args.paths, labels=args.labels))
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    from switchboard.clients.sdk import Client
-
-    with Client(args.url) as client:
+    with _client(args) as client:
         return _sdk_call(lambda: client.classify(args.task, args.texts, top_k=args.top_k))
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    from switchboard.clients.sdk import Client
-
-    with Client(args.url) as client:
+    with _client(args) as client:
         return _sdk_call(client.tasks)
+
+
+def _cmd_keys(args: argparse.Namespace) -> int:
+    """Over HTTP with the admin key (--api-key, else SWITCHBOARD_ADMIN_KEY)."""
+    with _client(args, admin=True) as client:
+        if args.keys_command == "create":
+            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+            return _sdk_call(lambda: client.create_key(args.tenant_name, scopes, args.name, args.expires_at))
+        if args.keys_command == "list":
+            return _sdk_call(client.keys)
+        return _sdk_call(lambda: client.revoke_key(args.id) or {"revoked": args.id})
 
 
 PICKLE_RENAMES = {"pytorch_adapter.bin": "adapter.safetensors", "pytorch_model_head.bin": "model_head.safetensors",
@@ -160,6 +185,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _key_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api-key", default=None, help="API key (default: SWITCHBOARD_API_KEY)")
+    parser.add_argument("--tenant", default=None, help="with the admin key: the tenant to act for")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
     parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
@@ -173,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
+    serve.add_argument("--admin-key-file", default=None,
+                       help="file holding the admin API key: auth mode (or SWITCHBOARD_ADMIN_KEY); without one the "
+                            "server runs in open mode, allowed on loopback only")
+    serve.add_argument("--allow-unauthenticated", action="store_true",
+                       help="allow open mode (no API keys) on a non-loopback address "
+                            "(SWITCHBOARD_ALLOW_UNAUTHENTICATED)")
     serve.add_argument("--log-level", default=None, choices=["critical", "error", "warning", "info", "debug"],
                        help="log level (default info; SWITCHBOARD_LOG_LEVEL)")
     serve.add_argument("--log-format", default=None, choices=["text", "json"],
@@ -188,6 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
     upload.add_argument("paths", nargs="+")
     upload.add_argument("--labels", nargs="+", default=None, help="label names, in head order")
     upload.add_argument("--url", default=DEFAULT_URL)
+    _key_options(upload)
     upload.set_defaults(func=_cmd_upload)
 
     classify = sub.add_parser("classify", help="classify texts with TASK")
@@ -195,6 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("texts", nargs="+")
     classify.add_argument("--top-k", type=int, default=None)
     classify.add_argument("--url", default=DEFAULT_URL)
+    _key_options(classify)
     classify.set_defaults(func=_cmd_classify)
 
     convert = sub.add_parser("convert", help="turn a PEFT/AdapterHub directory's .bin files into safetensors "
@@ -227,8 +265,24 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0)
     tr.set_defaults(func=_cmd_train)
 
+    keys = sub.add_parser("keys", help="API keys (the admin key: --api-key or SWITCHBOARD_ADMIN_KEY)")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="a new key for TENANT; prints its secret once")
+    create.add_argument("tenant_name", metavar="TENANT")
+    create.add_argument("--scopes", default="classify", help="comma-separated: classify, manage (default classify)")
+    create.add_argument("--name", default=None, help="a name to recognise the key by")
+    create.add_argument("--expires-at", default=None, help="RFC 3339 time after which the key is refused")
+    keys_sub.add_parser("list", help="live keys, without secrets")
+    revoke = keys_sub.add_parser("revoke", help="revoke a key by id, effective at once")
+    revoke.add_argument("id")
+    for p in (create, keys_sub.choices["list"], revoke):
+        p.add_argument("--url", default=DEFAULT_URL)
+        p.add_argument("--api-key", default=None, help="the admin key (default: SWITCHBOARD_ADMIN_KEY)")
+    keys.set_defaults(func=_cmd_keys)
+
     tasks = sub.add_parser("tasks", help="list the server's tasks")
     tasks.add_argument("--url", default=DEFAULT_URL)
+    _key_options(tasks)
     tasks.set_defaults(func=_cmd_tasks)
     return parser
 

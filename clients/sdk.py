@@ -14,9 +14,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import httpx
@@ -41,13 +43,20 @@ class Unavailable(SwitchboardError): ...
 class InsufficientCapacity(SwitchboardError): ...
 class ServerError(SwitchboardError): ...
 class JobNotFound(SwitchboardError): ...
+class Unauthorized(SwitchboardError): ...
+class Forbidden(SwitchboardError): ...
+class QuotaExceeded(SwitchboardError): ...
+class KeyNotFound(SwitchboardError): ...
+class TenantNotFound(SwitchboardError): ...
 
 
 _BY_TYPE: dict[str, type[SwitchboardError]] = {
     "task_not_found": TaskNotFound, "version_not_found": VersionNotFound, "invalid_request": InvalidRequest,
     "validation_error": InvalidRequest, "invalid_adapter": InvalidAdapter, "payload_too_large": PayloadTooLarge,
     "overloaded": Overloaded, "not_ready": Unavailable, "deadline_exceeded": Unavailable,
-    "insufficient_capacity": InsufficientCapacity, "job_not_found": JobNotFound,
+    "insufficient_capacity": InsufficientCapacity, "job_not_found": JobNotFound, "unauthorized": Unauthorized,
+    "forbidden": Forbidden, "quota_exceeded": QuotaExceeded, "key_not_found": KeyNotFound,
+    "tenant_not_found": TenantNotFound,
 }
 
 
@@ -148,9 +157,42 @@ def _upload_parts(paths: list[str | Path], labels: list[str] | None) -> tuple[li
     return parts, ({"labels": json.dumps(labels)} if labels else None)
 
 
+def _headers(api_key: str | None, tenant: str | None) -> dict[str, str]:
+    """The key (argument, else SWITCHBOARD_API_KEY) and, for the admin key, the tenant to act for."""
+    key = api_key if api_key is not None else os.environ.get("SWITCHBOARD_API_KEY")
+    headers = {"User-Agent": f"switchboard-sdk/{_version()}"}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    if tenant:
+        headers["X-Switchboard-Tenant"] = tenant
+    return headers
+
+
+def _version() -> str:
+    try:
+        return version("switchboard")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    id: str
+    tenant: str
+    scopes: list[str]
+    name: str | None
+    created_at: str
+    expires_at: str | None
+    key: str | None = None  # the secret: only in create_key's answer
+
+
 class Client:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_kwargs) -> None:
-        self._http = httpx.Client(base_url=base_url, timeout=timeout, **httpx_kwargs)
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None,
+                 tenant: str | None = None, **httpx_kwargs) -> None:
+        """api_key: a tenant key or the admin key (default: SWITCHBOARD_API_KEY); tenant: the tenant the
+        admin key acts for (X-Switchboard-Tenant)."""
+        self._http = httpx.Client(base_url=base_url, timeout=timeout, headers=_headers(api_key, tenant),
+                                  **httpx_kwargs)
 
     def __enter__(self) -> Client:
         return self
@@ -207,6 +249,26 @@ class Client:
     def cancel_job(self, job_id: str) -> Job:
         return Job(**_raise_for(self._http.delete(f"/v1/jobs/{job_id}")).json())
 
+    # ----- admin (the admin key) -------------------------------------------------------------------
+    def create_key(self, tenant: str, scopes: Iterable[str] = ("classify",), name: str | None = None,
+                   expires_at: str | None = None) -> ApiKey:
+        """A new key for `tenant`; its secret is in the answer's `key`, this once."""
+        r = self._http.post("/v1/keys", json=_key_body(tenant, scopes, name, expires_at))
+        return ApiKey(**_raise_for(r).json())
+
+    def keys(self) -> list[ApiKey]:
+        return [ApiKey(**k) for k in _raise_for(self._http.get("/v1/keys")).json()["keys"]]
+
+    def revoke_key(self, key_id: str) -> None:
+        _raise_for(self._http.delete(f"/v1/keys/{key_id}"))
+
+    def put_tenant(self, tenant: str, **quota: int | None) -> dict:
+        """Quota overrides: max_tasks, max_adapter_bytes, max_queued_rows (None: the default)."""
+        return _raise_for(self._http.put(f"/v1/tenants/{tenant}", json=quota)).json()
+
+    def tenant(self, tenant: str) -> dict:
+        return _raise_for(self._http.get(f"/v1/tenants/{tenant}")).json()
+
     def wait_for_job(self, job_id: str, timeout: float = 3600.0, poll: float = 1.0) -> Job:
         deadline = time.monotonic() + timeout
         while not (job := self.job(job_id)).done:
@@ -216,9 +278,20 @@ class Client:
         return job
 
 
+def _key_body(tenant: str, scopes: Iterable[str], name: str | None, expires_at: str | None) -> dict:
+    body: dict = {"tenant": tenant, "scopes": list(scopes)}
+    if name is not None:
+        body["name"] = name
+    if expires_at is not None:
+        body["expires_at"] = expires_at
+    return body
+
+
 class AsyncClient:
-    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, **httpx_kwargs) -> None:
-        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, **httpx_kwargs)
+    def __init__(self, base_url: str = DEFAULT_URL, timeout: float = 60.0, api_key: str | None = None,
+                 tenant: str | None = None, **httpx_kwargs) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, timeout=timeout, headers=_headers(api_key, tenant),
+                                       **httpx_kwargs)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -282,3 +355,21 @@ class AsyncClient:
                 raise TimeoutError(f"job {job_id} still {job.status} after {timeout} s")
             await asyncio.sleep(poll)
         return job
+
+    # ----- admin (the admin key) -------------------------------------------------------------------
+    async def create_key(self, tenant: str, scopes: Iterable[str] = ("classify",), name: str | None = None,
+                         expires_at: str | None = None) -> ApiKey:
+        r = await self._http.post("/v1/keys", json=_key_body(tenant, scopes, name, expires_at))
+        return ApiKey(**_raise_for(r).json())
+
+    async def keys(self) -> list[ApiKey]:
+        return [ApiKey(**k) for k in _raise_for(await self._http.get("/v1/keys")).json()["keys"]]
+
+    async def revoke_key(self, key_id: str) -> None:
+        _raise_for(await self._http.delete(f"/v1/keys/{key_id}"))
+
+    async def put_tenant(self, tenant: str, **quota: int | None) -> dict:
+        return _raise_for(await self._http.put(f"/v1/tenants/{tenant}", json=quota)).json()
+
+    async def tenant(self, tenant: str) -> dict:
+        return _raise_for(await self._http.get(f"/v1/tenants/{tenant}")).json()

@@ -47,3 +47,28 @@ class DeadlineExceeded(ApiError):
 
 class InsufficientCapacity(ApiError):
     status, type = 507, "insufficient_capacity"
+
+
+class QuotaExceeded(ApiError):
+    """A tenant's storage quota (tasks, adapter bytes)."""
+
+    status, type = 507, "quota_exceeded"
+
+
+class Unauthorized(ApiError):
+    status, type = 401, "unauthorized"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, {"WWW-Authenticate": "Bearer"})
+
+
+class Forbidden(ApiError):
+    status, type = 403, "forbidden"
+
+
+class KeyNotFound(ApiError):
+    status, type = 404, "key_not_found"
+
+
+class TenantNotFound(ApiError):
+    status, type = 404, "tenant_not_found"

@@ -62,4 +62,14 @@ class Metrics:
                                   registry=r)
         self.train_jobs_active = Gauge("switchboard_train_jobs_active", "Training jobs queued or running",
                                        registry=r)
+        # per tenant: the label is bounded (tenants are created by the admin); never a task name
+        self.tenant_requests = Counter("switchboard_tenant_requests", "Classify requests admitted, per tenant",
+                                       ["tenant"], registry=r)
+        self.tenant_rows = Counter("switchboard_tenant_rows", "Rows computed, per tenant", ["tenant"], registry=r)
+        self.tenant_tokens = Counter("switchboard_tenant_tokens", "Tokens (rows × length) computed, per tenant",
+                                     ["tenant"], registry=r)
+        self.tenant_throttled = Counter("switchboard_tenant_throttled", "Requests refused with 429, per tenant",
+                                        ["tenant"], registry=r)
+        self.tenant_vtc = Gauge("switchboard_tenant_vtc_tokens", "The scheduler's virtual token counter, per tenant",
+                                ["tenant"], registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

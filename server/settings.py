@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,6 +18,18 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./switchboard-data")
     dtype: Literal["fp32", "bf16"] = "fp32"
     threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
+    # Tenants and keys (docs/security.md). No admin key: open mode, one tenant `default`, loopback only.
+    admin_key: SecretStr | None = Field(None, description="the admin API key (SWITCHBOARD_ADMIN_KEY); set → auth mode")
+    admin_key_file: Path | None = Field(None, description="a file holding the admin key (instead of the variable)")
+    allow_unauthenticated: bool = Field(False, description="allow open mode on a non-loopback address")
+    tenant_max_tasks: int | None = Field(10_000, description="tasks per tenant (admin may override); past it → 507")
+    tenant_max_adapter_bytes: int | None = Field(8 << 30, description="stored adapter bytes per tenant, every "
+                                                                      "version counted; past it → 507")
+    tenant_max_queued_rows: int = Field(512, ge=1, description="rows a tenant may have waiting; past it → 429")
+    scheduler: Literal["vtc", "fcfs"] = Field("vtc", description="vtc: fair across tenants by virtual token "
+                                                                 "counters; fcfs: arrival order")
+    vtc_load_charge_tokens: int = Field(256, ge=0, description="what a request that needed a cold adapter load "
+                                                               "is charged on top of its tokens")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     log_format: Literal["text", "json"] = Field("text", description="json: one JSON object per line, for log "
                                                                     "shippers")

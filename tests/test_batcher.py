@@ -33,6 +33,9 @@ class Pin:
         return Lease(self, lambda pin: setattr(pin, "count", pin.count - 1))
 
 
+T = {"tenant": "default", "max_queued_rows": 10_000}  # one tenant, no tenant quota in these tests
+
+
 def rows(seed: int, n: int = 1, length: int = 6) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     ids = rng.integers(1, 1000, size=(n, length)).astype(np.int64)
@@ -67,7 +70,7 @@ def test_concurrent_requests_share_mixed_batches_and_each_row_gets_its_own_answe
     requests = [(1 + i % 8, *rows(i, n=1 + i % 3)) for i in range(40)]
 
     async def fire():
-        items = [batcher.submit(pins[slot].lease(), ids, mask, 30) for slot, ids, mask in requests]
+        items = [batcher.submit(pins[slot].lease(), ids, mask, 30, **T) for slot, ids, mask in requests]
         return await asyncio.gather(*[batcher.result(item) for item in items])
 
     answers = asyncio.run(fire())
@@ -84,11 +87,11 @@ def test_a_full_queue_answers_overloaded_and_releases_the_lease(make):
     pin = Pin(1)
 
     async def fire():
-        first = batcher.submit(pin.lease(), *rows(0), 30)
+        first = batcher.submit(pin.lease(), *rows(0), 30, **T)
         await asyncio.sleep(0.2)  # the worker took it and waits at the gate
-        queued = [batcher.submit(pin.lease(), *rows(i, n=2), 30) for i in (1, 2)]  # 4 rows: full
+        queued = [batcher.submit(pin.lease(), *rows(i, n=2), 30, **T) for i in (1, 2)]  # 4 rows: full
         with pytest.raises(Overloaded) as refused:
-            batcher.submit(pin.lease(), *rows(3), 30)
+            batcher.submit(pin.lease(), *rows(3), 30, **T)
         assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "1"
         assert pin.count == 3  # the refused request's lease is already released
         engine.gate.set()
@@ -105,9 +108,9 @@ def test_a_request_past_its_deadline_is_never_computed(make):
     busy, late = Pin(1), Pin(2)
 
     async def fire():
-        first = batcher.submit(busy.lease(), *rows(0), 30)
+        first = batcher.submit(busy.lease(), *rows(0), 30, **T)
         await asyncio.sleep(0.1)
-        item = batcher.submit(late.lease(), *rows(1), timeout_s=0.05)
+        item = batcher.submit(late.lease(), *rows(1), timeout_s=0.05, **T)
         await asyncio.sleep(0.2)  # its deadline passes while the worker is busy
         engine.gate.set()
         with pytest.raises(DeadlineExceeded):
@@ -126,9 +129,9 @@ def test_a_request_whose_client_left_is_never_computed(make):
     busy, gone = Pin(1), Pin(2)
 
     async def fire():
-        first = batcher.submit(busy.lease(), *rows(0), 30)
+        first = batcher.submit(busy.lease(), *rows(0), 30, **T)
         await asyncio.sleep(0.1)
-        item = batcher.submit(gone.lease(), *rows(1), 30)
+        item = batcher.submit(gone.lease(), *rows(1), 30, **T)
         waiting = asyncio.ensure_future(batcher.result(item))
         await asyncio.sleep(0.05)
         waiting.cancel()  # the HTTP handler is cancelled when its client disconnects
@@ -149,9 +152,9 @@ def test_a_failing_forward_fails_its_batch_only_and_is_logged(make, caplog):
     pin = Pin(3)
 
     async def fire():
-        items = [batcher.submit(pin.lease(), *rows(i), 30) for i in range(3)]
+        items = [batcher.submit(pin.lease(), *rows(i), 30, **T) for i in range(3)]
         results = await asyncio.gather(*[batcher.result(i) for i in items], return_exceptions=True)
-        again = await batcher.result(batcher.submit(pin.lease(), *rows(9), 30))
+        again = await batcher.result(batcher.submit(pin.lease(), *rows(9), 30, **T))
         return results, again
 
     with caplog.at_level(logging.ERROR, logger="switchboard.server.runtime.batcher"):
@@ -168,13 +171,13 @@ def test_stop_finishes_every_admitted_request(make):
     pin = Pin(4)
 
     async def fire():
-        items = [batcher.submit(pin.lease(), *rows(i), 30) for i in range(6)]
+        items = [batcher.submit(pin.lease(), *rows(i), 30, **T) for i in range(6)]
         stopper = threading.Thread(target=batcher.stop)
         stopper.start()
         results = await asyncio.gather(*[batcher.result(i) for i in items])
         stopper.join()
         with pytest.raises(Overloaded):
-            batcher.submit(pin.lease(), *rows(7), 30)
+            batcher.submit(pin.lease(), *rows(7), 30, **T)
         return results
 
     assert len(asyncio.run(fire())) == 6
@@ -190,12 +193,12 @@ def test_the_queue_is_bounded_in_tokens_and_retry_after_follows_the_drain_rate(m
     pin = Pin(5)
 
     async def fire():
-        first = batcher.submit(pin.lease(), *rows(0, length=512), 30)
+        first = batcher.submit(pin.lease(), *rows(0, length=512), 30, **T)
         await asyncio.sleep(0.1)  # in flight at the gate
         admitted, refusals = [first], []
         for i in range(1, 64):
             try:
-                admitted.append(batcher.submit(pin.lease(), *rows(i, length=512), 30))
+                admitted.append(batcher.submit(pin.lease(), *rows(i, length=512), 30, **T))
             except Overloaded as exc:
                 refusals.append(exc)
         engine.gate.set()
@@ -218,11 +221,11 @@ def test_work_that_would_wait_too_long_is_refused_at_admission_not_after_waiting
     pin = Pin(6)
 
     async def fire():
-        first = batcher.submit(pin.lease(), *rows(0, length=500), 30)
+        first = batcher.submit(pin.lease(), *rows(0, length=500), 30, **T)
         await asyncio.sleep(0.1)
-        queued = [batcher.submit(pin.lease(), *rows(i, length=500), 30) for i in (1, 2, 3, 4)]  # 2.5 s ahead
+        queued = [batcher.submit(pin.lease(), *rows(i, length=500), 30, **T) for i in (1, 2, 3, 4)]  # 2.5 s ahead
         with pytest.raises(Overloaded) as late:
-            batcher.submit(pin.lease(), *rows(5, length=10), 30)  # even a short one would wait 2.5 s
+            batcher.submit(pin.lease(), *rows(5, length=10), 30, **T)  # even a short one would wait 2.5 s
         engine.gate.set()
         await asyncio.gather(*[batcher.result(item) for item in [first, *queued]])
         return late.value
@@ -239,7 +242,7 @@ def test_the_drain_rate_is_measured_from_real_batches(make):
 
     async def fire():
         for i in range(3):
-            await batcher.result(batcher.submit(pin.lease(), *rows(i, n=4, length=32), 30))
+            await batcher.result(batcher.submit(pin.lease(), *rows(i, n=4, length=32), 30, **T))
 
     asyncio.run(fire())
     assert batcher.drain.tokens_per_s and batcher.drain.tokens_per_s > 0
@@ -256,18 +259,18 @@ def test_a_standing_queue_switches_admission_to_the_short_target(make):
 
     async def fire():
         for i in range(3):  # the server has been serving: some work completed
-            await batcher.result(batcher.submit(pin.lease(), *rows(40 + i, length=100), 30))
+            await batcher.result(batcher.submit(pin.lease(), *rows(40 + i, length=100), 30, **T))
         batcher.drain.assume(1000.0)
         engine.gate = threading.Event()
-        first = batcher.submit(pin.lease(), *rows(0, length=100), 30)
+        first = batcher.submit(pin.lease(), *rows(0, length=100), 30, **T)
         await asyncio.sleep(0.05)  # the worker took it and is held at the gate
-        admitted = [batcher.submit(pin.lease(), *rows(1, length=100), 30)]
+        admitted = [batcher.submit(pin.lease(), *rows(1, length=100), 30, **T)]
         await asyncio.sleep(0.3)  # a standing queue, but fed with only 100 tokens: less than it drains
         assert not batcher.overloaded
         shed = None
         for i in range(40):  # a surge of 5,000 tokens/s: first admitted (under the 5 s cap), then shed
             try:
-                admitted.append(batcher.submit(pin.lease(), *rows(2 + i, length=100), 30))
+                admitted.append(batcher.submit(pin.lease(), *rows(2 + i, length=100), 30, **T))
             except Overloaded as exc:
                 shed = exc
                 break
@@ -277,7 +280,7 @@ def test_a_standing_queue_switches_admission_to_the_short_target(make):
         await asyncio.gather(*[batcher.result(item) for item in [first, *admitted]])
         await asyncio.sleep(0.6)  # demand fell back and nothing was shed for an interval
         assert not batcher.overloaded
-        await batcher.result(batcher.submit(pin.lease(), *rows(30, length=10), 30))
+        await batcher.result(batcher.submit(pin.lease(), *rows(30, length=10), 30, **T))
         return shed
 
     shed = asyncio.run(fire())

@@ -79,5 +79,5 @@ def test_serve_logs_json_lines_with_a_start_up_summary(tiny_dir, tmp_path):
         httpx.get(f"{url}/v1/tasks/nope")
     lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
     assert any(m["message"].startswith("ready: model") and "dtype fp32" in m["message"] for m in lines)
-    assert any("serving on http://127.0.0.1" in m["message"] and "open mode" in m["message"] for m in lines)
+    assert any("serving on http://127.0.0.1" in m["message"] and "OPEN MODE" in m["message"] for m in lines)
     assert any(m["logger"] == "uvicorn.access" for m in lines)  # access lines in the same format

@@ -23,25 +23,25 @@ def registry(tiny, tmp_path):
     store.close()
 
 
-def put(registry: Registry, task: str, seed: int, spec, kind: str = "ia3"):
-    return registry.put(task, random_adapter(spec, seed=seed, kind=kind), spec.fingerprint)
+def put(registry: Registry, task: str, seed: int, spec, kind: str = "ia3", tenant: str = "default"):
+    return registry.put((tenant, task), random_adapter(spec, seed=seed, kind=kind), spec.fingerprint)
 
 
-def pins(registry: Registry, task: str) -> dict[int, int]:
+def pins(registry: Registry, task: str, tenant: str = "default") -> dict[int, int]:
     """version → pins, read from the registry's own state."""
-    return {v.record.version: v.pins for v in registry._tasks[task].versions}
+    return {v.record.version: v.pins for v in registry._tasks[(tenant, task)].versions}
 
 
 def test_a_lease_releases_exactly_once_whatever_the_path(registry, tiny):
     reg, engine, _ = registry
     put(reg, "t", 1, tiny.spec)
-    lease = reg.acquire("t")
+    lease = reg.acquire(("default", "t"))
     assert pins(reg, "t") == {1: 1} and lease.slot is not None
     lease.release()
     lease.release()  # idempotent
     assert pins(reg, "t") == {1: 0}
 
-    with reg.acquire("t") as lease:  # a context manager releases on exit …
+    with reg.acquire(("default", "t")) as lease:  # a context manager releases on exit …
         moved = lease.transfer()  # … unless the pin moved to the next owner
         with pytest.raises(RuntimeError):
             lease.transfer()
@@ -51,7 +51,7 @@ def test_a_lease_releases_exactly_once_whatever_the_path(registry, tiny):
     assert pins(reg, "t") == {1: 0}
 
     with pytest.raises(ZeroDivisionError):
-        with reg.acquire("t"):
+        with reg.acquire(("default", "t")):
             raise ZeroDivisionError  # an error on the way releases too
     assert pins(reg, "t") == {1: 0}
 
@@ -59,9 +59,9 @@ def test_a_lease_releases_exactly_once_whatever_the_path(registry, tiny):
 def test_leased_versions_finish_on_their_slot_across_a_swap_and_a_rollback(registry, tiny):
     reg, engine, _ = registry
     put(reg, "t", 1, tiny.spec)
-    old = reg.acquire("t")
+    old = reg.acquire(("default", "t"))
     put(reg, "t", 2, tiny.spec)  # a new version becomes current while v1 is leased
-    new = reg.acquire("t")
+    new = reg.acquire(("default", "t"))
     assert (old.record.version, new.record.version) == (1, 2)
     reg.unload_released()
     assert engine.is_resident(old.slot), "a leased version must stay resident"
@@ -70,15 +70,15 @@ def test_leased_versions_finish_on_their_slot_across_a_swap_and_a_rollback(regis
     reg.unload_released()
     assert not engine.is_resident(slot), "a retired version is unloaded once its last lease ends"
     new.release()
-    assert reg.rollback("t", 1).version == 1
-    with reg.acquire("t") as lease:
+    assert reg.rollback(("default", "t"), 1).version == 1
+    with reg.acquire(("default", "t")) as lease:
         assert lease.record.version == 1 and lease.slot is None  # reloads on first use
         reg.ensure_resident(lease)
         assert engine.is_resident(lease.slot)
     with pytest.raises(VersionNotFound):
-        reg.rollback("t", 9)
+        reg.rollback(("default", "t"), 9)
     with pytest.raises(TaskNotFound):
-        reg.acquire("nope")
+        reg.acquire(("default", "nope"))
 
 
 def test_lru_eviction_never_takes_a_leased_version(tiny, tmp_path):
@@ -87,15 +87,15 @@ def test_lru_eviction_never_takes_a_leased_version(tiny, tmp_path):
     store = AdapterStore(tmp_path)
     reg = Registry(engine, Metrics(), store)
     for i, adapter in enumerate(adapters):
-        reg.put(f"t{i}", adapter, tiny.spec.fingerprint)  # the third upload evicts the least recent
+        reg.put(("default", f"t{i}"), adapter, tiny.spec.fingerprint)  # the third upload evicts the least recent
     assert engine.resident_tasks == 2
-    first, second = reg.acquire("t1"), reg.acquire("t2")
+    first, second = reg.acquire(("default", "t1")), reg.acquire(("default", "t2"))
     reg.ensure_resident(first)
     reg.ensure_resident(second)
-    with reg.acquire("t0") as third, pytest.raises(CapacityError):
+    with reg.acquire(("default", "t0")) as third, pytest.raises(CapacityError):
         reg.ensure_resident(third)  # both resident versions are leased: nothing to evict
     first.release()
-    with reg.acquire("t0") as third:
+    with reg.acquire(("default", "t0")) as third:
         reg.ensure_resident(third)  # now t1 is evicted, t2 (still leased) is not
         assert engine.is_resident(second.slot) and engine.is_resident(third.slot)
     second.release()
@@ -105,16 +105,16 @@ def test_lru_eviction_never_takes_a_leased_version(tiny, tmp_path):
 def test_delete_keeps_the_blob_a_lease_still_needs(registry, tiny):
     reg, engine, store = registry
     record = put(reg, "t", 1, tiny.spec)
-    lease = reg.acquire("t")
-    reg.delete("t")
+    lease = reg.acquire(("default", "t"))
+    reg.delete(("default", "t"))
     assert store.blob_path(record.sha256).is_file()  # the leased version may still need to reload
     with pytest.raises(TaskNotFound):
-        reg.get("t")
+        reg.get(("default", "t"))
     lease.release()
     reg.unload_released()
     assert engine.resident_tasks == 0
     other = put(reg, "u", 2, tiny.spec)
-    reg.delete("u")
+    reg.delete(("default", "u"))
     assert not store.blob_path(other.sha256).exists()
 
 
@@ -126,18 +126,18 @@ def test_a_load_that_cannot_fit_evicts_nothing(tiny, tmp_path):
     store = AdapterStore(tmp_path)
     reg = Registry(engine, Metrics(), store)
     for i, adapter in enumerate(small):
-        reg.put(f"t{i}", adapter, tiny.spec.fingerprint)
+        reg.put(("default", f"t{i}"), adapter, tiny.spec.fingerprint)
     assert engine.resident_tasks == 3
-    held = reg.acquire("t0")
+    held = reg.acquire(("default", "t0"))
     big = random_adapter(tiny.spec, seed=9, kind="ia3", num_labels=40)  # fits alone, not beside t0
     assert small[0].nbytes * 2 < big.nbytes <= engine.max_adapter_bytes
-    record = reg.put("big", big, tiny.spec.fingerprint)  # stored; its load is refused without evicting
+    record = reg.put(("default", "big"), big, tiny.spec.fingerprint)  # stored; its load is refused without evicting
     assert record.version == 1 and engine.resident_tasks == 3
-    with reg.acquire("big") as lease, pytest.raises(CapacityError):
+    with reg.acquire(("default", "big")) as lease, pytest.raises(CapacityError):
         reg.ensure_resident(lease)
     assert engine.resident_tasks == 3  # t1 and t2 are still resident
     held.release()
-    with reg.acquire("big") as lease:
+    with reg.acquire(("default", "big")) as lease:
         reg.ensure_resident(lease)  # now t0 can go too: room is made
         assert engine.is_resident(lease.slot)
     store.close()

@@ -14,7 +14,7 @@ from switchboard.server import __version__
 from switchboard.server.http.deps import AppState
 from switchboard.server.http.handlers import install_error_handlers
 from switchboard.server.http.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
-from switchboard.server.http.routers import classify, jobs, ops, tasks
+from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
 from switchboard.server.runtime.builder import BackboneFactory, build_runtime
 from switchboard.server.settings import Settings
 
@@ -62,6 +62,6 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
     install_error_handlers(app, state.metrics)
-    for router in (ops.router, classify.router, tasks.router, jobs.router):
+    for router in (ops.router, classify.router, tasks.router, jobs.router, admin.router):
         app.include_router(router)
     return app

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import typing
+from datetime import datetime
+from typing import Literal
 
 from pydantic import BaseModel, Field, create_model
 
-from switchboard.adapter_store.store import VersionRecord
+from switchboard.adapter_store.records import VersionRecord
 
 
 class ErrorBody(BaseModel):
@@ -136,3 +138,49 @@ class JobSummary(BaseModel):
 
 class JobList(BaseModel):
     jobs: list[JobSummary]
+
+
+class KeyCreate(BaseModel):
+    tenant: str = Field(pattern=TASK_NAME, examples=["acme"], description="the tenant the key acts for")
+    scopes: list[Literal["classify", "manage"]] = Field(min_length=1, max_length=2, examples=[["classify"]])
+    name: str | None = Field(None, max_length=100, examples=["frontend"])
+    expires_at: datetime | None = Field(None, description="RFC 3339; the key is refused from then on")
+
+
+class KeyInfo(BaseModel):
+    id: str
+    tenant: str
+    scopes: list[str]
+    name: str | None
+    created_at: datetime
+    expires_at: datetime | None
+
+
+class KeyCreated(KeyInfo):
+    key: str = Field(description="the secret: shown this once, stored only as a hash")
+
+
+class KeyList(BaseModel):
+    keys: list[KeyInfo]
+
+
+class TenantQuota(BaseModel):
+    """Quota overrides; null (or absent) means the server's default."""
+
+    max_tasks: int | None = Field(None, ge=0, le=MAX_INT32)
+    max_adapter_bytes: int | None = Field(None, ge=0, le=2**62)
+    max_queued_rows: int | None = Field(None, ge=1, le=MAX_INT32)
+
+
+class TenantUsage(BaseModel):
+    tasks: int
+    adapter_bytes: int
+    queued_rows: int
+
+
+class TenantInfo(BaseModel):
+    tenant: str
+    max_tasks: int | None = Field(description="in effect (override or default); null: unlimited")
+    max_adapter_bytes: int | None
+    max_queued_rows: int
+    usage: TenantUsage

@@ -1,21 +1,11 @@
 """Dynamic mixed-task batching: an asyncio front and one inference worker thread.
 
-A batch closes when the next request would pass the row limit or the token budget (rows × padded
-length), or `batch_wait_ms` after the worker started collecting; under overload also at a time budget
-(`max_batch_ms` of tokens at the measured drain rate), so long inputs cannot make everyone wait for
-long batches. Requests past their deadline or whose client left are dropped before inference.
-
-Admission is by cost: the queue is bounded in rows and in tokens (rows × length), and by the wait a
-new request would face — the tokens ahead of it divided by the drain rate the worker measures. Bursts
-may queue up to `max_queue_delay_s`. Overload is demand above capacity: with requests waiting, the
-tokens admitted per `queue_interval_ms` (decaying sums, no window) exceed `overload_factor` × the
-larger of what the worker completed and its peak drain rate, after it completed some work (so a
-client population starting at once is no surge). Under overload only work that would wait at most
-`queue_target_ms` is admitted (CoDel's target, as Facebook's servers use it for admission), so
-admitted requests stay fast while the excess is refused; overload lasts until a whole interval
-passes with nothing shed and admitted demand back at capacity. Past any bound a
-request is refused at once with 429 and a `Retry-After` computed from the drain rate, rather than
-queued to time out later with a 503.
+Requests wait in one FIFO per tenant; the worker fills each batch in the order the scheduler gives
+(VTC across tenants, scheduler.py). A batch closes when the next request would pass the row limit or
+the token budget (rows × padded length; under overload also a time budget), or `batch_wait_ms` after
+the worker started collecting. Requests past their deadline or whose client left are dropped before
+inference. Whether a request may queue at all is admission's call (admission.py): refused at once
+with 429 and a `Retry-After`, rather than queued to time out later with a 503.
 
 The batcher owns each submitted request's lease from `submit` on and releases it exactly once: when
 the request is refused, dropped, or its forward pass is over — before the answer is delivered.
@@ -24,13 +14,11 @@ the request is refused, dropped, or its forward pass is over — before the answ
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import math
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -38,11 +26,12 @@ import torch
 
 from switchboard.server.errors import DeadlineExceeded, Overloaded
 from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.admission import Admission, Refusal
 from switchboard.server.runtime.lease import Lease
+from switchboard.server.runtime.scheduler import TenantQueues
 from switchboard.server.settings import Settings
 
 log = logging.getLogger(__name__)
-MAX_RETRY_AFTER_S = 60
 
 
 class ForwardEngine(Protocol):
@@ -58,6 +47,7 @@ class ForwardEngine(Protocol):
 
 @dataclass
 class WorkItem:
+    tenant: str
     slot: int  # the engine slot of the request's task version, resident while the lease is held
     lease: Lease  # owned by the batcher: released exactly once, after the forward or on a drop
     input_ids: np.ndarray  # [rows, length], right-padded with pad_id
@@ -66,6 +56,8 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float
+    cost: int = 0  # what the scheduler charges the tenant: tokens, plus a cold load's charge
+    seq: int = field(default=0)
 
     @property
     def rows(self) -> int:
@@ -93,59 +85,6 @@ def _resolve(item: WorkItem, result: object = None, error: BaseException | None 
     item.loop.call_soon_threadsafe(settle)
 
 
-class DrainRate:
-    """Tokens per second the worker computes: an exponentially weighted mean over batches (what the
-    queue drains at now), and its peak, held and decaying with a half-life of `peak_half_life_s` (what
-    the engine can do: small batches under overload are slower per token, and capacity must not seem
-    to shrink because of them)."""
-
-    def __init__(self, weight: float = 0.2, peak_half_life_s: float = 60.0) -> None:
-        self.weight = weight
-        self.peak_half_life_s = peak_half_life_s
-        self.tokens_per_s: float | None = None
-        self._peak = 0.0
-        self._peak_at = time.monotonic()
-
-    def observe(self, tokens: int, seconds: float) -> None:
-        if tokens <= 0 or seconds <= 0:
-            return
-        rate = tokens / seconds
-        self.tokens_per_s = rate if self.tokens_per_s is None else (
-            (1 - self.weight) * self.tokens_per_s + self.weight * rate)
-        if self.tokens_per_s >= self.peak:
-            self._peak, self._peak_at = self.tokens_per_s, time.monotonic()
-
-    def assume(self, tokens_per_s: float) -> None:
-        """Set the rate and its peak (tests and start-up measurements)."""
-        self.tokens_per_s = self._peak = tokens_per_s
-        self._peak_at = time.monotonic()
-
-    @property
-    def peak(self) -> float:
-        return self._peak * 0.5 ** ((time.monotonic() - self._peak_at) / self.peak_half_life_s)
-
-    def seconds_for(self, tokens: int, fallback: float) -> float:
-        return tokens / self.tokens_per_s if self.tokens_per_s else fallback
-
-
-class DecayingSum:
-    """Σ tokens · exp(−age/τ): a rate times τ that needs no window, so arrivals that follow a batch's
-    completions add to it as those completions do, however long the batch (a window would see one
-    without the other)."""
-
-    def __init__(self, tau: float) -> None:
-        self.tau = tau
-        self._value = 0.0
-        self._at = time.monotonic()
-
-    def value(self, now: float) -> float:
-        return self._value * math.exp(-(now - self._at) / self.tau)
-
-    def add(self, tokens: float, now: float) -> None:
-        self._value = self.value(now) + tokens
-        self._at = now
-
-
 class Batcher:
     def __init__(self, engine: ForwardEngine, settings: Settings, metrics: Metrics,
                  after_batch: Callable[[], None] = lambda: None) -> None:
@@ -154,20 +93,25 @@ class Batcher:
         self._settings = settings
         self._metrics = metrics
         self._after_batch = after_batch
-        self._queue: collections.deque[WorkItem] = collections.deque()
-        self._queued_rows = 0
-        self._queued_tokens = 0
-        self._inflight_tokens = 0
-        self.drain = DrainRate()
-        self._overloaded = False
-        self._shed_at = -math.inf  # last refusal of work the burst allowance would have admitted
-        tau = settings.queue_interval_ms / 1000
-        self._arrivals = DecayingSum(tau)  # tokens admitted
-        self._completions = DecayingSum(tau)  # tokens computed
+        self._queues = TenantQueues(settings.scheduler)
+        self.admission = Admission(settings)
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
         self.pad_id = int(engine.pad_id)
+
+    @property
+    def drain(self):  # noqa: ANN201 - the admission's drain rate (tests and start-up seed it)
+        return self.admission.drain
+
+    @property
+    def overloaded(self) -> bool:
+        with self._cond:
+            return self.admission.overloaded(self._queues)
+
+    def queued_rows(self, tenant: str) -> int:
+        with self._cond:
+            return self._queues.rows[tenant]
 
     def start(self) -> None:
         self._thread.start()
@@ -184,86 +128,22 @@ class Batcher:
         self._thread.join(timeout)
 
     # ----- admission (event loop) ---------------------------------------------------------------------
-    def _refusal(self, item: WorkItem) -> tuple[str, str, float] | None:
-        """(metric reason, message, seconds until it would fit) if the item must be refused."""
-        s = self._settings
-        if self._queued_rows + item.rows > s.max_queue_rows:
-            excess = self._queued_rows + item.rows - s.max_queue_rows
-            return "queue_full", f"queue is full ({self._queued_rows} rows waiting)", self._wait_for_rows(excess)
-        if self._queued_tokens + item.tokens > s.max_queue_tokens and self._queued_tokens:
-            excess = self._queued_tokens + item.tokens - s.max_queue_tokens
-            return ("queue_full", f"queue is full ({self._queued_tokens} tokens waiting)",
-                    self.drain.seconds_for(excess, s.retry_after_s))
-        rate = self.drain.tokens_per_s
-        if rate and self._queued_tokens:
-            # Overloaded: the waiting room is held to the target (the batch in flight keeps the worker
-            # busy meanwhile). Otherwise a burst may wait up to the cap, the batch in flight included.
-            overloaded = self.overloaded
-            if overloaded:
-                wait, limit = self._queued_tokens / rate, s.queue_target_ms / 1000
-            else:
-                wait, limit = (self._queued_tokens + self._inflight_tokens) / rate, s.max_queue_delay_s
-            if wait > limit:
-                if overloaded:
-                    self._shed_at = time.monotonic()
-                state = "overloaded: " if overloaded else ""
-                return ("queue_delay", f"{state}the queue would take {wait:.1f} s to reach this request "
-                        f"(limit {limit:g} s)", wait - limit)
-        return None
-
-    @property
-    def overloaded(self) -> bool:
-        """Admitted demand above `overload_factor` × capacity enters overload; back at capacity leaves it."""
-        with self._cond:  # re-entrant: admission and the worker call this with the lock held
-            return self._update_overload()
-
-    def _update_overload(self) -> bool:
-        now, interval = time.monotonic(), self._settings.queue_interval_ms / 1000
-        if not self.drain.tokens_per_s:
-            return False
-        completed = self._completions.value(now)
-        capacity = max(completed, max(self.drain.peak, self.drain.tokens_per_s) * interval)
-        demand = self._arrivals.value(now)
-        was = self._overloaded
-        if was:
-            self._overloaded = demand > capacity or now - self._shed_at < interval
-        else:
-            # completions first: a client population starting at once, before anything finished, is no surge
-            self._overloaded = (self._queued_rows > 0 and completed > 0.05 * capacity
-                                and demand > self._settings.overload_factor * capacity)
-        if self._overloaded != was:
-            log.log(logging.WARNING if self._overloaded else logging.INFO,
-                    "%s overload: %d tokens admitted per %.0f ms, %d completed, %d drainable; %d rows queued",
-                    "entering" if self._overloaded else "leaving", demand, interval * 1000, completed,
-                    self.drain.tokens_per_s * interval, self._queued_rows)
-        return self._overloaded
-
-    def _offered(self, tokens: int) -> None:
-        """Record admitted demand (called with the condition held)."""
-        self._arrivals.add(tokens, time.monotonic())
-
-    def _wait_for_rows(self, rows: int) -> float:
-        if not self._queued_rows:
-            return float(self._settings.retry_after_s)
-        return self.drain.seconds_for(rows * self._queued_tokens // self._queued_rows, self._settings.retry_after_s)
-
-    def precheck(self) -> None:
-        """Refuse now (429) if even the smallest request would be refused: the work already queued
-        waits too long. Called before a request is tokenized, so shed work costs almost nothing."""
+    def precheck(self, tenant: str, max_queued_rows: int) -> None:
+        """Refuse now (429) if even the smallest request of this tenant would be refused. Called before
+        a request is tokenized, so shed work costs almost nothing."""
         with self._cond:
-            probe = WorkItem(0, None, np.empty((1, 0), np.int64), np.empty((1, 0), np.int64),  # type: ignore[arg-type]
-                             None, None, 0.0, 0.0)  # type: ignore[arg-type]
-            refusal = self._refusal(probe)
+            refusal = self.admission.refusal(self._queues, tenant, 0, 0, max_queued_rows)
         if refusal is not None:
-            self._refuse(refusal)
+            self._refuse(tenant, refusal)
 
-    def _refuse(self, refusal: tuple[str, str, float]) -> None:
-        reason, message, seconds = refusal
-        self._metrics.dropped.labels(reason).inc()
-        retry = min(MAX_RETRY_AFTER_S, max(1, math.ceil(seconds)))
-        raise Overloaded(f"{message}; retry in {retry} s", {"Retry-After": str(retry)})
+    def _refuse(self, tenant: str, refusal: Refusal) -> None:
+        self._metrics.dropped.labels(refusal.reason).inc()
+        self._metrics.tenant_throttled.labels(tenant).inc()
+        raise Overloaded(f"{refusal.message}; retry in {refusal.retry_after} s",
+                         {"Retry-After": str(refusal.retry_after)})
 
-    def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float) -> WorkItem:
+    def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float, *,
+               tenant: str, max_queued_rows: int, cold_load: bool = False) -> WorkItem:
         """Queue one request's rows (call on the event loop). Takes ownership of the lease — the caller
         hands it over with `lease.transfer()` — whose version must be resident. Raises Overloaded."""
         slot = lease.slot
@@ -272,19 +152,22 @@ class Batcher:
             raise RuntimeError("submit needs a resident task version")
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item = WorkItem(slot, lease, input_ids, attention_mask, loop.create_future(), loop, now, now + timeout_s)
+        item = WorkItem(tenant, slot, lease, input_ids, attention_mask, loop.create_future(), loop, now,
+                        now + timeout_s)
+        item.cost = item.tokens + (self._settings.vtc_load_charge_tokens if cold_load else 0)
         with self._cond:
             if self._stopping:
                 lease.release()
                 raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
-            refusal = self._refusal(item)
+            refusal = self.admission.refusal(self._queues, tenant, item.rows, item.tokens, max_queued_rows)
             if refusal is not None:
                 lease.release()
-                self._refuse(refusal)
-            self._offered(item.tokens)
-            self._queue.append(item)
-            self._account(item, +1)
+                self._refuse(tenant, refusal)
+            self._queues.push(item)
+            self.admission.admitted(item.tokens)
+            self._gauges()
             self._cond.notify()
+        self._metrics.tenant_requests.labels(tenant).inc()
         return item
 
     async def result(self, item: WorkItem) -> torch.Tensor:
@@ -300,47 +183,43 @@ class Batcher:
             item.future.cancel()
             raise
 
-    def _account(self, item: WorkItem, sign: int) -> None:
-        """Queue totals and gauges; called with the condition held."""
-        self._queued_rows += sign * item.rows
-        self._queued_tokens += sign * item.tokens
-        self._metrics.queue_depth.set(self._queued_rows)
-        self._metrics.queue_tokens.set(self._queued_tokens)
+    def _gauges(self) -> None:
+        """Queue totals; called with the condition held."""
+        self._metrics.queue_depth.set(self._queues.total_rows)
+        self._metrics.queue_tokens.set(self._queues.total_tokens)
 
     # ----- worker thread -----------------------------------------------------------------------------
     def _take(self) -> list[WorkItem]:
-        """Collect one batch (called with no lock held)."""
+        """Collect one batch in the scheduler's order (called with no lock held)."""
         s = self._settings
         batch: list[WorkItem] = []
         rows = width = 0
         with self._cond:
-            while not self._queue and not self._stopping:
+            while not self._queues and not self._stopping:
                 self._cond.wait()
-            max_tokens = s.max_batch_tokens
-            if s.max_batch_ms > 0 and self.drain.tokens_per_s and self._update_overload():
-                max_tokens = min(max_tokens, int(self.drain.tokens_per_s * s.max_batch_ms / 1000))
+            max_tokens = self.admission.batch_token_limit(self._queues)
             close_at = time.monotonic() + s.batch_wait_ms / 1000.0
             while True:
                 full = False
-                while self._queue:
-                    item = self._queue[0]
+                while (item := self._queues.peek()) is not None:
                     if self._drop(item):  # dead requests neither count toward nor close a batch
-                        self._queue.popleft()
-                        self._account(item, -1)
+                        self._queues.pop(item, charge=False)
                         continue
                     new_rows, new_width = rows + item.rows, max(width, item.length)
                     if batch and (new_rows > s.max_batch_rows or new_rows * new_width > max_tokens):
                         full = True
                         break
-                    self._queue.popleft()
-                    self._account(item, -1)
+                    self._queues.pop(item)
                     batch.append(item)
                     rows, width = new_rows, new_width
+                self._gauges()
                 remaining = close_at - time.monotonic()
                 if full or remaining <= 0 or self._stopping:
                     # requests whose client left or whose deadline passed while we collected
                     batch = [item for item in batch if not self._drop(item)]
-                    self._inflight_tokens = sum(item.tokens for item in batch)
+                    self.admission.inflight_tokens = sum(item.tokens for item in batch)
+                    for tenant in {item.tenant for item in batch}:
+                        self._metrics.tenant_vtc.labels(tenant).set(self._queues.counters.get(tenant, 0.0))
                     return batch
                 self._cond.wait(remaining)
 
@@ -362,7 +241,7 @@ class Batcher:
     def _run(self) -> None:
         while True:
             with self._cond:
-                if self._stopping and not self._queue:
+                if self._stopping and not self._queues:
                     return
             batch = self._take()
             if not batch:
@@ -380,8 +259,8 @@ class Batcher:
                 for item in batch:
                     item.lease.release()
                 with self._cond:
-                    self._inflight_tokens = 0
-                    self._completions.add(sum(item.tokens for item in batch), time.monotonic())
+                    self.admission.inflight_tokens = 0
+                    self.admission.completed(sum(item.tokens for item in batch))
             for i, item in enumerate(batch):
                 if isinstance(outcome, BaseException):
                     _resolve(item, error=outcome)
@@ -408,11 +287,13 @@ class Batcher:
             slots[offset:offset + n] = item.slot
             offset += n
             self._metrics.queue_duration.observe(start - item.enqueued)
+            self._metrics.tenant_rows.labels(item.tenant).inc(n)
+            self._metrics.tenant_tokens.labels(item.tenant).inc(item.tokens)
         logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
         elapsed = time.monotonic() - start
         real_tokens = int(mask.sum())
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
-        self.drain.observe(sum(item.tokens for item in batch), elapsed)
+        self.admission.drain.observe(sum(item.tokens for item in batch), elapsed)
         m = self._metrics
         m.batches.inc()
         m.inference_duration.observe(elapsed)
@@ -420,6 +301,6 @@ class Batcher:
         m.batch_tokens.observe(real_tokens)
         m.batch_padding.observe(1.0 - real_tokens / max(1, computed))
         m.batch_tasks.observe(len(np.unique(slots)))
-        if self.drain.tokens_per_s:
-            m.drain_rate.set(self.drain.tokens_per_s)
+        if self.admission.drain.tokens_per_s:
+            m.drain_rate.set(self.admission.drain.tokens_per_s)
         return list(torch.split(logits, [item.rows for item in batch]))

@@ -19,6 +19,7 @@ from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.batcher import Batcher
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.registry import Registry
+from switchboard.server.runtime.tenancy import Quotas, Tenancy
 from switchboard.server.runtime.training.jobs import JobRunner
 from switchboard.server.settings import Settings
 
@@ -39,6 +40,7 @@ class Runtime:
     request_pool: BoundedExecutor  # tokenizing requests, loading evicted adapters
     upload_pool: BoundedExecutor  # parsing and storing uploads
     upload_limits: UploadLimits
+    tenancy: Tenancy
 
     @property
     def ready(self) -> bool:
@@ -80,12 +82,15 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     batcher.drain.observe(*_warm_up(engine))
     batcher.start()
 
-    def register(task: str, blob: bytes) -> dict:
+    tenancy = Tenancy(store, admin_key(s), Quotas(s.tenant_max_tasks, s.tenant_max_adapter_bytes,
+                                                  s.tenant_max_queued_rows))
+
+    def register(tenant: str, task: str, blob: bytes) -> dict:
         """A training job's result becomes the task's next version, like an upload."""
         fingerprint = engine.spec.fingerprint
         adapter = native.loads(blob, fingerprint)
         adapter.validate(engine.spec)  # e.g. a diverged run's non-finite weights never become current
-        return registry.put(task, adapter, fingerprint).summary()
+        return registry.put((tenant, task), adapter, fingerprint, tenancy.quotas(tenant).storage).summary()
 
     jobs = JobRunner(register, metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
                      sched_idle=s.train_sched_idle, max_queued=s.max_queued_jobs,
@@ -100,7 +105,20 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
                           max_task_bytes=s.max_task_bytes, max_files=s.max_upload_files)
     request_pool = BoundedExecutor("request", s.request_threads, max(1, s.max_queue_rows), metrics, s.retry_after_s)
     upload_pool = BoundedExecutor("upload", s.upload_threads, s.max_pending_uploads, metrics, s.retry_after_s)
-    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits)
+    mode = "open mode: no API keys, one tenant 'default'" if tenancy.open_mode else (
+        f"auth mode: {len(tenancy.tenant_names())} tenants, {len(tenancy.api_keys())} keys")
+    log.info("tenancy: %s; scheduler %s", mode, s.scheduler)
+    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits, tenancy)
+
+
+def admin_key(settings: Settings) -> str | None:
+    """SWITCHBOARD_ADMIN_KEY, or the first line of --admin-key-file; None → open mode."""
+    if settings.admin_key_file is not None:
+        key = settings.admin_key_file.read_text().strip()
+        if not key:
+            raise ValueError(f"admin key file {settings.admin_key_file} is empty")
+        return key
+    return settings.admin_key.get_secret_value() if settings.admin_key else None
 
 
 def _warm_up(engine: Engine, rows: int = 8, length: int = 64) -> tuple[int, float]:

@@ -12,7 +12,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol
 
-from switchboard.adapter_store.store import VersionRecord
+from switchboard.adapter_store.records import VersionRecord
 
 
 class Pinned(Protocol):

@@ -1,4 +1,8 @@
-"""Task name → current version → engine slot, backed by the durable store, with leases and LRU tiers.
+"""(tenant, task) → current version → engine slot, backed by the durable store, with leases and LRU tiers.
+
+Tasks are keyed by (tenant, task): another tenant's task is simply not there (the same 404 as a task
+that does not exist). Storage quotas (tasks, stored bytes) are checked under the write lock, before
+anything is written.
 
 Tiers: device slots (the engine's byte budget) ← host cache (parsed adapters, bytes-bounded LRU) ←
 store (blobs on disk). A version is loaded into a slot on first use; when the budget is full the least
@@ -20,11 +24,12 @@ from typing import Protocol
 from cachetools import LRUCache
 
 from switchboard.adapter_store.formats import native
-from switchboard.adapter_store.store import AdapterStore, VersionRecord
+from switchboard.adapter_store.records import TaskKey, VersionRecord
+from switchboard.adapter_store.store import AdapterStore
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.engine import CapacityError, ResidentTask
-from switchboard.server.errors import TaskNotFound, VersionNotFound
+from switchboard.server.errors import QuotaExceeded, TaskNotFound, VersionNotFound
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.lease import Lease
 
@@ -75,6 +80,20 @@ class _Entry:
 
 
 @dataclass(frozen=True)
+class StorageQuota:
+    """A tenant's storage limits (None: unlimited)."""
+
+    max_tasks: int | None = None
+    max_adapter_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class Usage:
+    tasks: int
+    adapter_bytes: int  # bytes of every stored version of every task
+
+
+@dataclass(frozen=True)
 class TaskView:
     """A task's current version and all its versions, as read at one moment."""
 
@@ -91,7 +110,7 @@ class Registry:
         # parsed adapters by content hash, least recently used dropped past the byte budget
         self._host: LRUCache[str, TaskAdapter] = LRUCache(maxsize=max(1, host_cache_bytes),
                                                           getsizeof=lambda adapter: adapter.nbytes)
-        self._tasks: dict[str, _Entry] = {}
+        self._tasks: dict[TaskKey, _Entry] = {}
         self._resident: collections.OrderedDict[int, _Version] = collections.OrderedDict()  # LRU by use
         self._to_unload: list[_Version] = []
         self._lock = threading.Lock()
@@ -105,44 +124,61 @@ class Registry:
         """Every acknowledged version from the store; slots are loaded lazily on first use."""
         current, versions = self._store.load_all()
         with self._lock:
-            for task, records in versions.items():
-                states = [_Version(r, current=r.version == current[task]) for r in records]
+            for key, records in versions.items():
+                states = [_Version(r, current=r.version == current[key]) for r in records]
                 by_number = {v.record.version: v for v in states}
-                if current[task] in by_number:
-                    self._tasks[task] = _Entry(current=by_number[current[task]], versions=states)
+                if current[key] in by_number:
+                    self._tasks[key] = _Entry(current=by_number[current[key]], versions=states)
         self._update_gauges()
         return len(self._tasks)
 
     # ----- writes ------------------------------------------------------------------------------------
-    def put(self, task: str, adapter: TaskAdapter, fingerprint: str) -> VersionRecord:
+    def put(self, key: TaskKey, adapter: TaskAdapter, fingerprint: str,
+            quota: StorageQuota | None = None) -> VersionRecord:
         """Durably store, load into a slot, then switch the name (blocking: call off the event loop).
 
-        An adapter that could never fit the slot budget is refused (CapacityError) before anything is
-        written."""
+        An adapter that could never fit the slot budget (CapacityError) or the tenant's quota
+        (QuotaExceeded) is refused before anything is written."""
         start = time.perf_counter()
         self._engine.check_fits(adapter)
         digest = adapter.content_hash()
         blob = native.dumps(adapter, fingerprint)
+        tenant, task = key
         with self._write_lock:
+            if quota is not None:
+                self._check_quota(key, adapter.nbytes, quota)
             self._store.write_blob(digest, blob)
-            record = self._store.add_version(task, digest, adapter.kind, adapter.labels, adapter.num_params,
-                                             adapter.nbytes)
-            lease = self._switch(task, _Version(record))
+            record = self._store.add_version(tenant, task, digest, adapter.kind, adapter.labels,
+                                             adapter.num_params, adapter.nbytes)
+            lease = self._switch(key, _Version(record))
         with lease:  # held while loading, so it cannot be evicted before its first use
             try:
                 self.ensure_resident(lease, adapter)
             except CapacityError:
-                log.info("task %r version %d stored but not loaded (no slot free now); it loads on first use",
-                         task, record.version)
+                log.info("task %r of tenant %r version %d stored but not loaded (no slot free now); it loads on "
+                         "first use", task, tenant, record.version)
         self.unload_released()
         self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
         return record
 
-    def _switch(self, task: str, version: _Version) -> Lease:
+    def _check_quota(self, key: TaskKey, nbytes: int, quota: StorageQuota) -> None:
+        usage = self.usage(key[0])
+        if quota.max_tasks is not None and key not in self._tasks and usage.tasks >= quota.max_tasks:
+            raise QuotaExceeded(f"tenant {key[0]!r} has {usage.tasks} tasks, its quota (max_tasks)")
+        if quota.max_adapter_bytes is not None and usage.adapter_bytes + nbytes > quota.max_adapter_bytes:
+            raise QuotaExceeded(f"tenant {key[0]!r} stores {usage.adapter_bytes} adapter bytes; {nbytes} more would "
+                                f"pass its quota of {quota.max_adapter_bytes} (max_adapter_bytes)")
+
+    def usage(self, tenant: str) -> Usage:
         with self._lock:
-            entry = self._tasks.get(task)
+            entries = [e for (t, _), e in self._tasks.items() if t == tenant]
+            return Usage(len(entries), sum(v.record.bytes for e in entries for v in e.versions))
+
+    def _switch(self, key: TaskKey, version: _Version) -> Lease:
+        with self._lock:
+            entry = self._tasks.get(key)
             if entry is None:
-                self._tasks[task] = _Entry(current=version, versions=[version])
+                self._tasks[key] = _Entry(current=version, versions=[version])
             else:
                 self._retire(entry.current)
                 entry.current = version
@@ -150,18 +186,18 @@ class Registry:
             version.pins += 1
             return Lease(version, self._unpin)
 
-    def rollback(self, task: str, version: int) -> VersionRecord:
+    def rollback(self, key: TaskKey, version: int) -> VersionRecord:
         # The SQLite commit (an fsync) happens outside `_lock`, which the event loop takes per request;
         # `_write_lock` keeps every other writer out meanwhile, so the entry cannot change under us.
         with self._write_lock:
             with self._lock:
-                entry = self._tasks.get(task)
+                entry = self._tasks.get(key)
                 if entry is None:
-                    raise TaskNotFound(f"unknown task {task!r}")
+                    raise TaskNotFound(f"unknown task {key[1]!r}")
                 target = next((v for v in entry.versions if v.record.version == version), None)
                 if target is None:
-                    raise VersionNotFound(f"task {task!r} has no version {version}")
-            self._store.set_current(task, version)
+                    raise VersionNotFound(f"task {key[1]!r} has no version {version}")
+            self._store.set_current(*key, version)
             with self._lock:
                 if target is not entry.current:
                     self._retire(entry.current)
@@ -170,14 +206,14 @@ class Registry:
         self.unload_released()
         return target.record
 
-    def delete(self, task: str) -> None:
+    def delete(self, key: TaskKey) -> None:
         with self._write_lock:
             with self._lock:
-                if task not in self._tasks:
-                    raise TaskNotFound(f"unknown task {task!r}")
-            self._store.delete(task)  # outside `_lock`, as in rollback
+                if key not in self._tasks:
+                    raise TaskNotFound(f"unknown task {key[1]!r}")
+            self._store.delete(*key)  # outside `_lock`, as in rollback
             with self._lock:
-                entry = self._tasks.pop(task)
+                entry = self._tasks.pop(key)
                 for v in entry.versions:
                     self._retire(v)
             self.unload_released()
@@ -189,13 +225,13 @@ class Registry:
                     self._store.remove_blob(v.record.sha256)
 
     # ----- requests ----------------------------------------------------------------------------------
-    def acquire(self, task: str) -> Lease:
+    def acquire(self, key: TaskKey) -> Lease:
         """Lease the current version for one request (cheap: safe on the event loop). If its `slot` is
         None, call `ensure_resident` off the loop before using it."""
         with self._lock:
-            entry = self._tasks.get(task)
+            entry = self._tasks.get(key)
             if entry is None:
-                raise TaskNotFound(f"unknown task {task!r}")
+                raise TaskNotFound(f"unknown task {key[1]!r}")
             version = entry.current
             version.pins += 1
             if version.resident is not None:
@@ -270,23 +306,19 @@ class Registry:
         return True
 
     # ----- reads -------------------------------------------------------------------------------------
-    def get(self, task: str) -> TaskView:
+    def get(self, key: TaskKey) -> TaskView:
         with self._lock:
-            entry = self._tasks.get(task)
+            entry = self._tasks.get(key)
             if entry is None:
-                raise TaskNotFound(f"unknown task {task!r}")
+                raise TaskNotFound(f"unknown task {key[1]!r}")
             return TaskView(entry.current.record, [v.record for v in entry.versions])
 
-    def snapshot(self) -> list[TaskView]:
+    def page(self, tenant: str, after: str | None, limit: int) -> list[TaskView]:
+        """Up to `limit` of the tenant's tasks named after `after`, by name."""
         with self._lock:
-            return [TaskView(e.current.record, [v.record for v in e.versions]) for _, e in sorted(self._tasks.items())]
-
-    def page(self, after: str | None, limit: int) -> list[TaskView]:
-        """Up to `limit` tasks named after `after`, by name."""
-        with self._lock:
-            names = sorted(name for name in self._tasks if after is None or name > after)[:limit]
-            return [TaskView(self._tasks[n].current.record, [v.record for v in self._tasks[n].versions])
-                    for n in names]
+            names = sorted(task for t, task in self._tasks if t == tenant and (after is None or task > after))
+            return [TaskView(self._tasks[(tenant, n)].current.record,
+                             [v.record for v in self._tasks[(tenant, n)].versions]) for n in names[:limit]]
 
     # ----- housekeeping ------------------------------------------------------------------------------
     def unload_released(self) -> None:

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request, Response
 from switchboard.server.core.engine import CapacityError
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.errors import InsufficientCapacity, InvalidRequest, PayloadTooLarge
+from switchboard.server.http.auth import ClassifyAuth
 from switchboard.server.http.deps import ERRORS, RuntimeDep, SettingsDep
 from switchboard.server.http.schemas import BackboneInfo, ClassifyRequest, ClassifyResponse, Prediction
 
@@ -17,13 +18,14 @@ router = APIRouter(tags=["classification"])
 
 
 @router.get("/v1/backbone", response_model=BackboneInfo, responses=ERRORS)
-def backbone(runtime: RuntimeDep) -> BackboneInfo:
+def backbone(runtime: RuntimeDep, principal: ClassifyAuth) -> BackboneInfo:
     return BackboneInfo(**runtime.engine.spec.as_dict())
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
-async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
-                   settings: SettingsDep) -> ClassifyResponse:
+async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep, settings: SettingsDep,
+                   principal: ClassifyAuth) -> ClassifyResponse:
+    """Classify one text or a list with one of the caller's tasks (another tenant's task: 404)."""
     texts = [body.inputs] if isinstance(body.inputs, str) else list(body.inputs)
     if not texts:
         raise InvalidRequest("inputs must hold at least one text")
@@ -33,17 +35,20 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
     if longest > settings.max_input_chars:
         raise PayloadTooLarge(f"an input of {longest} characters; at most {settings.max_input_chars} "
                               f"(inputs are truncated to {runtime.engine.spec.max_length} tokens anyway)")
-    runtime.batcher.precheck()  # overloaded: refuse before spending a tokenizer call on it
-    with runtime.registry.acquire(body.task) as lease:  # released here unless handed to the batcher
+    tenant, queued_rows = principal.tenant, runtime.tenancy.quotas(principal.tenant).max_queued_rows
+    runtime.batcher.precheck(tenant, queued_rows)  # overloaded: refuse before spending a tokenizer call
+    with runtime.registry.acquire((tenant, body.task)) as lease:  # released here unless handed to the batcher
         record = lease.record
-        if lease.slot is None:  # evicted or restored from the store: load it off the loop
+        cold = lease.slot is None
+        if cold:  # evicted or restored from the store: load it off the loop
             try:
                 await runtime.request_pool.run(runtime.registry.ensure_resident, lease)
             except CapacityError as exc:
                 raise InsufficientCapacity(f"no device slot free for task {body.task!r}: {exc}") from exc
         ids, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer, texts,
                                                    runtime.engine.spec.max_length)
-        item = runtime.batcher.submit(lease.transfer(), ids, mask, settings.request_timeout_s)
+        item = runtime.batcher.submit(lease.transfer(), ids, mask, settings.request_timeout_s, tenant=tenant,
+                                      max_queued_rows=queued_rows, cold_load=cold)
     answer = asyncio.ensure_future(runtime.batcher.result(item))
     watch = asyncio.ensure_future(_client_gone(request))
     try:

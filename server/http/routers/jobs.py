@@ -4,26 +4,35 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Path, Response
+from fastapi import APIRouter, Path, Request, Response
 
 from switchboard.adapter_store.limits import check_labels
 from switchboard.server.core.adapter import AdapterValidationError
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.errors import InvalidRequest, PayloadTooLarge
+from switchboard.server.http.audit import audited
+from switchboard.server.http.auth import ManageAuth
 from switchboard.server.http.deps import ERRORS, RuntimeDep, SettingsDep, TaskName
 from switchboard.server.http.schemas import JobList, JobSummary, TrainRequest
-from switchboard.server.runtime.training.jobs import JobSpec
+from switchboard.server.runtime.training.jobs import Job, JobSpec
 
 router = APIRouter(tags=["training jobs"])
 JobId = Annotated[str, Path(max_length=64, description="a job id, as returned by POST …/train")]
 
 
 @router.post("/v1/tasks/{task}/train", status_code=202, response_model=JobSummary, responses=ERRORS)
-async def train_task(task: TaskName, body: TrainRequest, runtime: RuntimeDep, settings: SettingsDep,
-                     response: Response) -> JobSummary:
+async def train_task(task: TaskName, body: TrainRequest, request: Request, runtime: RuntimeDep,
+                     settings: SettingsDep, principal: ManageAuth, response: Response) -> JobSummary:
     """Start a background few-shot (IA)3 job; on success its adapter becomes the task's next version.
     Every bound is checked here, before anything is queued; the job's process is bounded again in
     memory (RLIMIT_AS) and wall time while it runs."""
+    with audited(request, principal):
+        job = await _submit(task, body, runtime, settings, principal.tenant)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return JobSummary(**job.summary())
+
+
+async def _submit(task: str, body: TrainRequest, runtime: RuntimeDep, settings: SettingsDep, tenant: str) -> Job:
     s = settings
     examples = body.examples + (body.eval_examples or [])
     if len(examples) > s.max_train_examples:
@@ -56,22 +65,21 @@ async def train_task(task: TaskName, body: TrainRequest, runtime: RuntimeDep, se
     spec = JobSpec(examples=[(e.text, e.label) for e in body.examples],
                    eval_examples=[(e.text, e.label) for e in body.eval_examples] if body.eval_examples else None,
                    steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed)
-    job = runtime.jobs.submit(task, spec)
-    response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return JobSummary(**job.summary())
+    return runtime.jobs.submit(tenant, task, spec)
 
 
 @router.get("/v1/jobs", response_model=JobList, responses=ERRORS)
-def list_jobs(runtime: RuntimeDep) -> JobList:
-    return JobList(jobs=[JobSummary(**job.summary()) for job in runtime.jobs.list()])
+def list_jobs(runtime: RuntimeDep, principal: ManageAuth) -> JobList:
+    return JobList(jobs=[JobSummary(**job.summary()) for job in runtime.jobs.list(principal.tenant)])
 
 
 @router.get("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
-def get_job(job_id: JobId, runtime: RuntimeDep) -> JobSummary:
-    return JobSummary(**runtime.jobs.get(job_id).summary())
+def get_job(job_id: JobId, runtime: RuntimeDep, principal: ManageAuth) -> JobSummary:
+    return JobSummary(**runtime.jobs.get(principal.tenant, job_id).summary())
 
 
 @router.delete("/v1/jobs/{job_id}", response_model=JobSummary, responses=ERRORS)
-def cancel_job(job_id: JobId, runtime: RuntimeDep) -> JobSummary:
+def cancel_job(job_id: JobId, request: Request, runtime: RuntimeDep, principal: ManageAuth) -> JobSummary:
     """Cancel a queued or running job (a finished one is left as it is)."""
-    return JobSummary(**runtime.jobs.cancel(job_id).summary())
+    with audited(request, principal, target=job_id[:64]):
+        return JobSummary(**runtime.jobs.cancel(principal.tenant, job_id).summary())

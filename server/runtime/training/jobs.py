@@ -52,6 +52,7 @@ class JobSpec:
 @dataclass
 class Job:
     id: str
+    tenant: str
     task: str
     spec: JobSpec | None  # dropped once the job finishes: examples are not kept
     status: str = QUEUED
@@ -67,10 +68,11 @@ class Job:
 
     def summary(self) -> dict:
         """The public fields (not asdict: that would deep-copy the examples on every poll)."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("spec", "cancel_requested")}
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.name not in ("spec", "cancel_requested", "tenant")}
 
 
-Register = Callable[[str, bytes], dict]  # (task, native adapter bytes) → version summary
+Register = Callable[[str, str, bytes], dict]  # (tenant, task, native adapter bytes) → version summary
 
 
 # how running out of address space shows up: allocator errors, mmap of weights, mapping shared libraries
@@ -152,31 +154,32 @@ class JobRunner:
         if self._worker.is_alive():
             self._worker.join(timeout=30)
 
-    def submit(self, task: str, spec: JobSpec) -> Job:
+    def submit(self, tenant: str, task: str, spec: JobSpec) -> Job:
         with self._lock:
             waiting = sum(job.status == QUEUED for job in self._jobs.values())
             if self._stopping or waiting >= self._max_queued:
                 raise Overloaded(f"{waiting} training jobs already queued; retry later", {"Retry-After": "30"})
-            job = Job(id=uuid.uuid4().hex, task=task, spec=spec, total_steps=spec.steps)
+            job = Job(id=uuid.uuid4().hex, tenant=tenant, task=task, spec=spec, total_steps=spec.steps)
             self._jobs[job.id] = job
             self._forget_old()
             self._count_active()
         self._queue.put(job)
         return job
 
-    def get(self, job_id: str) -> Job:
+    def get(self, tenant: str, job_id: str) -> Job:
+        """Another tenant's job is not found, exactly like a job that does not exist."""
         with self._lock:
             job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or job.tenant != tenant:
             raise JobNotFound(f"unknown job {job_id!r}")
         return job
 
-    def list(self) -> list[Job]:
+    def list(self, tenant: str) -> list[Job]:
         with self._lock:
-            return list(self._jobs.values())
+            return [job for job in self._jobs.values() if job.tenant == tenant]
 
-    def cancel(self, job_id: str) -> Job:
-        job = self.get(job_id)
+    def cancel(self, tenant: str, job_id: str) -> Job:
+        job = self.get(tenant, job_id)
         with self._lock:
             if job.status == QUEUED:
                 self._finish(job, CANCELLED, error="cancelled by a client")
@@ -253,7 +256,7 @@ class JobRunner:
                 else:
                     _, blob, summary = message
                     try:
-                        version = self._register(job.task, blob)
+                        version = self._register(job.tenant, job.task, blob)
                     except ApiError as exc:
                         return FAILED, None, f"registering the trained adapter failed: {exc.message}"
                     except Exception as exc:

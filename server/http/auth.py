@@ -1,0 +1,58 @@
+"""Who may call what: one dependency per scope, attached to every route of a router.
+
+`classify`: POST /v1/classify, GET /v1/backbone. `manage`: everything on the caller's own tasks and
+jobs. `admin`: keys and tenants. The admin key has every scope and acts for the tenant named by
+`X-Switchboard-Tenant` (default: `default`). /health, /metrics and the OpenAPI documents need no key.
+Denials of management actions are audited.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Depends, Header, Request
+
+from switchboard.server.errors import ApiError, Forbidden
+from switchboard.server.http.audit import audit
+from switchboard.server.http.deps import RuntimeDep
+from switchboard.server.runtime.tenancy import Principal
+
+
+def authenticate(request: Request, runtime: RuntimeDep,
+                 authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+                 x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None,
+                 ) -> Principal:
+    principal = runtime.tenancy.authenticate(authorization, x_switchboard_tenant)
+    request.state.principal = principal
+    return principal
+
+
+def require(scope: str) -> Callable[..., Principal]:
+    """A dependency that admits principals holding `scope` ("admin": the admin key only)."""
+
+    def check(request: Request, runtime: RuntimeDep,
+              authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
+              x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
+        try:
+            principal = authenticate(request, runtime, authorization, x_switchboard_tenant)
+            if scope == "admin" and not principal.admin:
+                if runtime.tenancy.open_mode:
+                    raise Forbidden("open mode has no keys or tenants: start the server with an admin key "
+                                    "(SWITCHBOARD_ADMIN_KEY)")
+                raise Forbidden("this needs the admin key")
+            if scope != "admin" and scope not in principal.scopes:
+                raise Forbidden(f"this key lacks the {scope!r} scope")
+        except ApiError as exc:
+            if scope != "classify" and request.method not in ("GET", "HEAD"):
+                audit(request, None, outcome=f"denied: {exc.type}")
+            raise
+        return principal
+
+    check.__name__ = f"require_{scope}"
+    return check
+
+
+ClassifyAuth = Annotated[Principal, Depends(require("classify"))]
+ManageAuth = Annotated[Principal, Depends(require("manage"))]
+AdminAuth = Annotated[Principal, Depends(require("admin"))]

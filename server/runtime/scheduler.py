@@ -1,0 +1,86 @@
+"""Which waiting request runs next: one FIFO per tenant, tenants chosen by Virtual Token Counter.
+
+VTC (Sheng et al., "Fairness in Serving Large Language Models", OSDI '24): every tenant has a counter
+of the tokens it has been served. The next request comes from the backlogged tenant with the lowest
+counter, and is charged its padded tokens (rows × length) plus a charge for a cold adapter load when
+it is dispatched. A tenant that becomes backlogged is lifted to the lowest counter among the
+backlogged, so idling earns no credit. Work-conserving: with one tenant backlogged, it gets
+everything. `fcfs` (arrival order) is kept for comparison (bench/fairness.py).
+
+A plain data structure: the batcher holds its lock around every call.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+from dataclasses import dataclass, field
+from typing import Literal, Protocol
+
+Policy = Literal["vtc", "fcfs"]
+
+
+class Queued(Protocol):
+    tenant: str
+    rows: int
+    tokens: int
+    cost: int
+    seq: int
+
+
+@dataclass
+class TenantQueues:
+    policy: Policy = "vtc"
+    _queues: dict[str, collections.deque] = field(default_factory=dict)
+    counters: dict[str, float] = field(default_factory=dict)  # VTC: tokens served, per tenant
+    rows: collections.Counter[str] = field(default_factory=collections.Counter)
+    tokens: collections.Counter[str] = field(default_factory=collections.Counter)
+    _seq: itertools.count = field(default_factory=itertools.count)
+
+    @property
+    def total_rows(self) -> int:
+        return sum(self.rows.values())
+
+    @property
+    def total_tokens(self) -> int:
+        return sum(self.tokens.values())
+
+    @property
+    def backlogged(self) -> list[str]:
+        return [t for t, q in self._queues.items() if q]
+
+    def __bool__(self) -> bool:
+        return any(self._queues.values())
+
+    def push(self, item: Queued) -> None:
+        queue = self._queues.setdefault(item.tenant, collections.deque())
+        if not queue:  # becoming backlogged: no credit for the time it was idle
+            others = [self.counters.get(t, 0.0) for t in self.backlogged]
+            if others:
+                self.counters[item.tenant] = max(self.counters.get(item.tenant, 0.0), min(others))
+            self.counters.setdefault(item.tenant, 0.0)
+        item.seq = next(self._seq)
+        queue.append(item)
+        self.rows[item.tenant] += item.rows
+        self.tokens[item.tenant] += item.tokens
+
+    def peek(self) -> Queued | None:
+        """The request that runs next under the policy."""
+        heads = [q[0] for q in self._queues.values() if q]
+        if not heads:
+            return None
+        if self.policy == "fcfs":
+            return min(heads, key=lambda item: item.seq)
+        return min(heads, key=lambda item: (self.counters[item.tenant], item.seq))
+
+    def pop(self, item: Queued, charge: bool = True) -> None:
+        """Remove the head `item` of its tenant's queue; charge its cost unless it was dropped."""
+        queue = self._queues[item.tenant]
+        assert queue[0] is item
+        queue.popleft()
+        self.rows[item.tenant] -= item.rows
+        self.tokens[item.tenant] -= item.tokens
+        if charge:
+            self.counters[item.tenant] = self.counters.get(item.tenant, 0.0) + item.cost
+        if not queue:
+            del self._queues[item.tenant]
