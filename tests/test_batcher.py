@@ -286,3 +286,46 @@ def test_a_standing_queue_switches_admission_to_the_short_target(make):
     shed = asyncio.run(fire())
     assert shed.status == 429 and shed.message.startswith("overloaded") and "limit 0.1 s" in shed.message
     assert pin.count == 0
+
+
+def test_a_tenant_past_its_queued_rows_quota_gets_429_while_others_are_admitted(make):
+    batcher, engine, metrics = make(batch_wait_ms=0, overload_factor=1e9)
+    engine.gate = threading.Event()
+    pin = Pin(1)
+
+    async def fire():
+        busy = batcher.submit(pin.lease(), *rows(0), 30, tenant="A", max_queued_rows=3)
+        await asyncio.sleep(0.1)
+        queued = [batcher.submit(pin.lease(), *rows(i), 30, tenant="A", max_queued_rows=3) for i in (1, 2, 3)]
+        with pytest.raises(Overloaded) as refused:
+            batcher.submit(pin.lease(), *rows(4), 30, tenant="A", max_queued_rows=3)
+        other = batcher.submit(pin.lease(), *rows(5), 30, tenant="B", max_queued_rows=3)  # B's quota is its own
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(i) for i in [busy, *queued, other]])
+        return refused.value
+
+    refused = asyncio.run(fire())
+    assert refused.status == 429 and "max_queued_rows 3" in refused.message and refused.headers["Retry-After"]
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="tenant_queue_full") == 1
+    assert sample(metrics, "switchboard_tenant_throttled_total", tenant="A") == 1
+    assert sample(metrics, "switchboard_tenant_rows_total", tenant="B") == 1
+    assert pin.count == 0
+
+
+def test_batches_follow_vtc_across_tenants(make):
+    batcher, engine, _ = make(batch_wait_ms=0, max_batch_rows=2, overload_factor=1e9)
+    engine.gate = threading.Event()
+    a, b = Pin(1), Pin(2)
+
+    async def fire():
+        first = batcher.submit(a.lease(), *rows(0), 30, **T)
+        await asyncio.sleep(0.1)  # held at the gate
+        flood = [batcher.submit(a.lease(), *rows(i), 30, tenant="A", max_queued_rows=100) for i in range(1, 9)]
+        light = [batcher.submit(b.lease(), *rows(i), 30, tenant="B", max_queued_rows=100) for i in (20, 21)]
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(i) for i in [first, *flood, *light]])
+
+    asyncio.run(fire())
+    # after the first batch, B's two requests (arrived last) ride in the very next batches, not after A's eight
+    second, third = engine.batches[1], engine.batches[2]
+    assert 2 in second and 2 in third, engine.batches
