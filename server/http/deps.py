@@ -13,7 +13,7 @@ from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import Runtime
 from switchboard.server.settings import Settings
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 429, 503, 507)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503, 507)}
 
 
 @dataclass
