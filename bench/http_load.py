@@ -12,7 +12,8 @@ from urllib.parse import urlsplit
 
 
 class Connection:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, headers: dict[str, str] | None = None) -> None:
+        self.extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         parts = urlsplit(url)
         self.host, self.port = parts.hostname or "127.0.0.1", parts.port or 80
         self._reader: asyncio.StreamReader | None = None
@@ -25,7 +26,7 @@ class Connection:
     async def post_json(self, path: str, body: object) -> tuple[int, bytes]:
         payload = json.dumps(body).encode()
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n\r\n").encode()
+                f"Content-Length: {len(payload)}\r\n{self.extra}\r\n").encode()
         for attempt in (0, 1):
             if self._writer is None:
                 await self._connect()
@@ -61,10 +62,10 @@ class Connection:
 
 
 class ConnectionPool:
-    def __init__(self, url: str, size: int) -> None:
+    def __init__(self, url: str, size: int, headers: dict[str, str] | None = None) -> None:
         self._idle: asyncio.LifoQueue[Connection] = asyncio.LifoQueue()
         for _ in range(size):
-            self._idle.put_nowait(Connection(url))
+            self._idle.put_nowait(Connection(url, headers))
         self._all: list[Connection] = []
 
     async def post_json(self, path: str, body: object) -> tuple[int, bytes]:

@@ -50,7 +50,7 @@ def long_texts(n: int, chars: int = 3000) -> list[str]:
 
 
 async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration: float,
-                    seed: int = 0, connections: int = 512) -> dict:
+                    seed: int = 0, connections: int = 512, headers: dict[str, str] | None = None) -> dict:
     """Poisson arrivals; every request's status and latency from its scheduled time."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 1.5) + 10))
@@ -70,12 +70,13 @@ async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, d
         if status == 200:
             latencies.append(time.monotonic() - (t0 + at))
 
-    pool = ConnectionPool(url, connections)
+    pool = ConnectionPool(url, connections, headers)
     t0 = time.monotonic() + 0.2
     await asyncio.gather(*[one(pool, i, float(at), t0) for i, at in enumerate(arrivals)])
     await pool.close()
     lat = np.array(latencies) * 1000 if latencies else np.array([float("nan")])
     return {"offered_rps": rate, "requests": int(sum(statuses.values())), "statuses": dict(statuses),
+            "ok_rps": statuses.get(200, 0) / duration,
             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
             "retry_after": dict(retry_after)}
 

@@ -49,7 +49,7 @@ def server_process(cmd: list[str], url: str, env: dict[str, str] | None = None):
 
 
 async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency: int, duration: float,
-                      ramp: float = 1.0) -> dict:
+                      ramp: float = 1.0, headers: dict[str, str] | None = None) -> dict:
     """Saturation: `concurrency` clients send back-to-back for `duration` seconds; a client told 429
     waits its Retry-After, as a well-behaved client does. `rps` counts answered requests only."""
     done = errors = refused = 0
@@ -70,7 +70,7 @@ async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency:
             done += status == 200
             errors += status != 200
 
-    conns = [Connection(url) for _ in range(concurrency)]
+    conns = [Connection(url, headers) for _ in range(concurrency)]
     start = time.monotonic()
     # clients join over `ramp` seconds, as a real population does, not in the same millisecond
     await asyncio.gather(*[client_loop(c, ramp * i / concurrency) for i, c in enumerate(conns)])
@@ -81,7 +81,7 @@ async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency:
 
 
 async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, duration: float,
-                    seed: int = 0) -> dict:
+                    seed: int = 0, headers: dict[str, str] | None = None) -> dict:
     """Poisson arrivals at `rate`/s; latency from each request's scheduled time (no coordinated omission)."""
     rng = np.random.default_rng(seed)
     arrivals = np.cumsum(rng.exponential(1.0 / rate, size=int(rate * duration * 1.5) + 10))
@@ -103,7 +103,7 @@ async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, d
         else:
             errors += 1
 
-    pool = ConnectionPool(url, 256)
+    pool = ConnectionPool(url, 256, headers)
     t0 = time.monotonic() + 0.2
     await asyncio.gather(*[one(pool, i, float(at), t0) for i, at in enumerate(arrivals)])
     elapsed = time.monotonic() - t0

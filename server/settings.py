@@ -28,6 +28,9 @@ class Settings(BaseSettings):
     tenant_max_queued_rows: int = Field(512, ge=1, description="rows a tenant may have waiting; past it → 429")
     scheduler: Literal["vtc", "fcfs"] = Field("vtc", description="vtc: fair across tenants by virtual token "
                                                                  "counters; fcfs: arrival order")
+    throttle_window_ms: float = Field(50.0, ge=0, description="after a tenant is refused for its own demand, its "
+                                                              "classify requests are refused before their bodies "
+                                                              "are read for up to this long")
     vtc_load_charge_tokens: int = Field(256, ge=0, description="what a request that needed a cold adapter load "
                                                                "is charged on top of its tokens")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
@@ -51,7 +54,7 @@ class Settings(BaseSettings):
     # after batch_wait_ms once the worker is free. Tuned on 2 cores with MiniLM: see docs/benchmarks.md.
     max_batch_rows: int = 64
     max_batch_tokens: int = 8192
-    max_batch_ms: float = Field(150.0, description="under overload, … or when its estimated compute time (tokens / "
+    max_batch_ms: float = Field(60.0, description="under overload, … or when its estimated compute time (tokens / "
                                                    "measured tokens per second) would pass this; 0 = off")
     batch_wait_ms: float = 2.0
     chunk_rows: int = 8

@@ -310,6 +310,27 @@ def test_a_tenant_past_its_queued_rows_quota_gets_429_while_others_are_admitted(
     assert sample(metrics, "switchboard_tenant_throttled_total", tenant="A") == 1
     assert sample(metrics, "switchboard_tenant_rows_total", tenant="B") == 1
     assert pin.count == 0
+    # for a moment after a refusal for its own demand, A is throttled before its next body is read; B never was
+    assert batcher.throttled("A") == int(refused.headers["Retry-After"]) and batcher.throttled("B") is None
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="throttled") == 1
+
+
+def test_without_a_throttle_window_a_refused_tenant_is_judged_request_by_request(make):
+    batcher, engine, _ = make(batch_wait_ms=0, overload_factor=1e9, throttle_window_ms=0)
+    engine.gate = threading.Event()
+    pin = Pin(1)
+
+    async def fire():
+        busy = batcher.submit(pin.lease(), *rows(0), 30, tenant="A", max_queued_rows=1)
+        await asyncio.sleep(0.1)
+        queued = batcher.submit(pin.lease(), *rows(1), 30, tenant="A", max_queued_rows=1)
+        with pytest.raises(Overloaded):
+            batcher.submit(pin.lease(), *rows(2), 30, tenant="A", max_queued_rows=1)
+        engine.gate.set()
+        await asyncio.gather(batcher.result(busy), batcher.result(queued))
+
+    asyncio.run(fire())
+    assert batcher.throttled("A") is None and pin.count == 0
 
 
 def test_batches_follow_vtc_across_tenants(make):

@@ -194,3 +194,16 @@ def test_cli_keys_create_list_revoke(tiny_dir, tmp_path, capsys, monkeypatch):
         capsys.readouterr()
         assert main(["tasks", "--url", url, "--api-key", created["key"]]) == 1
         assert json.loads(capsys.readouterr().out)["error"]["type"] == "unauthorized"
+
+
+def test_a_throttled_tenant_is_refused_before_its_body_is_read(tiny_dir, tmp_path):
+    with serving_in_thread(tmp_path, tiny_dir[1], admin_key=ADMIN) as (url, state):
+        state.runtime.batcher._throttled["flood"] = (float("inf"), 3)  # as after a refusal for its own demand
+        garbage = {"content": b"{not json", "headers": {"content-type": "application/json"}}
+        refused = httpx.post(f"{url}/v1/classify", **garbage | {"headers": garbage["headers"] | admin("flood")})
+        assert refused.status_code == 429 and refused.headers["retry-after"] == "3"
+        assert refused.json()["error"]["type"] == "overloaded"  # the body was never parsed
+        other = httpx.post(f"{url}/v1/classify", **garbage | {"headers": garbage["headers"] | admin("calm")})
+        assert other.status_code == 422, other.text  # another tenant's request takes the full path (JSON error)
+        nokey = httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": "x"})
+        assert nokey.status_code == 401  # the fast path never answers for an unauthenticated caller

@@ -13,7 +13,12 @@ from fastapi import FastAPI
 from switchboard.server import __version__
 from switchboard.server.http.deps import AppState
 from switchboard.server.http.handlers import install_error_handlers
-from switchboard.server.http.middleware import BodyLimitMiddleware, MetricsMiddleware, RequestIdMiddleware
+from switchboard.server.http.middleware import (
+    BodyLimitMiddleware,
+    MetricsMiddleware,
+    RequestIdMiddleware,
+    ThrottleMiddleware,
+)
 from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
 from switchboard.server.runtime.builder import BackboneFactory, build_runtime
 from switchboard.server.settings import Settings
@@ -59,6 +64,7 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     s = state.settings
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
                        max_train_body_bytes=s.max_train_body_bytes)
+    app.add_middleware(ThrottleMiddleware, state=state)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
     install_error_handlers(app, state.metrics)

@@ -95,6 +95,7 @@ class Batcher:
         self._after_batch = after_batch
         self._queues = TenantQueues(settings.scheduler)
         self.admission = Admission(settings)
+        self._throttled: dict[str, tuple[float, int]] = {}  # tenant → (until, Retry-After) after a refusal
         self._cond = threading.Condition()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
@@ -136,9 +137,22 @@ class Batcher:
         if refusal is not None:
             self._refuse(tenant, refusal)
 
+    def throttled(self, tenant: str) -> int | None:
+        """Retry-After if this tenant was refused a moment ago: its next requests are refused before
+        their bodies are even read (the HTTP edge's fast path), so a flood costs little CPU."""
+        until, retry = self._throttled.get(tenant, (0.0, 0))
+        if time.monotonic() < until:
+            self._metrics.dropped.labels("throttled").inc()
+            self._metrics.tenant_throttled.labels(tenant).inc()
+            return retry
+        return None
+
     def _refuse(self, tenant: str, refusal: Refusal) -> None:
         self._metrics.dropped.labels(refusal.reason).inc()
         self._metrics.tenant_throttled.labels(tenant).inc()
+        if refusal.reason in ("queue_delay", "tenant_queue_full"):  # this tenant's demand, not a full queue
+            window = min(refusal.seconds, self._settings.throttle_window_ms / 1000)
+            self._throttled[tenant] = (time.monotonic() + window, refusal.retry_after)
         raise Overloaded(f"{refusal.message}; retry in {refusal.retry_after} s",
                          {"Retry-After": str(refusal.retry_after)})
 
