@@ -4,7 +4,7 @@ return these."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 DEFAULT_TENANT = "default"  # the only tenant in open mode; tasks of pre-tenancy data directories
 TaskKey = tuple[str, str]  # (tenant, task)
@@ -70,3 +70,21 @@ class KeyRecord:
 
     def valid(self, now: float) -> bool:
         return self.revoked_at is None and (self.expires_at is None or now < self.expires_at)
+
+
+@dataclass(frozen=True)
+class StoreChange:
+    """What another replica changed, as the store reports it: one task (re-read it), the keys, the
+    tenants, or everything (after a reconnect, when notifications may have been missed)."""
+
+    kind: Literal["task", "keys", "tenants", "resync"]
+    tenant: str | None = None
+    task: str | None = None
+
+
+class StoreInUseError(RuntimeError):
+    """Another live process holds the data directory."""
+
+
+class StoreUnavailable(RuntimeError):
+    """The shared store cannot be reached now (the server keeps serving what it holds)."""

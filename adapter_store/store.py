@@ -1,257 +1,83 @@
-"""The embedded store: durable, immutable, content-addressed adapter versions under the data directory,
-with tenants and API keys beside them.
+"""The store every backend implements, and how `--store` picks one.
 
-Blobs (native safetensors) live in `blobs/<sha256>.safetensors`, written to a temp file, fsynced and
-renamed; metadata lives in SQLite (WAL, synchronous=FULL). A version is acknowledged only after both
-are durable, so a crash at any point leaves either the old state or the new one, never a version
-without its blob. Orphan blobs (a crash between blob and commit) are removed on open. Blobs are shared
-by content hash across tenants; one is removed only when no version of any tenant refers to it.
-
-Schema versions (`PRAGMA user_version`): 0 = before tenants (tasks keyed by name alone); 2 = tasks
-keyed by (tenant, task), plus tenants and keys. Opening an old data directory migrates it in one
-transaction: its tasks belong to the tenant `default`.
+A store keeps immutable, content-addressed task versions (blob + record), which version of each
+(tenant, task) is current, tenants and API keys. Backends: the embedded SQLite store in the data
+directory (the default; one process) and a shared PostgreSQL store (`postgresql://…`; many replicas,
+each told of the others' changes through `watch`). `tests/test_store_conformance.py` runs one suite
+over both.
 """
 
 from __future__ import annotations
 
-import fcntl
-import json
-import logging
-import os
-import sqlite3
-import tempfile
-import threading
-import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Protocol
 
-from switchboard.adapter_store.records import (
-    DEFAULT_TENANT,
-    KeyRecord,
-    TaskKey,
-    TenantRecord,
-    VersionRecord,
-)
-
-log = logging.getLogger(__name__)
-SCHEMA_VERSION = 2
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS versions (
-    tenant TEXT NOT NULL, task TEXT NOT NULL, version INTEGER NOT NULL, sha256 TEXT NOT NULL, kind TEXT NOT NULL,
-    labels TEXT NOT NULL, params INTEGER NOT NULL, bytes INTEGER NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (tenant, task, version));
-CREATE INDEX IF NOT EXISTS versions_sha256 ON versions (sha256);
-CREATE TABLE IF NOT EXISTS tasks (
-    tenant TEXT NOT NULL, task TEXT NOT NULL, current INTEGER, next_version INTEGER NOT NULL,
-    PRIMARY KEY (tenant, task));
-CREATE TABLE IF NOT EXISTS tenants (
-    tenant TEXT PRIMARY KEY, created_at REAL NOT NULL, max_tasks INTEGER, max_adapter_bytes INTEGER,
-    max_queued_rows INTEGER);
-CREATE TABLE IF NOT EXISTS keys (
-    id TEXT PRIMARY KEY, hash TEXT NOT NULL UNIQUE, tenant TEXT NOT NULL, scopes TEXT NOT NULL, name TEXT,
-    created_at REAL NOT NULL, expires_at REAL, revoked_at REAL);
-"""
-# Before tenants: the same tables without the tenant column.
-MIGRATE_FROM_0 = f"""
-ALTER TABLE versions RENAME TO versions_v0;
-ALTER TABLE tasks RENAME TO tasks_v0;
-{SCHEMA}
-INSERT INTO versions SELECT '{DEFAULT_TENANT}', task, version, sha256, kind, labels, params, bytes, created_at
-    FROM versions_v0;
-INSERT INTO tasks SELECT '{DEFAULT_TENANT}', task, current, next_version FROM tasks_v0;
-DROP TABLE versions_v0;
-DROP TABLE tasks_v0;
-"""
+from switchboard.adapter_store.records import KeyRecord, StoreChange, TaskKey, TenantRecord, VersionRecord
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+class Store(Protocol):
+    url: str  # for logs: "sqlite" or the PostgreSQL URL without its password
 
+    def watch(self, on_change: Callable[[StoreChange], None]) -> None:
+        """Call `on_change` (from a store thread) for every change another process makes."""
 
-class StoreInUseError(RuntimeError):
-    """Another live process holds the data directory."""
+    def healthy(self) -> bool:
+        """False while the store cannot be reached (writes fail; what is held keeps serving)."""
 
+    def close(self) -> None: ...
 
-def _version(row: tuple) -> VersionRecord:
-    return VersionRecord(row[0], row[1], row[2], row[3], row[4], json.loads(row[5]), row[6], row[7], row[8])
-
-
-def _key(row: tuple) -> KeyRecord:
-    return KeyRecord(row[0], row[1], row[2], tuple(json.loads(row[3])), row[4], row[5], row[6], row[7])
-
-
-class AdapterStore:
-    def __init__(self, data_dir: Path) -> None:
-        self.root = Path(data_dir)
-        self.blobs = self.root / "blobs"
-        self.blobs.mkdir(parents=True, exist_ok=True)
-        # One process per data directory: a second one would remove the first one's in-flight blobs as
-        # orphans and race its version numbers. The kernel drops the lock if the process dies.
-        self._lock_file = open(self.root / "lock", "a+")  # noqa: SIM115 - held for the store's lifetime
-        try:
-            fcntl.flock(self._lock_file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            self._lock_file.close()
-            raise StoreInUseError(f"data directory {self.root} is in use by another Switchboard process "
-                                  "(one process per data directory)") from None
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.root / "switchboard.sqlite3", check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._migrate()
-        self._remove_orphans()
-
-    def _migrate(self) -> None:
-        version = self._db.execute("PRAGMA user_version").fetchone()[0]
-        legacy = self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'versions'").fetchone()
-        if version == SCHEMA_VERSION:
-            return
-        self._db.execute("BEGIN IMMEDIATE")  # one transaction (executescript would commit on its own)
-        try:
-            migrate = version == 0 and legacy and "tenant" not in {
-                row[1] for row in self._db.execute("PRAGMA table_info(versions)")}
-            for statement in (MIGRATE_FROM_0 if migrate else SCHEMA).split(";"):
-                if statement.strip():
-                    self._db.execute(statement)
-            if migrate:
-                log.info("migrated %s to tenants: its tasks belong to tenant %r", self.root, DEFAULT_TENANT)
-            self._db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            self._db.execute("COMMIT")
-        except BaseException:
-            self._db.execute("ROLLBACK")
-            raise
-
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
-            self._lock_file.close()
-
-    # ----- blobs -----------------------------------------------------------------------------------
-    def blob_path(self, sha256: str) -> Path:
-        if not all(c in "0123456789abcdef" for c in sha256) or len(sha256) != 64:
-            raise ValueError("not a sha256 hex digest")
-        return self.blobs / f"{sha256}.safetensors"
-
-    def write_blob(self, sha256: str, data: bytes) -> None:
-        """Temp file → fsync → rename → fsync dir. Content-addressed: an existing blob is kept."""
-        path = self.blob_path(sha256)
-        if path.exists():
-            return
-        fd, tmp = tempfile.mkstemp(dir=self.blobs, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-            _fsync_dir(self.blobs)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-
-    def read_blob(self, sha256: str) -> bytes:
-        return self.blob_path(sha256).read_bytes()
-
-    def remove_blob(self, sha256: str) -> None:
-        self.blob_path(sha256).unlink(missing_ok=True)
-
-    def unreferenced(self, sha256: str) -> bool:
-        """No version of any tenant refers to this blob."""
-        with self._lock:
-            return self._db.execute("SELECT 1 FROM versions WHERE sha256 = ? LIMIT 1", (sha256,)).fetchone() is None
-
-    def _remove_orphans(self) -> None:
-        for tmp in self.blobs.glob(".tmp-*"):
-            tmp.unlink(missing_ok=True)
-        referenced = {row[0] for row in self._db.execute("SELECT DISTINCT sha256 FROM versions")}
-        for blob in self.blobs.glob("*.safetensors"):
-            if blob.stem not in referenced:
-                blob.unlink(missing_ok=True)
-
-    # ----- versions --------------------------------------------------------------------------------
+    # versions
     def add_version(self, tenant: str, task: str, sha256: str, kind: str, labels: list[str], params: int,
-                    nbytes: int) -> VersionRecord:
-        """Make a new version current, atomically; the blob must already be written."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            try:
-                row = cur.execute("SELECT next_version FROM tasks WHERE tenant = ? AND task = ?",
-                                  (tenant, task)).fetchone()
-                number = row[0] if row else 1
-                record = VersionRecord(tenant, task, number, sha256, kind, list(labels), params, nbytes, time.time())
-                cur.execute("INSERT INTO versions VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                            (tenant, task, number, sha256, kind, json.dumps(labels), params, nbytes,
-                             record.created_at))
-                cur.execute("INSERT INTO tasks (tenant, task, current, next_version) VALUES (?, ?, ?, ?) "
-                            "ON CONFLICT(tenant, task) DO UPDATE SET current = excluded.current, "
-                            "next_version = excluded.next_version", (tenant, task, number, number + 1))
-                cur.execute("COMMIT")
-            except BaseException:
-                cur.execute("ROLLBACK")
-                raise
-            return record
+                    nbytes: int, blob: bytes) -> VersionRecord:
+        """Durably store blob and record and make the version current; numbers never repeat per task."""
 
-    def set_current(self, tenant: str, task: str, version: int) -> None:
-        with self._lock:
-            self._db.execute("UPDATE tasks SET current = ? WHERE tenant = ? AND task = ?", (version, tenant, task))
+    def set_current(self, tenant: str, task: str, version: int) -> None: ...
 
     def delete(self, tenant: str, task: str) -> None:
-        """The task disappears; its number sequence is kept so version numbers never repeat."""
-        with self._lock:
-            cur = self._db.cursor()
-            cur.execute("BEGIN IMMEDIATE")
-            cur.execute("UPDATE tasks SET current = NULL WHERE tenant = ? AND task = ?", (tenant, task))
-            cur.execute("DELETE FROM versions WHERE tenant = ? AND task = ?", (tenant, task))
-            cur.execute("COMMIT")
+        """The task's versions go; its number sequence stays, so version numbers never repeat."""
 
-    def load_all(self) -> tuple[dict[TaskKey, int], dict[TaskKey, list[VersionRecord]]]:
-        """((tenant, task) → current version, (tenant, task) → its versions) for every live task."""
-        with self._lock:
-            current = {(tenant, task): cur for tenant, task, cur in
-                       self._db.execute("SELECT tenant, task, current FROM tasks WHERE current IS NOT NULL")}
-            versions: dict[TaskKey, list[VersionRecord]] = {}
-            for row in self._db.execute("SELECT tenant, task, version, sha256, kind, labels, params, bytes, "
-                                        "created_at FROM versions ORDER BY tenant, task, version"):
-                if (row[0], row[1]) in current:
-                    versions.setdefault((row[0], row[1]), []).append(_version(row))
-            return current, versions
+    def task(self, tenant: str, task: str) -> tuple[int | None, list[VersionRecord]]: ...
 
-    # ----- tenants ---------------------------------------------------------------------------------
-    def put_tenant(self, record: TenantRecord) -> TenantRecord:
-        with self._lock:
-            self._db.execute("INSERT INTO tenants VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant) DO UPDATE SET "
-                             "max_tasks = excluded.max_tasks, max_adapter_bytes = excluded.max_adapter_bytes, "
-                             "max_queued_rows = excluded.max_queued_rows",
-                             (record.tenant, record.created_at, record.max_tasks, record.max_adapter_bytes,
-                              record.max_queued_rows))
-        return record
+    def load_all(self) -> tuple[dict[TaskKey, int], dict[TaskKey, list[VersionRecord]]]: ...
 
-    def tenants(self) -> list[TenantRecord]:
-        with self._lock:
-            return [TenantRecord(*row) for row in self._db.execute(
-                "SELECT tenant, created_at, max_tasks, max_adapter_bytes, max_queued_rows FROM tenants "
-                "ORDER BY tenant")]
+    # blobs
+    def read_blob(self, sha256: str) -> bytes: ...
 
-    # ----- keys ------------------------------------------------------------------------------------
-    def add_key(self, record: KeyRecord) -> KeyRecord:
-        with self._lock:
-            self._db.execute("INSERT INTO keys VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                             (record.id, record.hash, record.tenant, json.dumps(list(record.scopes)), record.name,
-                              record.created_at, record.expires_at, record.revoked_at))
-        return record
+    def release_blob(self, sha256: str) -> bool:
+        """Remove a blob no version of any tenant refers to; True if it went."""
 
-    def revoke_key(self, key_id: str, at: float) -> bool:
-        """False if there is no such live key."""
-        with self._lock:
-            cur = self._db.execute("UPDATE keys SET revoked_at = ? WHERE id = ? AND revoked_at IS NULL", (at, key_id))
-            return cur.rowcount == 1
+    # tenants and keys
+    def put_tenant(self, record: TenantRecord) -> TenantRecord: ...
 
-    def api_keys(self) -> list[KeyRecord]:
-        with self._lock:
-            return [_key(row) for row in self._db.execute(
-                "SELECT id, hash, tenant, scopes, name, created_at, expires_at, revoked_at FROM keys "
-                "ORDER BY created_at")]
+    def tenants(self) -> list[TenantRecord]: ...
+
+    def add_key(self, record: KeyRecord) -> KeyRecord: ...
+
+    def revoke_key(self, key_id: str, at: float) -> bool: ...
+
+    def api_keys(self) -> list[KeyRecord]: ...
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for logs."""
+    scheme, sep, rest = url.partition("://")
+    credentials, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = credentials.partition(":")[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def open_store(url: str | None, data_dir: Path) -> Store:
+    """None or "sqlite" → the embedded store in `data_dir`; `postgresql://…` → the shared store (blobs
+    cached under `data_dir`)."""
+    if not url or url == "sqlite":
+        from switchboard.adapter_store.sqlite_store import SQLiteStore
+
+        return SQLiteStore(data_dir)
+    if url.startswith(("postgresql://", "postgres://")):
+        from switchboard.adapter_store.postgres_store import PostgresStore
+
+        return PostgresStore(url, data_dir)
+    raise ValueError(f"--store must be a postgresql:// URL or absent (the embedded SQLite store), not {redact(url)!r}")

@@ -22,7 +22,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from switchboard.server.settings import Settings
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
-                                   "data_dir": args.data_dir, "dtype": args.dtype, "threads": args.threads,
+                                   "data_dir": args.data_dir, "store": args.store, "dtype": args.dtype,
+                                   "threads": args.threads,
                                    "max_length": args.max_length, "log_level": args.log_level,
                                    "log_format": args.log_format, "admin_key_file": args.admin_key_file,
                                    "allow_unauthenticated": args.allow_unauthenticated or None}.items()
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=None, help="port (default 8000)")
     serve.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
     serve.add_argument("--data-dir", default=None, help="data directory (default ./switchboard-data)")
+    serve.add_argument("--store", default=None,
+                       help="postgresql://… for a store shared by replicas (SWITCHBOARD_STORE); default: the "
+                            "embedded SQLite store in --data-dir")
     serve.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32)")
     serve.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")

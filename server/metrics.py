@@ -72,4 +72,7 @@ class Metrics:
                                         ["tenant"], registry=r)
         self.tenant_vtc = Gauge("switchboard_tenant_vtc_tokens", "The scheduler's virtual token counter, per tenant",
                                 ["tenant"], registry=r)
+        self.store_changes = Counter("switchboard_store_changes", "Changes from a shared store applied (task, keys, "
+                                     "tenants, resync)", ["kind"], registry=r)
+        self.store_up = Gauge("switchboard_store_up", "1 while the store can be reached", registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

@@ -16,6 +16,10 @@ class Settings(BaseSettings):
     port: int = 8000
     model: Path | None = Field(None, description="local model directory; default: embedded all-MiniLM-L6-v2")
     data_dir: Path = Path("./switchboard-data")
+    store: str | None = Field(None, description="absent: the embedded SQLite store in data_dir; postgresql://… : a "
+                                                "shared store for replicas (blobs cached in data_dir)")
+    store_resync_s: float = Field(30.0, gt=0, description="a shared store is re-read whole this often, in case a "
+                                                          "change notification was missed")
     dtype: Literal["fp32", "bf16"] = "fp32"
     threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
     # Tenants and keys (docs/security.md). No admin key: open mode, one tenant `default`, loopback only.

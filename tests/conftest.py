@@ -24,3 +24,18 @@ def adapters(tiny_dir):
     backbone = tiny_dir[1]
     return {f"task-{i}": random_adapter(backbone.spec, seed=100 + i, backbone_model=backbone.model, **kw)
             for i, kw in enumerate(KINDS)}
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """One throw-away PostgreSQL cluster for the session (skips without PostgreSQL installed)."""
+    from tests.real_services import postgres_cluster
+
+    with postgres_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def pg_url(pg_cluster) -> str:
+    """A fresh database for one test."""
+    return pg_cluster.new_database()

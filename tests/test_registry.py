@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from switchboard.adapter_store.store import AdapterStore
+from switchboard.adapter_store.sqlite_store import SQLiteStore
 from switchboard.server.core.engine import CapacityError
 from switchboard.server.errors import TaskNotFound, VersionNotFound
 from switchboard.server.metrics import Metrics
@@ -18,7 +18,7 @@ from tests.fakes import FakeEngine
 @pytest.fixture
 def registry(tiny, tmp_path):
     engine = FakeEngine(tiny.spec)
-    store = AdapterStore(tmp_path)
+    store = SQLiteStore(tmp_path)
     yield Registry(engine, Metrics(), store, host_cache_bytes=1 << 20), engine, store
     store.close()
 
@@ -84,7 +84,7 @@ def test_leased_versions_finish_on_their_slot_across_a_swap_and_a_rollback(regis
 def test_lru_eviction_never_takes_a_leased_version(tiny, tmp_path):
     adapters = [random_adapter(tiny.spec, seed=i, kind="ia3") for i in range(3)]
     engine = FakeEngine(tiny.spec, max_adapter_bytes=max(a.nbytes for a in adapters) * 2)
-    store = AdapterStore(tmp_path)
+    store = SQLiteStore(tmp_path)
     reg = Registry(engine, Metrics(), store)
     for i, adapter in enumerate(adapters):
         reg.put(("default", f"t{i}"), adapter, tiny.spec.fingerprint)  # the third upload evicts the least recent
@@ -123,7 +123,7 @@ def test_a_load_that_cannot_fit_evicts_nothing(tiny, tmp_path):
     task's slots first."""
     small = [random_adapter(tiny.spec, seed=i, kind="ia3") for i in range(3)]
     engine = FakeEngine(tiny.spec, max_adapter_bytes=small[0].nbytes * 3)
-    store = AdapterStore(tmp_path)
+    store = SQLiteStore(tmp_path)
     reg = Registry(engine, Metrics(), store)
     for i, adapter in enumerate(small):
         reg.put(("default", f"t{i}"), adapter, tiny.spec.fingerprint)

@@ -13,7 +13,8 @@ import time
 import httpx
 import pytest
 
-from switchboard.adapter_store.store import AdapterStore, StoreInUseError
+from switchboard.adapter_store.records import StoreInUseError
+from switchboard.adapter_store.sqlite_store import SQLiteStore
 from tests.factories import TEXTS, random_adapter
 from tests.server_fixture import ROOT, free_port, metric_samples, running_server, serving_in_thread, upload
 
@@ -98,7 +99,7 @@ def test_sigkill_during_uploads_loses_no_acknowledged_version(tiny_dir, tmp_path
             t.join(30)
         proc.wait(10)
     assert len(acknowledged) >= 5, "the uploaders should have been acknowledged several times before the kill"
-    store = AdapterStore(tmp_path)  # opening removes orphans; the store must be consistent
+    store = SQLiteStore(tmp_path)  # opening removes orphans; the store must be consistent
     current, versions = store.load_all()
     stored = {(r.task, r.version): r.sha256 for rs in versions.values() for r in rs}
     for key, sha in acknowledged.items():
@@ -122,9 +123,9 @@ def test_one_process_per_data_dir(tiny_dir, tmp_path):
         assert "in use by another Switchboard process" in second.stderr
         assert httpx.get(f"{url}/health").status_code == 200
     with pytest.raises(StoreInUseError):  # in-process too; released on close
-        first = AdapterStore(tmp_path)
+        first = SQLiteStore(tmp_path)
         try:
-            AdapterStore(tmp_path)
+            SQLiteStore(tmp_path)
         finally:
             first.close()
-    AdapterStore(tmp_path).close()
+    SQLiteStore(tmp_path).close()

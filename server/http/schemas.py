@@ -21,7 +21,8 @@ class ErrorResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: str = Field(examples=["ok"])
+    status: Literal["ok", "degraded"] = Field(examples=["ok"], description="degraded: the shared store cannot be "
+                                              "reached; resident tasks are served, writes fail with 503")
 
 
 class BackboneInfo(BaseModel):

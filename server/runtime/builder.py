@@ -11,7 +11,7 @@ import torch
 
 from switchboard.adapter_store.formats import native
 from switchboard.adapter_store.limits import UploadLimits
-from switchboard.adapter_store.store import AdapterStore
+from switchboard.adapter_store.store import Store, open_store
 from switchboard.server.core import memory
 from switchboard.server.core.backbone import Backbone, load_backbone
 from switchboard.server.core.engine import Engine
@@ -19,6 +19,7 @@ from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.batcher import Batcher
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.registry import Registry
+from switchboard.server.runtime.replication import StoreFollower
 from switchboard.server.runtime.tenancy import Quotas, Tenancy
 from switchboard.server.runtime.training.jobs import JobRunner
 from switchboard.server.settings import Settings
@@ -33,7 +34,7 @@ class Runtime:
     """Everything that serves once the backbone is loaded."""
 
     engine: Engine
-    store: AdapterStore
+    store: Store
     registry: Registry
     batcher: Batcher
     jobs: JobRunner
@@ -41,6 +42,7 @@ class Runtime:
     upload_pool: BoundedExecutor  # parsing and storing uploads
     upload_limits: UploadLimits
     tenancy: Tenancy
+    follower: StoreFollower
 
     @property
     def ready(self) -> bool:
@@ -49,6 +51,7 @@ class Runtime:
     def stop(self) -> None:
         """Training jobs first (cancelled), then the batcher (admitted requests finish), then the store."""
         self.jobs.stop()
+        self.follower.stop()
         self.batcher.stop()
         self.upload_pool.shutdown()
         self.request_pool.shutdown()
@@ -68,7 +71,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     backbone = (backbone_factory or default_backbone_factory(s))()
     engine = Engine(backbone, dtype=torch.bfloat16 if s.dtype == "bf16" else torch.float32,
                     max_adapter_bytes=s.max_adapter_bytes, chunk_rows=s.chunk_rows)
-    store = AdapterStore(s.data_dir)
+    store = open_store(s.store, s.data_dir)
     registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
     restored = registry.restore()
     trim = memory.periodic_trim(10.0)
@@ -84,6 +87,8 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
 
     tenancy = Tenancy(store, admin_key(s), Quotas(s.tenant_max_tasks, s.tenant_max_adapter_bytes,
                                                   s.tenant_max_queued_rows))
+    follower = StoreFollower(store, registry, tenancy, metrics, resync_s=s.store_resync_s)
+    follower.start()
 
     def register(tenant: str, task: str, blob: bytes) -> dict:
         """A training job's result becomes the task's next version, like an upload."""
@@ -100,7 +105,9 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     log.info("ready: model %s (%s, %d layers, max_length %d, %s), dtype %s, %d torch threads on %s; "
              "store %s with %d tasks; slot budget %d MiB",
              spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, s.dtype,
-             torch.get_num_threads(), engine.device, s.data_dir.resolve(), restored, s.max_adapter_bytes >> 20)
+             torch.get_num_threads(), engine.device,
+             store.url if store.url != "sqlite" else f"sqlite in {s.data_dir.resolve()}", restored,
+             s.max_adapter_bytes >> 20)
     limits = UploadLimits(max_labels=s.max_labels, max_label_length=s.max_label_length,
                           max_task_bytes=s.max_task_bytes, max_files=s.max_upload_files)
     request_pool = BoundedExecutor("request", s.request_threads, max(1, s.max_queue_rows), metrics, s.retry_after_s)
@@ -108,7 +115,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     mode = "open mode: no API keys, one tenant 'default'" if tenancy.open_mode else (
         f"auth mode: {len(tenancy.tenant_names())} tenants, {len(tenancy.api_keys())} keys")
     log.info("tenancy: %s; scheduler %s", mode, s.scheduler)
-    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits, tenancy)
+    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits, tenancy, follower)
 
 
 def admin_key(settings: Settings) -> str | None:

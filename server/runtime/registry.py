@@ -25,7 +25,7 @@ from cachetools import LRUCache
 
 from switchboard.adapter_store.formats import native
 from switchboard.adapter_store.records import TaskKey, VersionRecord
-from switchboard.adapter_store.store import AdapterStore
+from switchboard.adapter_store.store import Store
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.engine import CapacityError, ResidentTask
@@ -102,7 +102,7 @@ class TaskView:
 
 
 class Registry:
-    def __init__(self, engine: SlotEngine, metrics: Metrics, store: AdapterStore,
+    def __init__(self, engine: SlotEngine, metrics: Metrics, store: Store,
                  host_cache_bytes: int = 256 << 20) -> None:
         self._engine = engine
         self._metrics = metrics
@@ -132,6 +132,55 @@ class Registry:
         self._update_gauges()
         return len(self._tasks)
 
+    # ----- other replicas' writes --------------------------------------------------------------------
+    def refresh(self, key: TaskKey) -> None:
+        """Apply the store's state of one task (another replica uploaded, rolled back or deleted it).
+        Under the write lock, so it never interleaves with this replica's own write of the same task."""
+        with self._write_lock:
+            current, records = self._store.task(*key)
+            self._apply(key, current, records)
+        self.unload_released()
+        self._update_gauges()
+
+    def resync(self) -> int:
+        """Apply the store's whole state (after missed notifications); returns how many tasks changed."""
+        with self._write_lock:
+            current, versions = self._store.load_all()
+            with self._lock:
+                keys = set(current) | set(self._tasks)
+            changed = sum(self._apply(key, current.get(key), versions.get(key, [])) for key in keys)
+        self.unload_released()
+        self._update_gauges()
+        return changed
+
+    def _apply(self, key: TaskKey, current: int | None, records: list[VersionRecord]) -> bool:
+        """Make this task's view equal the store's; versions already known keep their runtime state
+        (slots, pins). True if anything changed."""
+        with self._lock:
+            entry = self._tasks.get(key)
+            by_number = {r.version: r for r in records}
+            if current is None or current not in by_number:
+                if entry is None:
+                    return False
+                del self._tasks[key]
+                for v in entry.versions:
+                    self._retire(v)
+                return True
+            if entry is None:
+                states = [_Version(r, current=r.version == current) for r in records]
+                self._tasks[key] = _Entry(current=next(v for v in states if v.current), versions=states)
+                return True
+            known = {v.record.version: v for v in entry.versions}
+            added = [_Version(r, current=False) for n, r in by_number.items() if n not in known]
+            entry.versions = sorted([*entry.versions, *added], key=lambda v: v.record.version)
+            target = next(v for v in entry.versions if v.record.version == current)
+            if target is entry.current:
+                return bool(added)
+            self._retire(entry.current)
+            target.current = True
+            entry.current = target
+            return True
+
     # ----- writes ------------------------------------------------------------------------------------
     def put(self, key: TaskKey, adapter: TaskAdapter, fingerprint: str,
             quota: StorageQuota | None = None) -> VersionRecord:
@@ -147,9 +196,8 @@ class Registry:
         with self._write_lock:
             if quota is not None:
                 self._check_quota(key, adapter.nbytes, quota)
-            self._store.write_blob(digest, blob)
             record = self._store.add_version(tenant, task, digest, adapter.kind, adapter.labels,
-                                             adapter.num_params, adapter.nbytes)
+                                             adapter.num_params, adapter.nbytes, blob)
             lease = self._switch(key, _Version(record))
         with lease:  # held while loading, so it cannot be evicted before its first use
             try:
@@ -219,10 +267,9 @@ class Registry:
             self.unload_released()
             for v in entry.versions:
                 # a pinned version may still need its blob to load; it becomes an orphan, removed at open
-                if v.pins == 0 and self._store.unreferenced(v.record.sha256):
+                if v.pins == 0 and self._store.release_blob(v.record.sha256):
                     with self._lock:
                         self._host.pop(v.record.sha256, None)
-                    self._store.remove_blob(v.record.sha256)
 
     # ----- requests ----------------------------------------------------------------------------------
     def acquire(self, key: TaskKey) -> Lease:

@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 
 from switchboard.adapter_store.records import DEFAULT_TENANT, SCOPES, KeyRecord, TenantRecord
-from switchboard.adapter_store.store import AdapterStore
+from switchboard.adapter_store.store import Store
 from switchboard.server.errors import KeyNotFound, Unauthorized
 from switchboard.server.runtime.registry import StorageQuota
 
@@ -55,7 +55,7 @@ class Quotas:
 
 
 class Tenancy:
-    def __init__(self, store: AdapterStore, admin_key: str | None, defaults: Quotas) -> None:
+    def __init__(self, store: Store, admin_key: str | None, defaults: Quotas) -> None:
         self._store = store
         self._admin_digest = digest(admin_key) if admin_key else None
         self.defaults = defaults

@@ -13,10 +13,14 @@ router = APIRouter(tags=["operations"])
 
 @router.get("/health", response_model=Health, responses={503: {"model": ErrorResponse}})
 def health(runtime: RuntimeDep) -> Health:
-    """200 once the backbone is loaded and the batcher runs; 503 (with the reason) before."""
-    return Health(status="ok")
+    """200 once the backbone is loaded and the batcher runs; 503 (with the reason) before. "degraded"
+    (still 200: the replica keeps serving what it holds) while a shared store cannot be reached."""
+    up = runtime.store.healthy()
+    return Health(status="ok" if up else "degraded")
 
 
 @router.get("/metrics", response_class=Response)
 def metrics(state: StateDep) -> Response:
+    if state.runtime is not None:
+        state.metrics.store_up.set(1 if state.runtime.store.healthy() else 0)
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
