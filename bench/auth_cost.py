@@ -44,7 +44,7 @@ def start(stack: ExitStack, auth: bool) -> tuple[str, dict[str, str]]:
     stack.enter_context(running_process(cmd, url, data / "server.log", env=env))
     manage = {"Authorization": f"Bearer {ADMIN}"} if auth else {}
     if auth:
-        created = httpx.post(f"{url}/v1/keys", headers=manage, json={"tenant": "acme", "scopes": ["manage"]})
+        created = httpx.post(f"{url}/v1/keys", headers=manage, json={"tenant": "acme", "scopes": ["classify", "manage"]})
         manage = {"Authorization": f"Bearer {created.raise_for_status().json()['key']}"}
     fp = httpx.get(f"{url}/v1/backbone", headers=manage).json()["fingerprint"]
     spec = load_backbone().spec

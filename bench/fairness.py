@@ -32,6 +32,16 @@ from switchboard.server.core.backbone import load_backbone
 ADMIN = "fairness-bench-admin-key"
 
 
+def engine_counters(url: str) -> tuple[float, float, float]:
+    """(seconds of forward passes, rows, batches) so far, from /metrics."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    values = {s.name: s.value for f in text_string_to_metric_families(httpx.get(f"{url}/metrics").text)
+              for s in f.samples}
+    return (values["switchboard_inference_duration_seconds_sum"], values["switchboard_batch_rows_sum"],
+            values["switchboard_batches_total"])
+
+
 def measure(scheduler: str, texts: list[str], duration: float, extra_env: dict[str, str] | None = None) -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
@@ -64,12 +74,16 @@ def measure(scheduler: str, texts: list[str], duration: float, extra_env: dict[s
                     open_loop(url, tasks["A"], texts, flood, duration, seed=2, headers=keys["A"]),
                     open_loop(url, tasks["B"], texts, light, duration, seed=3, headers=keys["B"]))
 
+            before = engine_counters(url)
             a, b = asyncio.run(both())
+            after = engine_counters(url)
     row = {"scheduler": scheduler, "saturation_rps": sat, "b_rate": light, "a_rate": flood,
            "b_alone_p50_ms": alone["p50_ms"], "b_alone_p99_ms": alone["p99_ms"], "b_alone_statuses": alone["statuses"],
            "b_flood_p50_ms": b["p50_ms"], "b_flood_p99_ms": b["p99_ms"], "b_flood_statuses": b["statuses"],
            "a_flood_statuses": a["statuses"], "total_ok_rps": a["ok_rps"] + b["ok_rps"],
-           "b_p99_flood_vs_alone": b["p99_ms"] / alone["p99_ms"]}
+           "b_p99_flood_vs_alone": b["p99_ms"] / alone["p99_ms"],
+           "engine_busy_flood": (after[0] - before[0]) / duration,
+           "rows_per_batch_flood": (after[1] - before[1]) / max(1.0, after[2] - before[2])}
     print(json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
     return row
 

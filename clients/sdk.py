@@ -168,6 +168,11 @@ def _headers(api_key: str | None, tenant: str | None) -> dict[str, str]:
     return headers
 
 
+def _affinity(task: str) -> dict[str, str]:
+    """`X-Switchboard-Task`: a proxy hashing on it sends each task to the replica where it is resident."""
+    return {"X-Switchboard-Task": task}
+
+
 def _version() -> str:
     try:
         return version("switchboard")
@@ -214,30 +219,33 @@ class Client:
 
     def classify(self, task: str, inputs: str | list[str], raw_scores: bool = False,
                  top_k: int | None = None) -> ClassifyResult:
-        r = self._http.post("/v1/classify", json=_classify_body(task, inputs, raw_scores, top_k))
+        r = self._http.post("/v1/classify", json=_classify_body(task, inputs, raw_scores, top_k),
+                                   headers=_affinity(task))
         return _classify_result(_raise_for(r).json())
 
     def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None) -> TaskVersion:
         files, data = _upload_parts(list(paths), labels)
-        return TaskVersion(**_raise_for(self._http.put(f"/v1/tasks/{task}", files=files, data=data)).json())
+        r = self._http.put(f"/v1/tasks/{task}", files=files, data=data, headers=_affinity(task))
+        return TaskVersion(**_raise_for(r).json())
 
     def tasks(self) -> list[Task]:
         return [_task(t) for t in _raise_for(self._http.get("/v1/tasks")).json()["tasks"]]
 
     def task(self, task: str) -> Task:
-        return _task(_raise_for(self._http.get(f"/v1/tasks/{task}")).json())
+        return _task(_raise_for(self._http.get(f"/v1/tasks/{task}", headers=_affinity(task))).json())
 
     def rollback(self, task: str, version: int) -> TaskVersion:
-        r = self._http.post(f"/v1/tasks/{task}/rollback", json={"version": version})
+        r = self._http.post(f"/v1/tasks/{task}/rollback", json={"version": version}, headers=_affinity(task))
         return TaskVersion(**_raise_for(r).json())
 
     def delete(self, task: str) -> None:
-        _raise_for(self._http.delete(f"/v1/tasks/{task}"))
+        _raise_for(self._http.delete(f"/v1/tasks/{task}", headers=_affinity(task)))
 
     def train(self, task: str, examples: Iterable[tuple[str, str]],
               eval_examples: Iterable[tuple[str, str]] | None = None, **options: object) -> Job:
         """Start a few-shot (IA)3 job on the server (options: steps, batch_size, lr, seed)."""
-        r = self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options))
+        r = self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options),
+                            headers=_affinity(task))
         return Job(**_raise_for(r).json())
 
     def job(self, job_id: str) -> Job:
@@ -313,30 +321,32 @@ class AsyncClient:
 
     async def classify(self, task: str, inputs: str | list[str], raw_scores: bool = False,
                        top_k: int | None = None) -> ClassifyResult:
-        r = await self._http.post("/v1/classify", json=_classify_body(task, inputs, raw_scores, top_k))
+        r = await self._http.post("/v1/classify", json=_classify_body(task, inputs, raw_scores, top_k),
+                                   headers=_affinity(task))
         return _classify_result(_raise_for(r).json())
 
     async def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None) -> TaskVersion:
         files, data = _upload_parts(list(paths), labels)
-        r = await self._http.put(f"/v1/tasks/{task}", files=files, data=data)
+        r = await self._http.put(f"/v1/tasks/{task}", files=files, data=data, headers=_affinity(task))
         return TaskVersion(**_raise_for(r).json())
 
     async def tasks(self) -> list[Task]:
         return [_task(t) for t in _raise_for(await self._http.get("/v1/tasks")).json()["tasks"]]
 
     async def task(self, task: str) -> Task:
-        return _task(_raise_for(await self._http.get(f"/v1/tasks/{task}")).json())
+        return _task(_raise_for(await self._http.get(f"/v1/tasks/{task}", headers=_affinity(task))).json())
 
     async def rollback(self, task: str, version: int) -> TaskVersion:
-        r = await self._http.post(f"/v1/tasks/{task}/rollback", json={"version": version})
+        r = await self._http.post(f"/v1/tasks/{task}/rollback", json={"version": version}, headers=_affinity(task))
         return TaskVersion(**_raise_for(r).json())
 
     async def delete(self, task: str) -> None:
-        _raise_for(await self._http.delete(f"/v1/tasks/{task}"))
+        _raise_for(await self._http.delete(f"/v1/tasks/{task}", headers=_affinity(task)))
 
     async def train(self, task: str, examples: Iterable[tuple[str, str]],
                     eval_examples: Iterable[tuple[str, str]] | None = None, **options: object) -> Job:
-        r = await self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options))
+        r = await self._http.post(f"/v1/tasks/{task}/train", json=_train_body(examples, eval_examples, options),
+                            headers=_affinity(task))
         return Job(**_raise_for(r).json())
 
     async def job(self, job_id: str) -> Job:

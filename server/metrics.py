@@ -1,8 +1,9 @@
-"""Prometheus metrics with bounded label sets (no per-task labels), one registry per app."""
+"""Prometheus metrics with bounded label sets (no per-task labels), one registry per app, plus the
+process collector's process_* and python_info families."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -10,6 +11,9 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 
 class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
+        # process_* (resident memory, CPU seconds, open fds) and python_info: what operators alert on
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.requests = Counter("switchboard_requests", "HTTP requests by endpoint and status code",
                                 ["endpoint", "status"], registry=r)
         self.failures = Counter("switchboard_request_failures", "Failed requests by error type", ["type"], registry=r)

@@ -39,11 +39,12 @@ def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:
 
 
 def metric_samples(url: str) -> dict[str, float]:
-    """/metrics parsed with prometheus-client's own parser; every family must be switchboard_*."""
+    """/metrics parsed with prometheus-client's own parser; every family is switchboard_*, or the process
+    collector's process_* / python_info."""
     text = httpx.get(f"{url}/metrics").text
     out: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-        assert family.name.startswith("switchboard_"), family.name
+        assert family.name.startswith(("switchboard_", "process_", "python_")), family.name
         for sample in family.samples:
             key = sample.name + (json.dumps(sample.labels, sort_keys=True) if sample.labels else "")
             out[key] = sample.value

@@ -36,6 +36,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, int]] = {
     ("DELETE", "/v1/keys/{key_id}"): ("admin", {}, 204),
     ("PUT", "/v1/tenants/{tenant}"): ("admin", {"json": {"max_tasks": 50}}, 200),
     ("GET", "/v1/tenants/{tenant}"): ("admin", {}, 200),
+    ("GET", "/v1/residency"): ("admin", {}, 200),
 }
 CALLERS = ["none", "bad", "revoked", "expired", "classify_a", "manage_b", "admin"]
 

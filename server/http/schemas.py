@@ -185,3 +185,21 @@ class TenantInfo(BaseModel):
     max_adapter_bytes: int | None
     max_queued_rows: int
     usage: TenantUsage
+
+
+class ResidentVersion(BaseModel):
+    tenant: str
+    task: str
+    version: int
+    bytes: int
+    pins: int = Field(description="requests holding it now")
+    resident_s: float = Field(description="seconds since it was loaded into its slot")
+
+
+class Residency(BaseModel):
+    """What this replica holds in device slots: for routers smarter than a hash, and for operators."""
+
+    resident: list[ResidentVersion] = Field(description="least recently used first")
+    resident_bytes: int
+    slot_budget_bytes: int
+    registered_tasks: int

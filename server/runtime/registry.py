@@ -360,6 +360,17 @@ class Registry:
                 raise TaskNotFound(f"unknown task {key[1]!r}")
             return TaskView(entry.current.record, [v.record for v in entry.versions])
 
+    @property
+    def registered_tasks(self) -> int:
+        with self._lock:
+            return len(self._tasks)
+
+    def residency(self) -> list[tuple[VersionRecord, int, float]]:
+        """(record, pins, seconds resident) of every version in a device slot, most recently used last."""
+        now = time.monotonic()
+        with self._lock:
+            return [(v.record, v.pins, now - v.loaded_at) for v in self._resident.values()]
+
     def page(self, tenant: str, after: str | None, limit: int) -> list[TaskView]:
         """Up to `limit` of the tenant's tasks named after `after`, by name."""
         with self._lock:

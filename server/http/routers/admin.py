@@ -18,6 +18,8 @@ from switchboard.server.http.schemas import (
     KeyCreated,
     KeyInfo,
     KeyList,
+    Residency,
+    ResidentVersion,
     TenantInfo,
     TenantQuota,
     TenantUsage,
@@ -89,3 +91,15 @@ def get_tenant(tenant: TenantName, runtime: RuntimeDep, principal: AdminAuth) ->
     if runtime.tenancy.tenant(tenant) is None:
         raise TenantNotFound(f"unknown tenant {tenant!r}")
     return _tenant(runtime, tenant)
+
+
+@router.get("/v1/residency", response_model=Residency, responses=ERRORS)
+def residency(runtime: RuntimeDep, principal: AdminAuth) -> Residency:
+    """The task versions resident in this replica's device slots (admin only: it names every tenant's
+    tasks). Routers may send a task where it is resident; the hash on `X-Switchboard-Task` does that
+    without asking."""
+    resident = [ResidentVersion(tenant=r.tenant, task=r.task, version=r.version, bytes=r.bytes, pins=pins,
+                                resident_s=round(age, 3)) for r, pins, age in runtime.registry.residency()]
+    return Residency(resident=resident, resident_bytes=runtime.engine.resident_bytes,
+                     slot_budget_bytes=runtime.engine.max_adapter_bytes,
+                     registered_tasks=runtime.registry.registered_tasks)
