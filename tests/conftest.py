@@ -29,10 +29,42 @@ def adapters(tiny_dir):
 @pytest.fixture(scope="session")
 def pg_cluster():
     """One throw-away PostgreSQL cluster for the session (skips without PostgreSQL installed)."""
-    from tests.real_services import postgres_cluster
+    from switchboard.clients.local_services import ServiceMissing, postgres_cluster
 
-    with postgres_cluster() as cluster:
-        yield cluster
+    try:
+        with postgres_cluster() as cluster:
+            yield cluster
+    except ServiceMissing as missing:
+        pytest.skip(str(missing))
+
+
+@pytest.fixture
+def fresh_pg_cluster():
+    """A cluster of its own, for a test that stops and starts it."""
+    from switchboard.clients.local_services import ServiceMissing, postgres_cluster
+
+    try:
+        with postgres_cluster() as cluster:
+            yield cluster
+    except ServiceMissing as missing:
+        pytest.skip(str(missing))
+
+
+@pytest.fixture
+def nginx_proxy():
+    """nginx(config_text, port) → its URL, for the test's lifetime (skips without nginx)."""
+    from contextlib import ExitStack
+
+    from switchboard.clients.local_services import ServiceMissing, nginx
+
+    with ExitStack() as stack:
+        def start(config_text: str, port: int) -> str:
+            try:
+                return stack.enter_context(nginx(config_text, port))
+            except ServiceMissing as missing:
+                pytest.skip(str(missing))
+
+        yield start
 
 
 @pytest.fixture

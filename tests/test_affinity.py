@@ -12,8 +12,8 @@ import httpx
 
 from switchboard.adapter_store.formats import native
 from switchboard.clients import Client
+from switchboard.clients.local_services import free_port
 from tests.factories import TEXTS, random_adapter
-from tests.real_services import free_port, nginx
 from tests.server_fixture import ROOT, metric_samples, serving_in_thread
 
 ADMIN = "affinity-test-admin-key"
@@ -35,7 +35,7 @@ def resident(url: str) -> set[str]:
     return {v["task"] for v in r.json()["resident"]}
 
 
-def test_each_task_is_served_by_one_replica_and_moves_when_it_dies(tiny_dir, tmp_path: Path, pg_url):
+def test_each_task_is_served_by_one_replica_and_moves_when_it_dies(tiny_dir, tmp_path: Path, pg_url, nginx_proxy):
     spec = tiny_dir[1].spec
     with ExitStack() as stack:
         replicas, states, lifetimes = [], [], []
@@ -47,7 +47,7 @@ def test_each_task_is_served_by_one_replica_and_moves_when_it_dies(tiny_dir, tmp
             states.append(state)
             lifetimes.append(lifetime)
         port = free_port()
-        proxy = stack.enter_context(nginx(proxy_config(port, replicas), port))
+        proxy = nginx_proxy(proxy_config(port, replicas), port)
         fp = states[0].runtime.engine.spec.fingerprint
         with Client(proxy, api_key=ADMIN) as admin:
             key = admin.create_key("acme", ["classify", "manage"]).key

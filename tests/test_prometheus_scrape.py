@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.real_services import free_port
+from switchboard.clients.local_services import free_port
 from tests.server_fixture import serving_in_thread
 
 

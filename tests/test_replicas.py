@@ -17,7 +17,6 @@ import pytest
 
 from switchboard.adapter_store.formats import native
 from tests.factories import TEXTS, random_adapter
-from tests.real_services import postgres_cluster
 from tests.server_fixture import running_server, serving_in_thread
 
 ADMIN = "replica-test-admin-key"
@@ -118,27 +117,28 @@ def test_a_replica_killed_during_uploads_loses_no_acknowledged_version(tiny_dir,
             assert logits(b, task).status_code == 200
 
 
-def test_postgres_restart_keeps_resident_tasks_served_and_replicas_reconnect(tiny_dir, tmp_path):
+def test_postgres_restart_keeps_resident_tasks_served_and_replicas_reconnect(tiny_dir, tmp_path,
+                                                                             fresh_pg_cluster):
     spec = tiny_dir[1].spec
-    with postgres_cluster() as cluster:
-        url = cluster.new_database()
-        with serving_in_thread(tmp_path / "a", tiny_dir[1], store=url) as (a, state):
-            fp = state.runtime.engine.spec.fingerprint
-            assert put(a, "resident", native.dumps(random_adapter(spec, seed=5), fp)).status_code == 201
-            before = logits(a, "resident").json()
-            cluster.stop("fast")
-            until(lambda: httpx.get(f"{a}/health").json()["status"] == "degraded", timeout=10)
-            for _ in range(20):  # served from what the replica holds: no 5xx
-                r = logits(a, "resident")
-                assert r.status_code == 200 and r.json() == before
-            refused = put(a, "new", native.dumps(random_adapter(spec, seed=6), fp))
-            assert refused.status_code == 503 and refused.json()["error"]["type"] == "store_unavailable"
-            assert httpx.get(f"{a}/health").status_code == 200  # still in rotation: it serves
-            cluster.start()
-            until(lambda: httpx.get(f"{a}/health").json()["status"] == "ok", timeout=15)
-            until(lambda: put(a, "new", native.dumps(random_adapter(spec, seed=6), fp)).status_code == 201,
-                  timeout=15)
-            assert logits(a, "new").status_code == 200
+    cluster = fresh_pg_cluster
+    url = cluster.new_database()
+    with serving_in_thread(tmp_path / "a", tiny_dir[1], store=url) as (a, state):
+        fp = state.runtime.engine.spec.fingerprint
+        assert put(a, "resident", native.dumps(random_adapter(spec, seed=5), fp)).status_code == 201
+        before = logits(a, "resident").json()
+        cluster.stop("fast")
+        until(lambda: httpx.get(f"{a}/health").json()["status"] == "degraded", timeout=10)
+        for _ in range(20):  # served from what the replica holds: no 5xx
+            r = logits(a, "resident")
+            assert r.status_code == 200 and r.json() == before
+        refused = put(a, "new", native.dumps(random_adapter(spec, seed=6), fp))
+        assert refused.status_code == 503 and refused.json()["error"]["type"] == "store_unavailable"
+        assert httpx.get(f"{a}/health").status_code == 200  # still in rotation: it serves
+        cluster.start()
+        until(lambda: httpx.get(f"{a}/health").json()["status"] == "ok", timeout=15)
+        until(lambda: put(a, "new", native.dumps(random_adapter(spec, seed=6), fp)).status_code == 201,
+              timeout=15)
+        assert logits(a, "new").status_code == 200
 
 
 @pytest.mark.parametrize("bad", ["postgresql://postgres@127.0.0.1:1/none"])

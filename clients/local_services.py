@@ -1,6 +1,6 @@
-"""Real components from Debian's packages, started by the tests that need them: a throw-away
-PostgreSQL cluster (`initdb`/`pg_ctl`, run as the `postgres` user when the tests run as root, on a
-loopback port) and nginx. Missing binaries skip the test with the reason; `.ci/run` installs them."""
+"""Real components from Debian's packages for tests and benches: a throw-away PostgreSQL cluster
+(`initdb`/`pg_ctl`, run as the `postgres` user when running as root, on a loopback port) and nginx in
+the foreground. A missing binary raises `ServiceMissing` (tests skip on it; `.ci/run` installs them)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
+
+class ServiceMissing(RuntimeError):
+    """A Debian package the caller needs is not installed."""
 
 
 def free_port() -> int:
@@ -42,7 +44,7 @@ class PostgresCluster:
     def __init__(self, root: Path) -> None:
         self.bin = postgres_bin()
         if self.bin is None:
-            pytest.skip("PostgreSQL is not installed (Debian: apt-get install postgresql)")
+            raise ServiceMissing("PostgreSQL is not installed (Debian: apt-get install postgresql)")
         self.root = root
         self.data = root / "data"
         self.port = free_port()
@@ -70,7 +72,7 @@ class PostgresCluster:
 
     def new_database(self) -> str:
         """A fresh, empty database on this cluster: each test gets its own."""
-        import psycopg
+        import psycopg  # noqa: PLC0415 - only callers with PostgreSQL need it
 
         name = "t_" + uuid.uuid4().hex[:12]
         with psycopg.connect(self.url(), autocommit=True) as conn:
@@ -100,7 +102,7 @@ def nginx(config_text: str, port: int) -> Iterator[str]:
     """nginx in the foreground with `config_text` (a full nginx.conf); yields its URL."""
     binary = nginx_bin()
     if binary is None:
-        pytest.skip("nginx is not installed (Debian: apt-get install nginx)")
+        raise ServiceMissing("nginx is not installed (Debian: apt-get install nginx)")
     root = Path(tempfile.mkdtemp(prefix="switchboard-nginx-"))
     (root / "nginx.conf").write_text(config_text)
     proc = subprocess.Popen([binary, "-p", str(root), "-c", str(root / "nginx.conf"), "-e", str(root / "error.log"),
