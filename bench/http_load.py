@@ -25,8 +25,10 @@ class Connection:
 
     async def post_json(self, path: str, body: object) -> tuple[int, bytes]:
         payload = json.dumps(body).encode()
+        task = body.get("task") if isinstance(body, dict) else None
+        affinity = f"X-Switchboard-Task: {task}\r\n" if task else ""  # as the SDK sends it, for proxies
         head = (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\nContent-Type: application/json\r\n"
-                f"Content-Length: {len(payload)}\r\n{self.extra}\r\n").encode()
+                f"Content-Length: {len(payload)}\r\n{affinity}{self.extra}\r\n").encode()
         for attempt in (0, 1):
             if self._writer is None:
                 await self._connect()
