@@ -121,8 +121,9 @@ def residency(store: str, spec, fingerprint: str, n_tasks: int, requests: int) -
         replica = serve(stack, store, 1)
         with ThreadPoolExecutor(4) as pool:
             list(pool.map(lambda i: upload(replica, tasks[i], blobs[i]).raise_for_status(), range(n_tasks)))
-        resident = httpx.get(f"{replica}/v1/residency").json()
-        budget = int(resident["resident_bytes"] / max(1, len(resident["resident"])) * n_tasks * 0.6)
+        per_task = metric(replica, "switchboard_resident_adapter_bytes") / max(
+            1.0, metric(replica, "switchboard_resident_adapters"))
+        budget = int(per_task * n_tasks * 0.6)
     for affinity in (True, False):
         with ExitStack() as stack:
             env = {"SWITCHBOARD_MAX_ADAPTER_BYTES": str(budget)}
@@ -173,6 +174,7 @@ def stores(pg: str, spec, fingerprint: str, uploads: int, restart_tasks: int) ->
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--only", choices=["residency"], default=None)
     args = parser.parse_args()
     spec = load_backbone().spec
     texts = sample_texts(2000, seed=6)
@@ -181,6 +183,12 @@ def main() -> None:
             fingerprint = httpx.get(f"{serve(stack, None, 1)}/v1/backbone").json()["fingerprint"]
         blobs = [native.dumps(bench_adapter(spec, "ia3", seed=i), fingerprint) for i in range(10)]
         results: dict = {}
+        only = args.only
+        if only:  # one part alone (while tuning the bench)
+            fn = {"residency": lambda: residency(cluster.new_database(), spec, fingerprint, 200 if args.quick else 1000,
+                                                 1000 if args.quick else 4000)}[only]
+            print(json.dumps({only: fn()}))
+            return
         results["propagation"] = propagation(cluster.new_database(), blobs * (2 if args.quick else 5))
         print(json.dumps({"propagation": results["propagation"]}), flush=True)
         results["throughput"] = throughput(cluster.new_database(), blobs, texts, 10.0 if args.quick else 20.0)
