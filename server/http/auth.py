@@ -23,8 +23,11 @@ def authenticate(request: Request, runtime: RuntimeDep,
                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
                  x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None,
                  ) -> Principal:
-    principal = runtime.tenancy.authenticate(authorization, x_switchboard_tenant)
-    request.state.principal = principal
+    """The caller; already known when the throttle middleware authenticated this request (once per request)."""
+    principal = getattr(request.state, "principal", None)
+    if principal is None:
+        principal = runtime.tenancy.authenticate(authorization, x_switchboard_tenant)
+        request.state.principal = principal
     return principal
 
 

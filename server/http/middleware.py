@@ -85,6 +85,8 @@ class ThrottleMiddleware:
                                                          or None)
             except Exception:  # noqa: BLE001 - the full path answers auth errors properly
                 principal = None
+            if principal is not None:
+                scope.setdefault("state", {})["principal"] = principal  # the auth dependency reuses it
             retry = runtime.batcher.throttled(principal.tenant) if principal is not None else None
             if retry is not None:
                 await _send_error(send, 429, "overloaded", f"this tenant is over its share now; retry in {retry} s",

@@ -79,6 +79,19 @@ Register = Callable[[str, str, bytes], dict]  # (tenant, task, native adapter by
 _OUT_OF_MEMORY = ("allocate memory", "bad_alloc", "failed to map segment", "cannot allocate")
 
 
+def _near_address_space_limit(limit_bytes: int, margin: float = 0.9) -> bool:
+    """Whether this process's peak address space came within `margin` of its limit: C extensions
+    failing an allocation under RLIMIT_AS often raise something other than MemoryError (a bare
+    SystemError, an ImportError), so the peak is the reliable sign."""
+    try:
+        for line in open("/proc/self/status").read().splitlines():  # noqa: SIM115 - a tiny procfs read
+            if line.startswith("VmPeak:"):
+                return int(line.split()[1]) * 1024 >= margin * limit_bytes
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 @dataclass(frozen=True)
 class Sandbox:
     """What a training process may take: threads, priority, address space."""
@@ -114,7 +127,8 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
         conn.send(("done", native.dumps(adapter, backbone.spec.fingerprint), summary))
     except Exception as exc:  # reported as the job's error (ImportError too: a library that cannot map)
         message = f"{type(exc).__name__}: {exc}"[:500]
-        if isinstance(exc, MemoryError) or any(sign in message.lower() for sign in _OUT_OF_MEMORY):
+        if (isinstance(exc, MemoryError) or any(sign in message.lower() for sign in _OUT_OF_MEMORY)
+                or (sandbox.max_memory_bytes and _near_address_space_limit(sandbox.max_memory_bytes))):
             message = (f"the training process ran out of its {sandbox.max_memory_bytes >> 20} MiB memory limit "
                        f"(train_max_memory_bytes); use fewer or shorter examples or a smaller batch_size ({message})")
         conn.send(("error", message))
