@@ -1,5 +1,8 @@
 """The Debian-sections data set (DESIGN.md §7): package descriptions labelled by archive section.
 
+Each record holds the whole description (`text`: synopsis + long description) and the synopsis alone
+(`synopsis`, a few words: the short-text set of bench/precision.py).
+
 Built from one private `apt-get update` (the machine's own apt state is untouched), never committed:
 `python -m bench.debian_sections --out bench/data/debian-sections` writes train/dev/test JSONL files
 that `switchboard train` reads. Splits are by *source* package, because binary packages built from
@@ -47,17 +50,18 @@ def _clean(description: str) -> str:
 
 def join_records(dumpavail: str, translation: str) -> list[dict]:
     """One record per binary package: text (short + long description), label (section), source."""
-    texts = {p["Description-md5"]: _clean(p["Description-en"])
+    texts = {p["Description-md5"]: (_clean(p["Description-en"]), _clean(p["Description-en"].split("\n", 1)[0]))
              for p in Deb822.iter_paragraphs(translation.splitlines())
              if "Description-md5" in p and "Description-en" in p}
     records: dict[str, dict] = {}
     for p in Deb822.iter_paragraphs(dumpavail.splitlines()):
-        text = texts.get(p.get("Description-md5", ""))
+        text, synopsis = texts.get(p.get("Description-md5", ""), ("", ""))
         if not text or "Section" not in p or p["Package"] in records:
             continue
         section = p["Section"].split("/")[-1]  # contrib/net, non-free/net → net
         source = p.get("Source", p["Package"]).split()[0]
-        records[p["Package"]] = {"text": text, "label": section, "source": source, "package": p["Package"]}
+        records[p["Package"]] = {"text": text, "synopsis": synopsis, "label": section, "source": source,
+                                 "package": p["Package"]}
     return list(records.values())
 
 
@@ -102,7 +106,8 @@ def write(out: Path, cap: int = 400) -> dict[str, list[dict]]:
     for name, rows in splits.items():
         with open(out / f"{name}.jsonl", "w") as f:
             for r in rows:
-                f.write(json.dumps({"text": r["text"], "label": r["label"], "source": r["source"]}) + "\n")
+                f.write(json.dumps({"text": r["text"], "synopsis": r["synopsis"], "label": r["label"],
+                                    "source": r["source"]}) + "\n")
     counts = {name: Counter(r["label"] for r in rows) for name, rows in splits.items()}
     (out / "stats.json").write_text(json.dumps({"packages": len(records), "counts": counts}, indent=1))
     return splits

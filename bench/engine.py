@@ -92,7 +92,7 @@ def main() -> None:
         dtype = dtypes[dname]
         bb = load_backbone()
         hf_model = copy.deepcopy(bb.model).to(dtype)
-        engine = Engine(bb, dtype=dtype, device="cpu")
+        engine = Engine(bb, precision=dname, device="cpu")
         resident = {kind: [engine.load(make_adapter(spec, kind, seed=i)) for i in range(max(task_counts))]
                     for kind in ("ia3", "houlsby")}
         if dname == "fp32":

@@ -23,7 +23,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
                                    "data_dir": args.data_dir, "store": args.store, "dtype": args.dtype,
-                                   "threads": args.threads,
+                                   "threads": args.threads, "engine_workers": args.engine_workers,
                                    "max_length": args.max_length, "log_level": args.log_level,
                                    "log_format": args.log_format, "admin_key_file": args.admin_key_file,
                                    "allow_unauthenticated": args.allow_unauthenticated or None}.items()
@@ -204,8 +204,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", default=None,
                        help="postgresql://… for a store shared by replicas (SWITCHBOARD_STORE); default: the "
                             "embedded SQLite store in --data-dir")
-    serve.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="compute dtype (default fp32)")
-    serve.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
+    serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "int8"], default=None,
+                       help="encoder precision (default auto: bf16 where the hardware runs it natively, else fp32; "
+                            "SWITCHBOARD_DTYPE)")
+    serve.add_argument("--engine-workers", type=int, default=None,
+                       help="engine worker processes (default 1; 0 = the engine runs inside the server process; "
+                            "SWITCHBOARD_ENGINE_WORKERS)")
+    serve.add_argument("--threads", type=int, default=None,
+                       help="torch threads per engine worker (default: cores ÷ workers; SWITCHBOARD_THREADS)")
     serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")
     serve.add_argument("--admin-key-file", default=None,
                        help="file holding the admin API key: auth mode (or SWITCHBOARD_ADMIN_KEY); without one the "

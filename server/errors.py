@@ -45,6 +45,12 @@ class DeadlineExceeded(ApiError):
     status, type = 503, "deadline_exceeded"
 
 
+class EngineUnavailable(ApiError):
+    """An engine worker died or hung during the batch; it is being restarted."""
+
+    status, type = 503, "engine_unavailable"
+
+
 class InsufficientCapacity(ApiError):
     status, type = 507, "insufficient_capacity"
 

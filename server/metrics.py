@@ -79,4 +79,8 @@ class Metrics:
         self.store_changes = Counter("switchboard_store_changes", "Changes from a shared store applied (task, keys, "
                                      "tenants, resync)", ["kind"], registry=r)
         self.store_up = Gauge("switchboard_store_up", "1 while the store can be reached", registry=r)
+        self.engine_workers = Gauge("switchboard_engine_workers", "Engine worker processes running (0: the engine "
+                                    "runs inside the server process)", registry=r)
+        self.engine_restarts = Counter("switchboard_engine_worker_restarts", "Engine workers restarted after dying "
+                                       "or hanging", registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

@@ -20,8 +20,14 @@ class Settings(BaseSettings):
                                                 "shared store for replicas (blobs cached in data_dir)")
     store_resync_s: float = Field(30.0, gt=0, description="a shared store is re-read whole this often, in case a "
                                                           "change notification was missed")
-    dtype: Literal["fp32", "bf16"] = "fp32"
-    threads: int = Field(0, description="torch intra-op threads; 0 = all cores")
+    dtype: Literal["auto", "fp32", "bf16", "int8"] = Field(
+        "auto", description="encoder precision; auto: bf16 where the hardware runs it natively (AVX-512 BF16/AMX "
+                            "CPUs, Ampere+ GPUs), else fp32 — docs/precision.md")
+    engine_workers: int = Field(1, ge=0, description="engine worker processes, each running whole batches; 0 = the "
+                                                     "engine runs in a thread of the server process")
+    threads: int = Field(0, ge=0, description="torch threads per engine (per worker); 0 = cores ÷ workers")
+    engine_timeout_s: float = Field(60.0, gt=0, description="a worker that computes one batch longer than this is "
+                                                            "killed and restarted; its batch fails with 503")
     # Tenants and keys (docs/security.md). No admin key: open mode, one tenant `default`, loopback only.
     admin_key: SecretStr | None = Field(None, description="the admin API key (SWITCHBOARD_ADMIN_KEY); set → auth mode")
     admin_key_file: Path | None = Field(None, description="a file holding the admin key (instead of the variable)")

@@ -1,7 +1,14 @@
+import os
+
 import pytest
 
 from switchboard.server.core.backbone import Backbone
 from tests.factories import KINDS, random_adapter, tiny_backbone
+
+# Servers started by the tests (in this process or as subprocesses, which inherit the environment)
+# compute in fp32, so their answers can be held to fp32 oracles at 1e-4. The default precision
+# (`auto`) is tested on its own in tests/test_precision.py.
+os.environ.setdefault("SWITCHBOARD_DTYPE", "fp32")
 
 
 @pytest.fixture(scope="session")

@@ -34,6 +34,7 @@ def test_join_cleans_text_strips_prefixes_and_keeps_the_source():
     records = {r["package"]: r for r in join_records(DUMPAVAIL, TRANSLATION)}
     assert set(records) == {"chess", "chess-data", "dnsd", "fw", "libfoo"}
     assert records["chess"]["text"] == "Chess game Long text line one. Line two."
+    assert records["chess"]["synopsis"] == "Chess game"
     assert records["fw"]["label"] == "net" and records["chess"]["source"] == "chess"
     assert records["chess-data"]["source"] == "chess"
 

@@ -162,7 +162,7 @@ def test_invalid_adapters_are_refused_and_change_nothing(tiny, mutate, message):
 
 def test_bf16_is_close_to_fp32():
     fp32 = Engine(tiny_backbone(seed=5))
-    bf16 = Engine(tiny_backbone(seed=5), dtype=torch.bfloat16)
+    bf16 = Engine(tiny_backbone(seed=5), precision="bf16")
     adapters = [random_adapter(fp32.spec, seed=i, kind=k) for i, k in enumerate(["ia3", "houlsby", "mixed"])]
     slots32 = torch.tensor([fp32.load(a).slot for a in adapters])
     slots16 = torch.tensor([bf16.load(a).slot for a in adapters])

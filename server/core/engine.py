@@ -9,6 +9,7 @@ row's parameters by index: no Python loop over examples.
 from __future__ import annotations
 
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -17,6 +18,7 @@ from switchboard.server.core import memory
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec
 from switchboard.server.core.forward import BatchParams, encode, encoder_forward
+from switchboard.server.core.precision import Precision, prepare
 from switchboard.server.core.slot_pool import StackedPool
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.core.tuners import KINDS_BY_NAME
@@ -34,24 +36,34 @@ class ResidentTask:
     nbytes: int
 
 
-def reduce_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Mixed precision: the encoder's Linear weights in `dtype`; embeddings, LayerNorms, the pooler and
-    the residual stream stay float32, which keeps bf16 logits close to fp32 at almost no cost."""
-    model.float()
-    if dtype != torch.float32:
-        for layer in model.encoder.layer:
-            for module in layer.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.to(dtype)
-    return model
-
-
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def pool_dtype(component: Component, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a component is pooled in: float32 for the tiny ones that set precision (heads, norms)."""
+    return torch.float32 if component.float32 else dtype
+
+
+def resident_nbytes(components: list[Component], dtype: torch.dtype) -> int:
+    """Resident bytes of a task: its slots in every pool, at each pool's dtype."""
+    return sum(sum(int(torch.Size(shape).numel()) for shape, _ in c.fields.values())
+               * torch.empty((), dtype=pool_dtype(c, dtype)).element_size() for c in components)
+
+
+def plan_chunks(attention_mask: torch.Tensor, chunk_rows: int) -> list[tuple[torch.Tensor, int]]:
+    """(rows, padded width) per chunk: rows sorted by length, `chunk_rows` at a time (0 = one chunk)."""
+    lengths = attention_mask.sum(1)
+    B, T = attention_mask.shape
+    right_padded = bool((attention_mask[:, 0] > 0).all()) or T == 0
+    if chunk_rows <= 0 or chunk_rows >= B:
+        return [(torch.arange(B), int(lengths.max()) if right_padded and B else T)]
+    order = torch.argsort(lengths, descending=True, stable=True)
+    return [(rows, int(lengths[rows].max()) if right_padded else T) for rows in torch.split(order, chunk_rows)]
+
+
 class Engine:
-    def __init__(self, backbone: Backbone, *, dtype: torch.dtype = torch.float32,
+    def __init__(self, backbone: Backbone, *, precision: Precision | str = Precision.FP32,
                  device: torch.device | str | None = None, max_adapter_bytes: int = 1 << 30,
                  segment_max_tasks: int = 4, chunk_rows: int = 8, initial_slots: int = 16) -> None:
         """max_adapter_bytes bounds the bytes of resident task parameters (the pools' used slots).
@@ -65,8 +77,9 @@ class Engine:
         self.backbone = backbone
         self.spec: BackboneSpec = backbone.spec
         self.device = torch.device(device) if device is not None else default_device()
-        self.dtype = dtype
-        self.model = reduce_precision(backbone.model.to(self.device), dtype)
+        self.precision = Precision(precision)
+        self.dtype = self.precision.pool_dtype
+        self.model = prepare(backbone.model.to(self.device), self.precision)
         self.max_adapter_bytes = max_adapter_bytes
         self.segment_max_tasks = segment_max_tasks
         self.chunk_rows = chunk_rows
@@ -101,13 +114,10 @@ class Engine:
         self._free_tasks.extend(range(capacity - 1, max(old, 1) - 1, -1))
         self._task_capacity = capacity
 
-    def _pool_dtype(self, component: Component) -> torch.dtype:
-        return torch.float32 if component.float32 else self.dtype
-
     def _pool(self, component: Component) -> StackedPool:
         key = component.key
         if key not in self._pools:
-            self._pools[key] = StackedPool(component.fields, self._initial_slots, self._pool_dtype(component),
+            self._pools[key] = StackedPool(component.fields, self._initial_slots, pool_dtype(component, self.dtype),
                                            self.device)
             self._routes[key] = torch.zeros(self._task_capacity, dtype=torch.long)
         return self._pools[key]
@@ -115,13 +125,8 @@ class Engine:
     def components(self, adapter: TaskAdapter) -> list[Component]:
         return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
 
-    def nbytes(self, components: list[Component]) -> int:
-        """Resident bytes of a task: its slots in every pool, at each pool's dtype."""
-        return sum(sum(int(torch.Size(shape).numel()) for shape, _ in c.fields.values())
-                   * torch.empty((), dtype=self._pool_dtype(c)).element_size() for c in components)
-
     def task_bytes(self, adapter: TaskAdapter) -> int:
-        return self.nbytes(self.components(adapter))
+        return resident_nbytes(self.components(adapter), self.dtype)
 
     def check_fits(self, adapter: TaskAdapter) -> int:
         """The task's resident bytes; CapacityError if it could never fit, even in an empty engine."""
@@ -132,18 +137,29 @@ class Engine:
         return nbytes
 
     # ----- load / unload ---------------------------------------------------------------------------
-    def load(self, adapter: TaskAdapter) -> ResidentTask:
-        """Validate and copy a task into free slots; raises CapacityError past the byte budget."""
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, task: int | None = None) -> ResidentTask:
+        """Validate and copy a task into free slots; raises CapacityError past the byte budget.
+
+        sha256: the adapter's content hash if known (unused here; a process engine replays by it).
+        task: the task slot to use (an engine worker mirrors the slots its front process assigns);
+        default: any free one."""
         adapter.validate(self.spec)
         parts = self.components(adapter)
-        nbytes = self.nbytes(parts)
+        nbytes = resident_nbytes(parts, self.dtype)
         with self._lock:
             if self.resident_bytes + nbytes > self.max_adapter_bytes:
                 raise CapacityError(
                     f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
-            if not self._free_tasks:
-                self._grow_tasks(self._task_capacity * 2)
-            task = self._free_tasks.pop()
+            if task is None:
+                if not self._free_tasks:
+                    self._grow_tasks(self._task_capacity * 2)
+                task = self._free_tasks.pop()
+            else:
+                if task in self._task_pools or task < 1:
+                    raise ValueError(f"task slot {task} is taken or invalid")
+                while task >= self._task_capacity:
+                    self._grow_tasks(self._task_capacity * 2)
+                self._free_tasks.remove(task)
             written: list[PoolKey] = []
             try:
                 for component in parts:
@@ -180,6 +196,10 @@ class Engine:
         if released and self.device.type == "cpu":
             memory.trim()
 
+    def is_resident(self, task: int) -> bool:
+        with self._lock:
+            return task in self._task_pools
+
     @property
     def pool_count(self) -> int:
         return len(self._pools)
@@ -203,17 +223,7 @@ class Engine:
         return BatchParams(parts)
 
     def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
-        """(rows, padded width) per chunk: rows sorted by length, `chunk_rows` at a time."""
-        lengths = attention_mask.sum(1)
-        B, T = attention_mask.shape
-        right_padded = bool((attention_mask[:, 0] > 0).all()) or T == 0
-        if self.chunk_rows <= 0 or self.chunk_rows >= B:
-            return [(torch.arange(B), int(lengths.max()) if right_padded and B else T)]
-        order = torch.argsort(lengths, descending=True, stable=True)
-        plan = []
-        for rows in torch.split(order, self.chunk_rows):
-            plan.append((rows, int(lengths[rows].max()) if right_padded else T))
-        return plan
+        return plan_chunks(attention_mask, self.chunk_rows)
 
     @torch.inference_mode()
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
@@ -251,6 +261,18 @@ class Engine:
     def bare_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The backbone alone through the same code path (used by tests and benchmarks)."""
         return encode(self.model, input_ids.to(self.device), attention_mask.to(self.device), BatchParams())
+
+    def warm_up(self, rows: int = 8, length: int = 64) -> tuple[int, float]:
+        """Run the backbone twice on a dummy batch: the first call warms kernels up, the second measures
+        (tokens, seconds), which seed the batcher's admission control before any real batch ran."""
+        ids = torch.full((rows, length), self.pad_id + 1, dtype=torch.long)
+        mask = torch.ones_like(ids)
+        self.bare_hidden(ids, mask)
+        start = time.perf_counter()
+        self.bare_hidden(ids, mask)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return rows * length, time.perf_counter() - start
 
     def tokenize(self, texts: list[str], max_length: int | None = None) -> dict[str, torch.Tensor]:
         ids, mask = tokenize(self.backbone.tokenizer, texts, max_length or self.spec.max_length)

@@ -51,9 +51,12 @@ def _norm(p: BatchParams, site: str, x: torch.Tensor, layer: int, module: torch.
     return F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
-def _linear(x: torch.Tensor, module: torch.nn.Linear) -> torch.Tensor:
-    """Matmul in the weights' dtype (bf16 or fp32); the residual stream keeps its own dtype."""
-    return F.linear(x.to(module.weight.dtype), module.weight, module.bias)
+def _linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
+    """Matmul in the weights' dtype (bf16 or fp32); the residual stream keeps its own dtype. A
+    quantized Linear (int8 precision) takes float32 and quantizes its input itself."""
+    if isinstance(module, torch.nn.Linear):
+        return F.linear(x.to(module.weight.dtype), module.weight, module.bias)
+    return module(x.float())
 
 
 def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, index: int,

@@ -45,6 +45,11 @@ class ForwardEngine(Protocol):
     def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]: ...
 
 
+def parallelism(engine: object) -> int:
+    """How many batches the engine runs at once (engine worker processes; 1 for an in-process engine)."""
+    return int(getattr(engine, "parallelism", 1))
+
+
 @dataclass
 class WorkItem:
     tenant: str
@@ -98,7 +103,10 @@ class Batcher:
         self._throttled: dict[str, tuple[float, int]] = {}  # tenant → (until, Retry-After) after a refusal
         self._cond = threading.Condition()
         self._stopping = False
-        self._thread = threading.Thread(target=self._run, name="switchboard-inference", daemon=True)
+        # one worker thread per batch the engine can run at once: each takes the next batch when its
+        # engine worker is free, so N worker processes compute N batches side by side
+        self._threads = [threading.Thread(target=self._run, name=f"switchboard-inference-{i}", daemon=True)
+                         for i in range(parallelism(engine))]
         self.pad_id = int(engine.pad_id)
 
     @property
@@ -115,18 +123,21 @@ class Batcher:
             return self._queues.rows[tenant]
 
     def start(self) -> None:
-        self._thread.start()
+        for thread in self._threads:
+            thread.start()
 
     @property
     def running(self) -> bool:
-        return self._thread.is_alive() and not self._stopping
+        return all(t.is_alive() for t in self._threads) and not self._stopping
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish every admitted request, then stop the worker."""
+        """Finish every admitted request, then stop the workers."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        self._thread.join(timeout)
+        end = time.monotonic() + timeout
+        for thread in self._threads:
+            thread.join(max(0.0, end - time.monotonic()))
 
     # ----- admission (event loop) ---------------------------------------------------------------------
     def precheck(self, tenant: str, max_queued_rows: int) -> None:
@@ -231,7 +242,7 @@ class Batcher:
                 if full or remaining <= 0 or self._stopping:
                     # requests whose client left or whose deadline passed while we collected
                     batch = [item for item in batch if not self._drop(item)]
-                    self.admission.inflight_tokens = sum(item.tokens for item in batch)
+                    self.admission.inflight_tokens += sum(item.tokens for item in batch)
                     for tenant in {item.tenant for item in batch}:
                         self._metrics.tenant_vtc.labels(tenant).set(self._queues.counters.get(tenant, 0.0))
                     return batch
@@ -273,8 +284,9 @@ class Batcher:
                 for item in batch:
                     item.lease.release()
                 with self._cond:
-                    self.admission.inflight_tokens = 0
-                    self.admission.completed(sum(item.tokens for item in batch))
+                    tokens = sum(item.tokens for item in batch)
+                    self.admission.inflight_tokens -= tokens
+                    self.admission.completed(tokens)
             for i, item in enumerate(batch):
                 if isinstance(outcome, BaseException):
                     _resolve(item, error=outcome)
@@ -307,7 +319,8 @@ class Batcher:
         elapsed = time.monotonic() - start
         real_tokens = int(mask.sum())
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
-        self.admission.drain.observe(sum(item.tokens for item in batch), elapsed)
+        # with N engine workers busy side by side the queue drains N batches per batch time
+        self.admission.drain.observe(sum(item.tokens for item in batch) * len(self._threads), elapsed)
         m = self._metrics
         m.batches.inc()
         m.inference_duration.observe(elapsed)

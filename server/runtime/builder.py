@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-import time
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -13,11 +13,13 @@ from switchboard.adapter_store.formats import native
 from switchboard.adapter_store.limits import UploadLimits
 from switchboard.adapter_store.store import Store, open_store
 from switchboard.server.core import memory
-from switchboard.server.core.backbone import Backbone, load_backbone
-from switchboard.server.core.engine import Engine
+from switchboard.server.core.backbone import Backbone, default_model_path, load_backbone
+from switchboard.server.core.engine import Engine, default_device
+from switchboard.server.core.precision import resolve
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.batcher import Batcher
 from switchboard.server.runtime.executors import BoundedExecutor
+from switchboard.server.runtime.process_engine import ProcessEngine
 from switchboard.server.runtime.registry import Registry
 from switchboard.server.runtime.replication import StoreFollower
 from switchboard.server.runtime.tenancy import Quotas, Tenancy
@@ -33,7 +35,7 @@ BackboneFactory = Callable[[], Backbone]
 class Runtime:
     """Everything that serves once the backbone is loaded."""
 
-    engine: Engine
+    engine: Engine | ProcessEngine
     store: Store
     registry: Registry
     batcher: Batcher
@@ -53,6 +55,8 @@ class Runtime:
         self.jobs.stop()
         self.follower.stop()
         self.batcher.stop()
+        if isinstance(self.engine, ProcessEngine):
+            self.engine.stop()
         self.upload_pool.shutdown()
         self.request_pool.shutdown()
         self.store.close()
@@ -62,16 +66,39 @@ def default_backbone_factory(settings: Settings) -> BackboneFactory:
     return lambda: load_backbone(settings.model, max_length=settings.max_length)
 
 
+def build_engine(settings: Settings, metrics: Metrics, backbone: Backbone, store: Store,
+                 in_process: bool) -> Engine | ProcessEngine:
+    """The engine in `engine_workers` worker processes, or in this process (`engine_workers` 0, or a
+    backbone handed over as an object, which a worker process could not load)."""
+    s = settings
+    device = default_device()
+    precision = resolve(s.dtype, device)
+    workers = 0 if in_process else s.engine_workers
+    threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    if workers == 0:
+        torch.set_num_threads(threads)
+        return Engine(backbone, precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
+                      chunk_rows=s.chunk_rows)
+    torch.set_num_threads(1)  # the front only tokenizes and post-processes; the cores are the workers'
+    engine = ProcessEngine(backbone, str(s.model or default_model_path()), store.read_blob, metrics,
+                           precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
+                           chunk_rows=s.chunk_rows, workers=workers, threads=threads,
+                           timeout_s=s.engine_timeout_s, log_level=s.log_level, log_format=s.log_format)
+    engine.start()
+    return engine
+
+
 def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None) -> Runtime:
     """Blocking (loads the model): run it off the event loop."""
     s = settings
     memory.limit_arenas(2)  # before the pools' threads allocate
-    if s.threads > 0:
-        torch.set_num_threads(s.threads)
     backbone = (backbone_factory or default_backbone_factory(s))()
-    engine = Engine(backbone, dtype=torch.bfloat16 if s.dtype == "bf16" else torch.float32,
-                    max_adapter_bytes=s.max_adapter_bytes, chunk_rows=s.chunk_rows)
     store = open_store(s.store, s.data_dir)
+    try:
+        engine = build_engine(s, metrics, backbone, store, in_process=backbone_factory is not None)
+    except BaseException:
+        store.close()
+        raise
     registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
     restored = registry.restore()
     trim = memory.periodic_trim(10.0)
@@ -82,7 +109,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
         trim()
 
     batcher = Batcher(engine, s, metrics, after_batch=housekeeping)
-    batcher.drain.observe(*_warm_up(engine))
+    batcher.drain.observe(*engine.warm_up())
     batcher.start()
 
     tenancy = Tenancy(store, admin_key(s), Quotas(s.tenant_max_tasks, s.tenant_max_adapter_bytes,
@@ -102,10 +129,12 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
                      max_memory_bytes=s.train_max_memory_bytes, max_seconds=s.train_max_seconds)
     jobs.start()
     spec = engine.spec
-    log.info("ready: model %s (%s, %d layers, max_length %d, %s), dtype %s, %d torch threads on %s; "
+    workers = (f"{len(engine.workers)} engine worker processes × {engine.workers[0].config.threads} torch threads"
+               if isinstance(engine, ProcessEngine) else f"in-process engine, {torch.get_num_threads()} torch threads")
+    log.info("ready: model %s (%s, %d layers, max_length %d, %s), precision %s (setting %s), %s on %s; "
              "store %s with %d tasks; slot budget %d MiB",
-             spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, s.dtype,
-             torch.get_num_threads(), engine.device,
+             spec.name, spec.model_type, spec.num_layers, spec.max_length, spec.fingerprint, engine.precision, s.dtype,
+             workers, engine.device,
              store.url if store.url != "sqlite" else f"sqlite in {s.data_dir.resolve()}", restored,
              s.max_adapter_bytes >> 20)
     limits = UploadLimits(max_labels=s.max_labels, max_label_length=s.max_label_length,
@@ -127,13 +156,3 @@ def admin_key(settings: Settings) -> str | None:
         return key
     return settings.admin_key.get_secret_value() if settings.admin_key else None
 
-
-def _warm_up(engine: Engine, rows: int = 8, length: int = 64) -> tuple[int, float]:
-    """Run the backbone twice on a dummy batch: the first call warms kernels up, the second measures
-    the tokens per second that seed the batcher's admission control before any real batch ran."""
-    ids = torch.full((rows, length), engine.pad_id + 1, dtype=torch.long)
-    mask = torch.ones_like(ids)
-    engine.bare_hidden(ids, mask)
-    start = time.perf_counter()
-    engine.bare_hidden(ids, mask)
-    return rows * length, time.perf_counter() - start

@@ -42,7 +42,7 @@ class SlotEngine(Protocol):
     spec: BackboneSpec
     max_adapter_bytes: int
 
-    def load(self, adapter: TaskAdapter) -> ResidentTask: ...
+    def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask: ...
 
     def check_fits(self, adapter: TaskAdapter) -> int: ...
 
@@ -316,7 +316,7 @@ class Registry:
             self._make_room(self._engine.check_fits(adapter))
             while True:
                 try:
-                    resident = self._engine.load(adapter)
+                    resident = self._engine.load(adapter, sha256=sha)
                     break
                 except CapacityError:
                     if not self._evict_one():

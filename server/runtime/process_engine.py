@@ -1,0 +1,367 @@
+"""The engine as seen from the front process: books kept here, forward passes run in worker processes.
+
+`ProcessEngine` offers what the registry and the batcher need from an engine (load, unload, forward,
+the byte budget) while the encoder and the slot pools live in `workers` separate processes of
+`threads` torch threads each (engine_worker.py). The front keeps the books — which task slot holds
+which content, how many bytes are resident — so the registry's decisions never wait for a worker.
+Every worker receives every load and unload, in order, on the same socket as its batches: a version
+the registry has loaded is in every worker before any batch can name its slot.
+
+A worker that dies (SIGKILL, out of memory) or stops answering within `timeout_s` fails the batch
+it was running with a 503 and is restarted at once; its replacement is sent every resident task
+again (re-read from the store by content hash) before it takes another batch.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+
+from switchboard.adapter_store.formats import native
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import Backbone
+from switchboard.server.core.engine import CapacityError, ResidentTask, plan_chunks, resident_nbytes
+from switchboard.server.core.precision import Precision
+from switchboard.server.core.tuners.base import PoolKey
+from switchboard.server.errors import EngineUnavailable
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.engine_protocol import Message, WorkerGone, receive, send
+from switchboard.server.runtime.engine_worker import WorkerConfig
+
+log = logging.getLogger(__name__)
+
+BlobSource = Callable[[str], bytes]  # content hash → the native file (the store's read_blob)
+
+
+@dataclass(frozen=True)
+class _Booked:
+    nbytes: int
+    pools: tuple[PoolKey, ...]
+    sha256: str
+
+
+class EngineWorker:
+    """One worker process and its socket. Forward calls take turns (`_call_lock`); loads and unloads
+    are only sent (`_send_lock`), so they never wait for a forward pass to finish."""
+
+    def __init__(self, config: WorkerConfig, on_start: Callable[[EngineWorker], None], metrics: Metrics,
+                 start_timeout_s: float = 120.0) -> None:
+        self.config = config
+        self._on_start = on_start
+        self._metrics = metrics
+        self._start_timeout_s = start_timeout_s
+        self._call_lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._proc: subprocess.Popen | None = None
+        self._sock: socket.socket | None = None
+        self.starts = 0
+
+    @property
+    def index(self) -> int:
+        return self.config.index
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def alive(self) -> bool:
+        return self._sock is not None and self._proc is not None and self._proc.poll() is None
+
+    def start(self) -> None:
+        """Spawn the process, wait until its engine is built, then replay the books (`on_start`)."""
+        with self._call_lock, self._send_lock:
+            self._start_locked()
+
+    def _start_locked(self) -> None:
+        self._close_locked()
+        parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        cmd = [sys.executable, "-m", "switchboard.server.runtime.engine_worker", str(child.fileno()),
+               self.config.to_json()]
+        try:
+            self._proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
+        finally:
+            child.close()
+        parent.settimeout(self._start_timeout_s)
+        try:
+            ready = receive(parent)
+        except (WorkerGone, TimeoutError) as exc:
+            self._proc.kill()
+            self._proc.wait()
+            parent.close()
+            raise RuntimeError(f"engine worker {self.index} did not start (exit code {self._proc.returncode}); "
+                               "see its log lines above") from exc
+        parent.settimeout(None)
+        self._sock = parent
+        self.starts += 1
+        log.info("engine worker %d ready: pid %d, %d torch threads on %s, built in %.1f s", self.index,
+                 ready.fields["pid"], ready.fields["threads"], ready.fields["device"], ready.fields["seconds"])
+        self._on_start(self)
+
+    def post(self, message: Message) -> None:
+        """Send without waiting for an answer (loads, unloads). A dead worker is skipped: whoever
+        restarts it replays the books, which already hold this change."""
+        with self._send_lock:
+            if self._sock is None:
+                return
+            try:
+                send(self._sock, message)
+            except WorkerGone:
+                self._mark_dead("its socket closed")
+
+    def post_locked(self, message: Message) -> None:
+        """`post` for `on_start`, which runs with the locks held."""
+        assert self._sock is not None
+        send(self._sock, message)
+
+    def call(self, message: Message, timeout_s: float) -> Message:
+        """Send and wait for the answer; a dead or hung worker raises EngineUnavailable (and is restarted)."""
+        with self._call_lock:
+            if not self.alive:
+                with self._send_lock:
+                    self._metrics.engine_restarts.inc()
+                    log.warning("engine worker %d is not running; restarting it", self.index)
+                    self._start_locked()
+            assert self._sock is not None
+            try:
+                with self._send_lock:
+                    send(self._sock, message)
+                self._sock.settimeout(timeout_s)
+                answer = receive(self._sock)
+                self._sock.settimeout(None)
+            except (WorkerGone, TimeoutError, OSError) as exc:
+                reason = f"did not answer within {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else "died"
+                code = self._kill()
+                log.error("engine worker %d %s during a %s (exit code %s); failing it with 503 and restarting",
+                          self.index, reason, message.op, code)
+                self._restart_in_background()
+                raise EngineUnavailable(f"the engine worker {reason}; retry the request") from exc
+        if answer.op == "error":
+            raise RuntimeError(f"engine worker {self.index}: {answer.fields.get('message')}")
+        return answer
+
+    def _restart_in_background(self) -> None:
+        def restart() -> None:
+            try:
+                with self._call_lock, self._send_lock:
+                    if not self.alive:
+                        self._metrics.engine_restarts.inc()
+                        self._start_locked()
+            except Exception:
+                log.exception("restarting engine worker %d failed; the next batch tries again", self.index)
+
+        threading.Thread(target=restart, name=f"switchboard-engine-restart-{self.index}", daemon=True).start()
+
+    def _mark_dead(self, reason: str) -> None:
+        code = self._kill()
+        log.error("engine worker %d lost: %s (exit code %s); it restarts before its next batch", self.index,
+                  reason, code)
+
+    def _kill(self) -> int | None:
+        if self._proc is not None and self._proc.poll() is None:
+            self._proc.kill()
+        code = self._proc.wait() if self._proc is not None else None
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        return code
+
+    def _close_locked(self) -> None:
+        if self._sock is not None or self._proc is not None:
+            self._kill()
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        with self._call_lock, self._send_lock:
+            if self._sock is not None:
+                try:
+                    send(self._sock, Message("stop"))
+                except WorkerGone:
+                    pass
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout_s)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                    self._proc.wait()
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+
+class ProcessEngine:
+    """Engine books in the front process, forward passes in worker processes."""
+
+    def __init__(self, backbone: Backbone, model_path: str, blob_source: BlobSource, metrics: Metrics, *,
+                 precision: Precision | str = Precision.FP32, device: torch.device | str = "cpu",
+                 max_adapter_bytes: int = 1 << 30, chunk_rows: int = 8, workers: int = 1, threads: int = 2,
+                 timeout_s: float = 60.0, log_level: str = "info", log_format: str = "text") -> None:
+        self.backbone = backbone
+        self.spec = backbone.spec
+        self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
+        self.precision = Precision(precision)
+        self.dtype = self.precision.pool_dtype
+        self.device = torch.device(device)
+        self.max_adapter_bytes = max_adapter_bytes
+        self.chunk_rows = chunk_rows
+        self.timeout_s = timeout_s
+        self._blob_source = blob_source
+        self._metrics = metrics
+        self._lock = threading.Lock()
+        self._booked: dict[int, _Booked] = {}
+        self._free: list[int] = []
+        self._next_task = 1
+        config = WorkerConfig(model=model_path, max_length=self.spec.max_length, fingerprint=self.spec.fingerprint,
+                              precision=str(self.precision), device=str(self.device), threads=threads,
+                              chunk_rows=chunk_rows, max_adapter_bytes=max_adapter_bytes, index=0,
+                              log_level=log_level, log_format=log_format)
+        self.workers = [EngineWorker(replace(config, index=i), self._replay, metrics) for i in range(workers)]
+        self._idle: queue.SimpleQueue[EngineWorker] = queue.SimpleQueue()
+
+    # ----- life cycle --------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Start every worker (in parallel: each loads the backbone)."""
+        errors: list[BaseException] = []
+
+        def start_one(worker: EngineWorker) -> None:
+            try:
+                worker.start()
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=start_one, args=(w,)) for w in self.workers]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        if errors:
+            self.stop()
+            raise errors[0]
+        for w in self.workers:
+            self._idle.put(w)
+        self._metrics.engine_workers.set(len(self.workers))
+
+    def stop(self) -> None:
+        for w in self.workers:
+            w.stop()
+        self._metrics.engine_workers.set(0)
+
+    @property
+    def parallelism(self) -> int:
+        """Batches that can run at once."""
+        return len(self.workers)
+
+    def _replay(self, worker: EngineWorker) -> None:
+        """Send a (re)started worker every resident task, from the store by content hash."""
+        with self._lock:
+            books = sorted(self._booked.items())
+        for task, booked in books:
+            try:
+                blob = self._blob_source(booked.sha256)
+            except Exception:  # a deleted task's blob, between its delete and its unload: never used again
+                log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone", task,
+                            booked.sha256[:12], worker.index)
+                continue
+            worker.post_locked(_load_message(task, blob))
+
+    # ----- books -------------------------------------------------------------------------------------
+    def components(self, adapter: TaskAdapter) -> list:
+        return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.backbone.model)]
+
+    def task_bytes(self, adapter: TaskAdapter) -> int:
+        return resident_nbytes(self.components(adapter), self.dtype)
+
+    def check_fits(self, adapter: TaskAdapter) -> int:
+        nbytes = self.task_bytes(adapter)
+        if nbytes > self.max_adapter_bytes:
+            raise CapacityError(f"the adapter needs {nbytes} bytes resident, more than the whole slot budget of "
+                                f"{self.max_adapter_bytes} bytes (max_adapter_bytes)")
+        return nbytes
+
+    @property
+    def resident_tasks(self) -> int:
+        with self._lock:
+            return len(self._booked)
+
+    @property
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return sum(b.nbytes for b in self._booked.values())
+
+    @property
+    def pool_count(self) -> int:
+        with self._lock:
+            return len({key for b in self._booked.values() for key in b.pools})
+
+    def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask:
+        """Book a task slot and send the adapter to every worker. sha256: its content hash, if known
+        (what a restarted worker is replayed from)."""
+        adapter.validate(self.spec)
+        parts = self.components(adapter)
+        nbytes = resident_nbytes(parts, self.dtype)
+        digest = sha256 or adapter.content_hash()
+        with self._lock:
+            if sum(b.nbytes for b in self._booked.values()) + nbytes > self.max_adapter_bytes:
+                raise CapacityError(
+                    f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
+            if self._free:
+                task = self._free.pop()
+            else:
+                task, self._next_task = self._next_task, self._next_task + 1
+            self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), digest)
+        message = _load_message(task, native.dumps(adapter, self.spec.fingerprint))
+        for w in self.workers:
+            w.post(message)
+        return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
+
+    def unload(self, task: int) -> None:
+        with self._lock:
+            del self._booked[task]
+            self._free.append(task)
+        message = Message("unload", {"task": task})
+        for w in self.workers:
+            w.post(message)
+
+    # ----- forward -----------------------------------------------------------------------------------
+    def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
+        return plan_chunks(attention_mask, self.chunk_rows)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, task_slots: torch.Tensor) -> torch.Tensor:
+        """Logits [B, C_max] from the next idle worker (blocking; one batch per worker at a time)."""
+        worker = self._idle.get()
+        try:
+            answer = worker.call(Message("forward", arrays={
+                "input_ids": _int64(input_ids), "attention_mask": _int64(attention_mask),
+                "task_slots": _int64(task_slots)}), self.timeout_s)
+        finally:
+            self._idle.put(worker)
+        return torch.from_numpy(answer.arrays["logits"])
+
+    def warm_up(self) -> tuple[int, float]:
+        """(tokens, seconds) of a dummy batch on one worker: seeds the admission's drain rate."""
+        worker = self._idle.get()
+        try:
+            answer = worker.call(Message("warm_up"), self.timeout_s)
+        finally:
+            self._idle.put(worker)
+        return int(answer.fields["tokens"]), float(answer.fields["seconds"])
+
+    def worker_pids(self) -> list[int | None]:
+        return [w.pid for w in self.workers]
+
+
+def _load_message(task: int, blob: bytes) -> Message:
+    return Message("load", {"task": task}, {"blob": np.frombuffer(blob, dtype=np.uint8)})
+
+
+def _int64(t: torch.Tensor) -> np.ndarray:
+    return t.to("cpu", torch.int64).numpy()
+

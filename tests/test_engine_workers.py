@@ -1,0 +1,189 @@
+"""The engine in worker processes (ProcessEngine) against the same engine in this process.
+
+Oracle: an in-process `Engine` on the same weights computes every batch; a worker must return the same
+logits (same code, same fp32 arithmetic). Process-level behaviour is tested for real: workers are
+`python -m switchboard.server.runtime.engine_worker` processes that a test SIGKILLs or starves.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+import torch
+
+from switchboard.adapter_store.formats import native
+from switchboard.server.core.engine import CapacityError, Engine
+from switchboard.server.errors import EngineUnavailable
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.engine_protocol import Message, decode, encode
+from switchboard.server.runtime.process_engine import ProcessEngine
+from tests.factories import TEXTS, random_adapter
+
+
+class Blobs(dict):
+    """The store's read_blob: content hash → native file."""
+
+    def __call__(self, sha: str) -> bytes:
+        return self[sha]
+
+
+def start_engine(tiny_dir, blobs: Blobs, **kw) -> ProcessEngine:
+    path, backbone = tiny_dir
+    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), **kw)
+    engine.start()
+    return engine
+
+
+def load(engine, adapter, blobs: Blobs | None = None):
+    sha = adapter.content_hash()
+    if blobs is not None:
+        blobs[sha] = native.dumps(adapter, engine.spec.fingerprint)
+    return engine.load(adapter, sha256=sha).slot
+
+
+def batch(engine, slots: list[int]):
+    enc = engine.backbone.tokenizer(TEXTS[: len(slots)], padding=True, truncation=True, return_tensors="pt")
+    return enc["input_ids"], enc["attention_mask"], torch.tensor(slots)
+
+
+def test_frames_round_trip_arrays_without_pickle():
+    arrays = {"a": torch.arange(12).reshape(3, 4).numpy(), "b": torch.randn(2, 5).numpy(),
+              "empty": torch.zeros(0, 3).numpy()}
+    frame = b"".join(bytes(b) for b in encode(Message("forward", {"task": 3}, arrays)))[8:]
+    back = decode(frame)
+    assert back.op == "forward" and back.fields == {"task": 3}
+    for name, a in arrays.items():
+        assert back.arrays[name].dtype == a.dtype and (back.arrays[name] == a).all()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_workers_compute_what_the_in_process_engine_computes(tiny_dir, workers):
+    blobs = Blobs()
+    engine = start_engine(tiny_dir, blobs, workers=workers, threads=1)
+    oracle = Engine(tiny_dir[1])
+    try:
+        kinds = [dict(kind="ia3"), dict(kind="houlsby", width=4), dict(kind="mixed", pooling="mean", hidden=True),
+                 dict(kind="houlsby", activation="relu", num_labels=5)]
+        adapters = [random_adapter(engine.spec, seed=10 + i, **kw) for i, kw in enumerate(kinds)]
+        slots = [load(engine, a, blobs) for a in adapters]
+        oracle_slots = [oracle.load(a).slot for a in adapters]
+        order = [0, 2, 1, 3, 2, 0, 3, 1]
+        ids, mask, _ = batch(engine, order)
+        expected = oracle.forward(ids, mask, torch.tensor([oracle_slots[i] for i in order]))
+        for _ in range(2 * workers):  # every worker gets a turn
+            got = engine.forward(ids, mask, torch.tensor([slots[i] for i in order]))
+            assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+            finite = torch.isfinite(expected)
+            assert (got[finite] - expected[finite]).abs().max().item() <= 1e-5
+        assert engine.resident_tasks == 4 and engine.resident_bytes == sum(oracle.task_bytes(a) for a in adapters)
+    finally:
+        engine.stop()
+
+
+def test_a_slot_reused_after_unload_serves_the_new_adapter_at_once(tiny_dir):
+    """Loads and unloads travel on the batches' socket: the next batch sees them, no acknowledgement."""
+    blobs = Blobs()
+    engine = start_engine(tiny_dir, blobs, workers=2, threads=1)
+    oracle = Engine(tiny_dir[1])
+    try:
+        for seed in range(4):
+            adapter = random_adapter(engine.spec, seed=200 + seed, kind=["ia3", "houlsby"][seed % 2])
+            slot = load(engine, adapter, blobs)
+            ids, mask, _ = batch(engine, [slot, slot])
+            expected = oracle.forward(ids, mask, torch.full((2,), oracle.load(adapter).slot))
+            for _ in range(2):
+                assert torch.allclose(engine.forward(ids, mask, torch.full((2,), slot)), expected, atol=1e-5)
+            engine.unload(slot)
+            oracle.unload(1)
+        assert engine.resident_tasks == 0 and engine.pool_count == 0
+    finally:
+        engine.stop()
+
+
+def test_budget_is_kept_in_the_front(tiny_dir):
+    blobs = Blobs()
+    adapter = random_adapter(tiny_dir[1].spec, seed=1, kind="houlsby")
+    path, backbone = tiny_dir
+    nbytes = Engine(backbone).task_bytes(adapter)
+    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), max_adapter_bytes=nbytes, threads=1)
+    engine.start()
+    try:
+        load(engine, adapter, blobs)
+        with pytest.raises(CapacityError):
+            load(engine, random_adapter(backbone.spec, seed=2, kind="houlsby"), blobs)
+    finally:
+        engine.stop()
+
+
+def test_a_killed_worker_fails_its_batch_with_503_then_comes_back_with_every_task(tiny_dir):
+    blobs = Blobs()
+    metrics = Metrics()
+    path, backbone = tiny_dir
+    engine = ProcessEngine(backbone, str(path), blobs, metrics, threads=1)
+    engine.start()
+    oracle = Engine(backbone)
+    try:
+        adapters = [random_adapter(engine.spec, seed=300 + i, kind=k) for i, k in enumerate(["ia3", "houlsby"])]
+        slots = [load(engine, a, blobs) for a in adapters]
+        oracle_slots = [oracle.load(a).slot for a in adapters]
+        # a batch long enough to be in flight when the worker is killed
+        big = torch.randint(1000, 2000, (4096, 128))
+        outcome: list[BaseException | None] = []
+
+        def run() -> None:
+            try:
+                engine.forward(big, torch.ones_like(big), torch.full((4096,), slots[0]))
+                outcome.append(None)
+            except BaseException as exc:
+                outcome.append(exc)
+
+        pid = engine.worker_pids()[0]
+        thread = threading.Thread(target=run)
+        thread.start()
+        time.sleep(0.5)
+        os.kill(pid, signal.SIGKILL)
+        thread.join(60)
+        assert not thread.is_alive(), "the batch hung on a dead worker"
+        assert isinstance(outcome[0], EngineUnavailable) and outcome[0].status == 503
+        # restarted, with both tasks replayed from the store, and answering as before
+        ids, mask, _ = batch(engine, [0, 1, 1, 0])
+        got = engine.forward(ids, mask, torch.tensor([slots[i] for i in (0, 1, 1, 0)]))
+        expected = oracle.forward(ids, mask, torch.tensor([oracle_slots[i] for i in (0, 1, 1, 0)]))
+        assert torch.allclose(got, expected, atol=1e-5)
+        assert engine.worker_pids()[0] != pid
+        assert metrics.engine_restarts._value.get() == 1
+    finally:
+        engine.stop()
+
+
+def test_a_hung_worker_is_killed_at_the_timeout_and_replaced(tiny_dir):
+    blobs = Blobs()
+    path, backbone = tiny_dir
+    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), threads=1, timeout_s=0.5)
+    engine.start()
+    try:
+        slot = load(engine, random_adapter(engine.spec, seed=5), blobs)
+        pid = engine.worker_pids()[0]
+        os.kill(pid, signal.SIGSTOP)  # alive but not answering
+        ids, mask, slots = batch(engine, [slot])
+        start = time.monotonic()
+        with pytest.raises(EngineUnavailable, match="did not answer"):
+            engine.forward(ids, mask, torch.tensor([slot]))
+        assert time.monotonic() - start < 5
+        assert engine.forward(ids, mask, torch.tensor([slot])).shape == (1, 3)
+        assert engine.worker_pids()[0] != pid
+    finally:
+        engine.stop()
+
+
+def test_stopping_the_engine_ends_its_workers(tiny_dir):
+    engine = start_engine(tiny_dir, Blobs(), workers=2, threads=1)
+    pids = engine.worker_pids()
+    engine.stop()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
