@@ -82,6 +82,9 @@ class Settings(BaseSettings):
     request_timeout_s: float = 30.0
     retry_after_s: int = Field(1, description="Retry-After of a 429 before any throughput was measured")
     request_threads: int = Field(2, ge=1, description="threads that tokenize requests and load evicted adapters")
+    inline_tokenize_chars: int = Field(2000, ge=0, description="a request with at most this many characters in all "
+                                                               "is tokenized on the event loop (a thread hop costs "
+                                                               "more); longer ones in the request threads")
     upload_threads: int = Field(1, ge=1, description="threads that parse and store uploads (apart from requests)")
     max_pending_uploads: int = Field(8, ge=1, description="uploads parsing or waiting to parse; more → 429")
 

@@ -68,6 +68,7 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
     install_error_handlers(app, state.metrics)
-    for router in (ops.router, classify.router, tasks.router, jobs.router, admin.router):
+    # classify first: routes are matched router by router, and it carries nearly all the traffic
+    for router in (classify.router, ops.router, tasks.router, jobs.router, admin.router):
         app.include_router(router)
     return app

@@ -50,20 +50,23 @@ class _Booked:
 
 
 class EngineWorker:
-    """One worker process and its socket. Forward calls take turns (`_call_lock`); loads and unloads
-    are only sent (`_send_lock`), so they never wait for a forward pass to finish."""
+    """One worker process and its socket.
 
-    def __init__(self, config: WorkerConfig, on_start: Callable[[EngineWorker], None], metrics: Metrics,
-                 start_timeout_s: float = 120.0) -> None:
+    Locks: `_call_lock` lets one forward at a time wait for its answer; `_send_lock` keeps frames
+    from interleaving on the socket. Loads, unloads and the replay after a restart are sent with the
+    engine's books lock held (taken before `_send_lock`), so a worker receives them in the order of
+    the books; a forward takes `_send_lock` alone and never waits for another forward's answer."""
+
+    def __init__(self, config: WorkerConfig, attach: Callable[[EngineWorker, socket.socket], None],
+                 metrics: Metrics, start_timeout_s: float = 120.0) -> None:
         self.config = config
-        self._on_start = on_start
+        self._attach = attach
         self._metrics = metrics
         self._start_timeout_s = start_timeout_s
         self._call_lock = threading.Lock()
-        self._send_lock = threading.Lock()
+        self.send_lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
-        self._sock: socket.socket | None = None
-        self.starts = 0
+        self.sock: socket.socket | None = None  # None while not running: posts are skipped, the replay covers them
 
     @property
     def index(self) -> int:
@@ -75,15 +78,16 @@ class EngineWorker:
 
     @property
     def alive(self) -> bool:
-        return self._sock is not None and self._proc is not None and self._proc.poll() is None
+        return self.sock is not None and self._proc is not None and self._proc.poll() is None
 
     def start(self) -> None:
-        """Spawn the process, wait until its engine is built, then replay the books (`on_start`)."""
-        with self._call_lock, self._send_lock:
+        with self._call_lock:
             self._start_locked()
 
     def _start_locked(self) -> None:
-        self._close_locked()
+        """Spawn the process, wait until its engine is built, then let the engine attach it (which
+        replays every resident task). Runs with `_call_lock` held: no forward uses the old socket."""
+        self._kill()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [sys.executable, "-m", "switchboard.server.runtime.engine_worker", str(child.fileno()),
                self.config.to_json()]
@@ -96,50 +100,45 @@ class EngineWorker:
             ready = receive(parent)
         except (WorkerGone, TimeoutError) as exc:
             self._proc.kill()
-            self._proc.wait()
+            code = self._proc.wait()
             parent.close()
-            raise RuntimeError(f"engine worker {self.index} did not start (exit code {self._proc.returncode}); "
-                               "see its log lines above") from exc
+            raise RuntimeError(f"engine worker {self.index} did not start (exit code {code}); see its log lines "
+                               "above") from exc
         parent.settimeout(None)
-        self._sock = parent
-        self.starts += 1
         log.info("engine worker %d ready: pid %d, %d torch threads on %s, built in %.1f s", self.index,
                  ready.fields["pid"], ready.fields["threads"], ready.fields["device"], ready.fields["seconds"])
-        self._on_start(self)
+        self._attach(self, parent)
 
     def post(self, message: Message) -> None:
-        """Send without waiting for an answer (loads, unloads). A dead worker is skipped: whoever
-        restarts it replays the books, which already hold this change."""
-        with self._send_lock:
-            if self._sock is None:
+        """Send without waiting for an answer (call with the engine's books lock held). A worker that is
+        not running is skipped: its restart replays the books, which already hold this change."""
+        with self.send_lock:
+            if self.sock is None:
                 return
             try:
-                send(self._sock, message)
+                send(self.sock, message)
             except WorkerGone:
-                self._mark_dead("its socket closed")
-
-    def post_locked(self, message: Message) -> None:
-        """`post` for `on_start`, which runs with the locks held."""
-        assert self._sock is not None
-        send(self._sock, message)
+                log.error("engine worker %d lost (its socket closed); it restarts before its next batch",
+                          self.index)
+                self._close_socket()
 
     def call(self, message: Message, timeout_s: float) -> Message:
         """Send and wait for the answer; a dead or hung worker raises EngineUnavailable (and is restarted)."""
         with self._call_lock:
             if not self.alive:
-                with self._send_lock:
-                    self._metrics.engine_restarts.inc()
-                    log.warning("engine worker %d is not running; restarting it", self.index)
-                    self._start_locked()
-            assert self._sock is not None
+                log.warning("engine worker %d is not running; restarting it", self.index)
+                self._metrics.engine_restarts.inc()
+                self._start_locked()
+            sock = self.sock
+            assert sock is not None
             try:
-                with self._send_lock:
-                    send(self._sock, message)
-                self._sock.settimeout(timeout_s)
-                answer = receive(self._sock)
-                self._sock.settimeout(None)
+                with self.send_lock:
+                    send(sock, message)
+                sock.settimeout(timeout_s)
+                answer = receive(sock)
+                sock.settimeout(None)
             except (WorkerGone, TimeoutError, OSError) as exc:
-                reason = f"did not answer within {timeout_s:.0f} s" if isinstance(exc, TimeoutError) else "died"
+                reason = f"did not answer within {timeout_s:g} s" if isinstance(exc, TimeoutError) else "died"
                 code = self._kill()
                 log.error("engine worker %d %s during a %s (exit code %s); failing it with 503 and restarting",
                           self.index, reason, message.op, code)
@@ -152,7 +151,7 @@ class EngineWorker:
     def _restart_in_background(self) -> None:
         def restart() -> None:
             try:
-                with self._call_lock, self._send_lock:
+                with self._call_lock:
                     if not self.alive:
                         self._metrics.engine_restarts.inc()
                         self._start_locked()
@@ -161,40 +160,35 @@ class EngineWorker:
 
         threading.Thread(target=restart, name=f"switchboard-engine-restart-{self.index}", daemon=True).start()
 
-    def _mark_dead(self, reason: str) -> None:
-        code = self._kill()
-        log.error("engine worker %d lost: %s (exit code %s); it restarts before its next batch", self.index,
-                  reason, code)
+    def _close_socket(self) -> None:
+        if self.sock is not None:
+            self.sock.close()
+            self.sock = None
 
     def _kill(self) -> int | None:
-        if self._proc is not None and self._proc.poll() is None:
+        with self.send_lock:
+            self._close_socket()
+        if self._proc is None:
+            return None
+        if self._proc.poll() is None:
             self._proc.kill()
-        code = self._proc.wait() if self._proc is not None else None
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-        return code
-
-    def _close_locked(self) -> None:
-        if self._sock is not None or self._proc is not None:
-            self._kill()
+        return self._proc.wait()
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        with self._call_lock, self._send_lock:
-            if self._sock is not None:
-                try:
-                    send(self._sock, Message("stop"))
-                except WorkerGone:
-                    pass
+        with self._call_lock:
+            with self.send_lock:
+                if self.sock is not None:
+                    try:
+                        send(self.sock, Message("stop"))
+                    except WorkerGone:
+                        pass
+                self._close_socket()
             if self._proc is not None:
                 try:
                     self._proc.wait(timeout_s)
                 except subprocess.TimeoutExpired:
                     self._proc.kill()
                     self._proc.wait()
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
 
 
 class ProcessEngine:
@@ -223,7 +217,7 @@ class ProcessEngine:
                               precision=str(self.precision), device=str(self.device), threads=threads,
                               chunk_rows=chunk_rows, max_adapter_bytes=max_adapter_bytes, index=0,
                               log_level=log_level, log_format=log_format)
-        self.workers = [EngineWorker(replace(config, index=i), self._replay, metrics) for i in range(workers)]
+        self.workers = [EngineWorker(replace(config, index=i), self._attach, metrics) for i in range(workers)]
         self._idle: queue.SimpleQueue[EngineWorker] = queue.SimpleQueue()
 
     # ----- life cycle --------------------------------------------------------------------------------
@@ -259,18 +253,23 @@ class ProcessEngine:
         """Batches that can run at once."""
         return len(self.workers)
 
-    def _replay(self, worker: EngineWorker) -> None:
-        """Send a (re)started worker every resident task, from the store by content hash."""
+    def _attach(self, worker: EngineWorker, sock: socket.socket) -> None:
+        """Give a (re)started worker its socket and every resident task (re-read from the store by content
+        hash), under the books lock: no load or unload can slip between the replay and the attach."""
         with self._lock:
-            books = sorted(self._booked.items())
-        for task, booked in books:
-            try:
-                blob = self._blob_source(booked.sha256)
-            except Exception:  # a deleted task's blob, between its delete and its unload: never used again
-                log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone", task,
-                            booked.sha256[:12], worker.index)
-                continue
-            worker.post_locked(_load_message(task, blob))
+            blobs = []
+            for task, booked in sorted(self._booked.items()):
+                try:
+                    blobs.append((task, self._blob_source(booked.sha256)))
+                except Exception:  # a deleted task's blob, between its delete and its unload: never used again
+                    log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone", task,
+                                booked.sha256[:12], worker.index)
+            with worker.send_lock:
+                worker.sock = sock
+                for task, blob in blobs:
+                    send(sock, _load_message(task, blob))
+        if blobs:
+            log.info("engine worker %d: %d resident tasks replayed", worker.index, len(blobs))
 
     # ----- books -------------------------------------------------------------------------------------
     def components(self, adapter: TaskAdapter) -> list:
@@ -308,6 +307,7 @@ class ProcessEngine:
         parts = self.components(adapter)
         nbytes = resident_nbytes(parts, self.dtype)
         digest = sha256 or adapter.content_hash()
+        blob = native.dumps(adapter, self.spec.fingerprint)
         with self._lock:
             if sum(b.nbytes for b in self._booked.values()) + nbytes > self.max_adapter_bytes:
                 raise CapacityError(
@@ -317,18 +317,18 @@ class ProcessEngine:
             else:
                 task, self._next_task = self._next_task, self._next_task + 1
             self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), digest)
-        message = _load_message(task, native.dumps(adapter, self.spec.fingerprint))
-        for w in self.workers:
-            w.post(message)
+            message = _load_message(task, blob)
+            for w in self.workers:  # under the books lock: workers see changes in the books' order
+                w.post(message)
         return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
 
     def unload(self, task: int) -> None:
         with self._lock:
             del self._booked[task]
             self._free.append(task)
-        message = Message("unload", {"task": task})
-        for w in self.workers:
-            w.post(message)
+            message = Message("unload", {"task": task})
+            for w in self.workers:
+                w.post(message)
 
     # ----- forward -----------------------------------------------------------------------------------
     def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:

@@ -45,8 +45,11 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
                 await runtime.request_pool.run(runtime.registry.ensure_resident, lease)
             except CapacityError as exc:
                 raise InsufficientCapacity(f"no device slot free for task {body.task!r}: {exc}") from exc
-        ids, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer, texts,
-                                                   runtime.engine.spec.max_length)
+        tokenizer, max_length = runtime.engine.backbone.tokenizer, runtime.engine.spec.max_length
+        if sum(map(len, texts)) <= settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
+            ids, mask = tokenize(tokenizer, texts, max_length)
+        else:
+            ids, mask = await runtime.request_pool.run(tokenize, tokenizer, texts, max_length)
         item = runtime.batcher.submit(lease.transfer(), ids, mask, settings.request_timeout_s, tenant=tenant,
                                       max_queued_rows=queued_rows, cold_load=cold)
     answer = asyncio.ensure_future(runtime.batcher.result(item))
