@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="encoder precision (default auto: bf16 where the hardware runs it natively, else fp32; "
                             "SWITCHBOARD_DTYPE)")
     serve.add_argument("--engine-workers", type=int, default=None,
-                       help="engine worker processes (default 1; 0 = the engine runs inside the server process; "
-                            "SWITCHBOARD_ENGINE_WORKERS)")
+                       help="engine worker processes (default: 1 on a GPU, else min(cores, 2); 0 = the engine "
+                            "runs inside the server process; SWITCHBOARD_ENGINE_WORKERS)")
     serve.add_argument("--threads", type=int, default=None,
                        help="torch threads per engine worker (default: cores ÷ workers; SWITCHBOARD_THREADS)")
     serve.add_argument("--max-length", type=int, default=None, help="truncate inputs to this many tokens")

@@ -23,8 +23,9 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "fp32", "bf16", "int8"] = Field(
         "auto", description="encoder precision; auto: bf16 where the hardware runs it natively (AVX-512 BF16/AMX "
                             "CPUs, Ampere+ GPUs), else fp32 — docs/precision.md")
-    engine_workers: int = Field(1, ge=0, description="engine worker processes, each running whole batches; 0 = the "
-                                                     "engine runs in a thread of the server process")
+    engine_workers: int | None = Field(None, ge=0, description="engine worker processes, each running whole "
+                                       "batches; 0 = the engine runs in a thread of the server process; default: "
+                                       "one on a GPU, else min(cores, 2)")
     threads: int = Field(0, ge=0, description="torch threads per engine (per worker); 0 = cores ÷ workers")
     engine_timeout_s: float = Field(60.0, gt=0, description="a worker that computes one batch longer than this is "
                                                             "killed and restarted; its batch fails with 503")

@@ -187,3 +187,36 @@ def test_stopping_the_engine_ends_its_workers(tiny_dir):
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_a_server_survives_the_sigkill_of_an_engine_worker(tmp_path, tiny_dir):
+    """End to end: `switchboard serve` with two workers; one is killed; requests are answered (a 503 at
+    most for those in flight), never hang, and answers after the restart equal those before."""
+    import httpx
+    import psutil
+
+    from tests.server_fixture import metric_samples, running_server, upload
+
+    path, backbone = tiny_dir
+    adapter = random_adapter(backbone.spec, seed=77, kind="mixed")
+    body = {"task": "t", "inputs": TEXTS[:4], "raw_scores": True}
+    with running_server(path, tmp_path / "data", env={"SWITCHBOARD_ENGINE_WORKERS": "2",
+                                                      "SWITCHBOARD_THREADS": "1"}) as (url, proc):
+        assert upload(url, "t", adapter, backbone.spec.fingerprint).status_code == 201
+        before = httpx.post(f"{url}/v1/classify", json=body).json()
+        workers = [p for p in psutil.Process(proc.pid).children() if "engine_worker" in " ".join(p.cmdline())]
+        assert len(workers) == 2
+        workers[0].kill()
+        statuses = []
+        with httpx.Client(timeout=30) as client:
+            for _ in range(20):
+                r = client.post(f"{url}/v1/classify", json=body)
+                statuses.append(r.status_code)
+                if r.status_code == 200:
+                    assert r.json() == before
+                else:
+                    assert r.status_code == 503 and r.json()["error"]["type"] == "engine_unavailable"
+        assert statuses.count(200) >= 18
+        live = [p for p in psutil.Process(proc.pid).children() if "engine_worker" in " ".join(p.cmdline())]
+        assert len(live) == 2 and workers[0].pid not in {p.pid for p in live}
+        assert metric_samples(url)["switchboard_engine_worker_restarts_total"] == 1

@@ -40,6 +40,13 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without stalling the host: through pinned memory, asynchronously, on a GPU."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def pool_dtype(component: Component, dtype: torch.dtype) -> torch.dtype:
     """The dtype a component is pooled in: float32 for the tiny ones that set precision (heads, norms)."""
     return torch.float32 if component.float32 else dtype
@@ -210,7 +217,7 @@ class Engine:
         used = pool_slots > 0
         if bool(used.all()):
             return None
-        return used.nonzero().squeeze(1).to(self.device)
+        return to_device(used.nonzero().squeeze(1), self.device)
 
     def batch_params(self, task_slots: torch.Tensor) -> BatchParams:
         """Gather every row's parameters from the pools its tasks use. task_slots: [B] long on the CPU."""
@@ -248,19 +255,21 @@ class Engine:
         out = torch.full((len(task_slots), max(p.shape[1] for _, p in parts)), float("-inf"),
                          device=parts[0][1].device)
         for rows, logits in parts:
-            out[rows.to(out.device), : logits.shape[1]] = logits
+            out[to_device(rows, out.device), : logits.shape[1]] = logits
         return out
 
     def _forward_chunk(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                        task_slots: torch.Tensor) -> torch.Tensor:
         with self._lock:
             params = self.batch_params(task_slots)
-        return encoder_forward(self.model, input_ids.to(self.device), attention_mask.to(self.device), params)
+        return encoder_forward(self.model, to_device(input_ids, self.device), to_device(attention_mask, self.device),
+                               params)
 
     @torch.inference_mode()
     def bare_hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The backbone alone through the same code path (used by tests and benchmarks)."""
-        return encode(self.model, input_ids.to(self.device), attention_mask.to(self.device), BatchParams())
+        return encode(self.model, to_device(input_ids, self.device), to_device(attention_mask, self.device),
+                      BatchParams())
 
     def warm_up(self, rows: int = 8, length: int = 64) -> tuple[int, float]:
         """Run the backbone twice on a dummy batch: the first call warms kernels up, the second measures

@@ -223,6 +223,12 @@ class Batcher:
             while not self._queues and not self._stopping:
                 self._cond.wait()
             max_tokens = self.admission.batch_token_limit(self._queues)
+            max_rows = s.max_batch_rows
+            if len(self._threads) > 1:
+                # several engine workers: take an even share of what waits now, so a burst is computed by
+                # all of them side by side instead of by the first one free (its latency halves)
+                share = -(-self._queues.total_rows // len(self._threads))
+                max_rows = min(max_rows, max(share, s.chunk_rows or 1))
             close_at = time.monotonic() + s.batch_wait_ms / 1000.0
             while True:
                 full = False
@@ -231,7 +237,7 @@ class Batcher:
                         self._queues.pop(item, charge=False)
                         continue
                     new_rows, new_width = rows + item.rows, max(width, item.length)
-                    if batch and (new_rows > s.max_batch_rows or new_rows * new_width > max_tokens):
+                    if batch and (new_rows > max_rows or new_rows * new_width > max_tokens):
                         full = True
                         break
                     self._queues.pop(item)

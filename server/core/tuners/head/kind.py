@@ -74,7 +74,7 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
                ctx: GatherContext) -> HeadParams:
         params = params or HeadParams()
         rows = ctx.used_rows(slots)
-        s = (slots if rows is None else slots[slots > 0]).to(ctx.device)
+        s = (slots if rows is None else slots[slots > 0]).to(ctx.device, non_blocking=True)
         hidden = bool(key[3])
         params.groups.append(HeadGroup(
             rows=rows, pooling=str(key[1]), out_w=pool.gather("out_w", s), out_b=pool.gather("out_b", s),

@@ -73,7 +73,7 @@ class HoulsbyKind(TunerKind[HoulsbyWeights, HoulsbyParams]):
                 params.groups.append(HoulsbyGroup(ctx.used_rows(slots == s), *self._weights(pool, idx), activation))
             return params
         rows = ctx.used_rows(slots)
-        s = (slots if rows is None else slots[used_mask]).to(ctx.device)
+        s = (slots if rows is None else slots[used_mask]).to(ctx.device, non_blocking=True)
         params.groups.append(HoulsbyGroup(rows, *self._weights(pool, s), activation))
         return params
 

@@ -51,7 +51,7 @@ class Ia3Kind(TunerKind[Ia3Weights, Ia3Params]):
         # slot 0, the ones vector, so the product is exact.
         first = slots[:1]
         one = bool((slots == first).all())
-        params.vectors[str(key[1])] = pool.gather("v", (first if one else slots).to(ctx.device))
+        params.vectors[str(key[1])] = pool.gather("v", (first if one else slots).to(ctx.device, non_blocking=True))
         return params
 
     def single_task(self, weights: Ia3Weights) -> Ia3Params:

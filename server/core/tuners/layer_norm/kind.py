@@ -46,7 +46,7 @@ class LayerNormKind(TunerKind[LayerNormWeights, LayerNormParams]):
 
     def gather(self, params: LayerNormParams | None, key: PoolKey, pool: Pool, slots: torch.Tensor,
                ctx: GatherContext) -> LayerNormParams:
-        s = slots.to(ctx.device)
+        s = slots.to(ctx.device, non_blocking=True)
         return LayerNormParams(pool.gather("weight", s), pool.gather("bias", s))
 
     def single_task(self, weights: LayerNormWeights) -> LayerNormParams:
