@@ -10,8 +10,8 @@ chunks, 2 threads). Writes bench/out/precision.json, which bench/roofline.py quo
     python -m bench.precision            # ~6 minutes once the adapters exist
     python -m bench.precision --quick    # 400 texts per set
 
-`bf16-full` (the whole encoder and residual stream in bfloat16) is measured here only: it is not a
-server setting (see docs/precision.md for why).
+The modes are the server's `--dtype` values (server/core/precision.py); `auto` picks the fastest that
+passes on hardware with native bf16.
 """
 
 from __future__ import annotations
@@ -48,12 +48,7 @@ def ensure_adapter(kind: str, data: Path, out: Path, steps: int, max_length: int
 
 
 def build_engine(mode: str, max_length: int) -> Engine:
-    backbone = load_backbone(max_length=max_length)
-    if mode == "bf16-full":
-        engine = Engine(backbone, precision="bf16", device="cpu")
-        engine.model.to(torch.bfloat16)  # residual stream, LayerNorms and attention too
-        return engine
-    return Engine(backbone, precision=mode, device="cpu")
+    return Engine(load_backbone(max_length=max_length), precision=mode, device="cpu")
 
 
 def run_mode(mode: str, adapters: list[TaskAdapter], sets: dict[str, list[str]], max_length: int,

@@ -204,9 +204,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--store", default=None,
                        help="postgresql://… for a store shared by replicas (SWITCHBOARD_STORE); default: the "
                             "embedded SQLite store in --data-dir")
-    serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "int8"], default=None,
-                       help="encoder precision (default auto: bf16 where the hardware runs it natively, else fp32; "
-                            "SWITCHBOARD_DTYPE)")
+    serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "bf16-full", "int8"], default=None,
+                       help="encoder precision (default auto: bf16-full where the hardware runs bf16 natively, else "
+                            "fp32; SWITCHBOARD_DTYPE; docs/precision.md)")
     serve.add_argument("--engine-workers", type=int, default=None,
                        help="engine worker processes (default: 1 on a GPU, else min(cores, 2); 0 = the engine "
                             "runs inside the server process; SWITCHBOARD_ENGINE_WORKERS)")

@@ -20,9 +20,9 @@ class Settings(BaseSettings):
                                                 "shared store for replicas (blobs cached in data_dir)")
     store_resync_s: float = Field(30.0, gt=0, description="a shared store is re-read whole this often, in case a "
                                                           "change notification was missed")
-    dtype: Literal["auto", "fp32", "bf16", "int8"] = Field(
-        "auto", description="encoder precision; auto: bf16 where the hardware runs it natively (AVX-512 BF16/AMX "
-                            "CPUs, Ampere+ GPUs), else fp32 — docs/precision.md")
+    dtype: Literal["auto", "fp32", "bf16", "bf16-full", "int8"] = Field(
+        "auto", description="encoder precision; auto: bf16-full where the hardware runs bf16 natively (AVX-512 "
+                            "BF16/AMX CPUs, Ampere+ GPUs), else fp32 — docs/precision.md")
     engine_workers: int | None = Field(None, ge=0, description="engine worker processes, each running whole "
                                        "batches; 0 = the engine runs in a thread of the server process; default: "
                                        "one on a GPU, else min(cores, 2)")

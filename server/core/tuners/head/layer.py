@@ -19,7 +19,8 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.n
     if pooling == "pooler":
         if pooler is None:
             raise ValueError("this backbone has no pooler; use 'cls' or 'mean' pooling")
-        return torch.tanh(pooler.dense(hidden[:, 0]))
+        first = hidden[:, 0].to(pooler.dense.weight.dtype)  # the pooler is bf16 in bf16-full precision
+        return torch.tanh(pooler.dense(first))
     raise ValueError(f"unknown pooling {pooling!r}")
 
 
