@@ -34,6 +34,7 @@ from switchboard.adapter_store.formats import native
 from switchboard.clients.local_server import free_port, running_process
 from switchboard.server.core.backbone import load_backbone
 from switchboard.server.core.engine import Engine
+from switchboard.server.core.precision import resolve
 
 
 def zipf_tasks(n_tasks: int, n: int, s: float, rng: random.Random) -> list[str]:
@@ -114,9 +115,10 @@ async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, d
             "p99_ms": float(np.percentile(lat, 99))}
 
 
-def engine_throughput(n_tasks: int, tasks: list[str], texts: list[str], rows: int, duration: float) -> float:
-    """The engine alone: forward passes over batches of `rows` requests, pre-tokenized."""
-    engine = Engine(load_backbone())
+def engine_throughput(n_tasks: int, tasks: list[str], texts: list[str], rows: int, duration: float,
+                      dtype: str = "auto") -> float:
+    """The engine alone, in the server's precision: forward passes over batches of `rows` requests, pre-tokenized."""
+    engine = Engine(load_backbone(), precision=resolve(dtype, torch.device("cpu")))
     slots = {f"task-{i}": engine.load(bench_adapter(engine.spec, "ia3", seed=i, sites=PEFT_BERT_SITES)).slot
              for i in range(n_tasks)}
     batches = []
@@ -174,7 +176,8 @@ def main() -> None:
                 sat = asyncio.run(closed_loop(url, tasks, texts, args.concurrency, duration))
         print(json.dumps({"env": env, "concurrency": args.concurrency, **sat}))
         return
-    engine_rps = engine_throughput(args.tasks, tasks, texts, rows=64, duration=duration)
+    engine_rps = engine_throughput(args.tasks, tasks, texts, rows=64, duration=duration,
+                                   dtype=env.get("SWITCHBOARD_DTYPE", "auto"))
     print(f"engine alone: {engine_rps:.1f} rows/s (batches of 64 mixed Zipf rows, forward only)", flush=True)
 
     report: dict[str, dict] = {}

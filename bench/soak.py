@@ -124,8 +124,9 @@ def main() -> None:
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
+    # fp32, so every answer can be held to the fp32 oracle above at 1e-3 (precision is bench/precision.py's job)
     env = {"SWITCHBOARD_MAX_ADAPTER_BYTES": str(64 << 20), "SWITCHBOARD_MAX_TASK_BYTES": str(96 << 20),
-           "SWITCHBOARD_MAX_TRAIN_STEPS": "200"}
+           "SWITCHBOARD_MAX_TRAIN_STEPS": "200", "SWITCHBOARD_DTYPE": "fp32"}
     counts: collections.Counter[str] = collections.Counter()
     hostile_statuses: dict[str, collections.Counter[int]] = collections.defaultdict(collections.Counter)
     wrong: list[str] = []

@@ -9,6 +9,9 @@ from tests.factories import KINDS, random_adapter, tiny_backbone
 # compute in fp32, so their answers can be held to fp32 oracles at 1e-4. The default precision
 # (`auto`) is tested on its own in tests/test_precision.py.
 os.environ.setdefault("SWITCHBOARD_DTYPE", "fp32")
+# Test servers run the engine in-process, so the many short-lived ones start in a few seconds; the
+# worker layout (the default) is tested end to end in tests/test_engine_workers.py and test_precision.py.
+os.environ.setdefault("SWITCHBOARD_ENGINE_WORKERS", "0")
 
 
 @pytest.fixture(scope="session")

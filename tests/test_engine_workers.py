@@ -31,10 +31,10 @@ class Blobs(dict):
         return self[sha]
 
 
-def start_engine(tiny_dir, blobs: Blobs, **kw) -> ProcessEngine:
+def start_engine(tiny_dir, blobs: Blobs, metrics: Metrics | None = None, **kw) -> ProcessEngine:
     path, backbone = tiny_dir
-    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), **kw)
-    engine.start()
+    engine = ProcessEngine(str(path), blobs, metrics or Metrics(), max_length=backbone.spec.max_length, **kw)
+    engine.start(backbone)
     return engine
 
 
@@ -109,8 +109,7 @@ def test_budget_is_kept_in_the_front(tiny_dir):
     adapter = random_adapter(tiny_dir[1].spec, seed=1, kind="houlsby")
     path, backbone = tiny_dir
     nbytes = Engine(backbone).task_bytes(adapter)
-    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), max_adapter_bytes=nbytes, threads=1)
-    engine.start()
+    engine = start_engine(tiny_dir, blobs, max_adapter_bytes=nbytes, threads=1)
     try:
         load(engine, adapter, blobs)
         with pytest.raises(CapacityError):
@@ -123,8 +122,7 @@ def test_a_killed_worker_fails_its_batch_with_503_then_comes_back_with_every_tas
     blobs = Blobs()
     metrics = Metrics()
     path, backbone = tiny_dir
-    engine = ProcessEngine(backbone, str(path), blobs, metrics, threads=1)
-    engine.start()
+    engine = start_engine(tiny_dir, blobs, metrics, threads=1)
     oracle = Engine(backbone)
     try:
         adapters = [random_adapter(engine.spec, seed=300 + i, kind=k) for i, k in enumerate(["ia3", "houlsby"])]
@@ -163,8 +161,7 @@ def test_a_killed_worker_fails_its_batch_with_503_then_comes_back_with_every_tas
 def test_a_hung_worker_is_killed_at_the_timeout_and_replaced(tiny_dir):
     blobs = Blobs()
     path, backbone = tiny_dir
-    engine = ProcessEngine(backbone, str(path), blobs, Metrics(), threads=1, timeout_s=0.5)
-    engine.start()
+    engine = start_engine(tiny_dir, blobs, threads=1, timeout_s=0.5)
     try:
         slot = load(engine, random_adapter(engine.spec, seed=5), blobs)
         pid = engine.worker_pids()[0]
@@ -220,3 +217,54 @@ def test_a_server_survives_the_sigkill_of_an_engine_worker(tmp_path, tiny_dir):
         live = [p for p in psutil.Process(proc.pid).children() if "engine_worker" in " ".join(p.cmdline())]
         assert len(live) == 2 and workers[0].pid not in {p.pid for p in live}
         assert metric_samples(url)["switchboard_engine_worker_restarts_total"] == 1
+
+
+def test_a_worker_that_loads_another_backbone_is_refused(tiny_dir, tmp_path):
+    """The worker reports what it loaded; the front serves only its own weights."""
+    from tests.factories import tiny_backbone
+
+    other = tiny_backbone(seed=99)
+    other.model.save_pretrained(tmp_path)
+    other.tokenizer.save_pretrained(tmp_path)
+    engine = ProcessEngine(str(tmp_path), Blobs(), Metrics(), max_length=128, threads=1)
+    with pytest.raises(RuntimeError, match="loaded backbone"):
+        engine.start(tiny_dir[1])
+
+
+def test_concurrent_mixed_requests_through_two_workers_equal_the_in_process_oracle(tmp_path, tiny_dir, adapters):
+    """`switchboard serve` on its worker layout: concurrent requests over every kind of task, each answer
+    equal to the in-process engine computing that request alone, and batches that mixed tasks."""
+    import asyncio
+
+    import httpx
+
+    from tests.server_fixture import metric_samples, running_server, upload
+
+    path, backbone = tiny_dir
+    oracle = Engine(backbone)
+    env = {"SWITCHBOARD_ENGINE_WORKERS": "2", "SWITCHBOARD_THREADS": "1", "SWITCHBOARD_BATCH_WAIT_MS": "30"}
+    requests = [(task, [TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)])
+                for i, task in enumerate(list(adapters) * 3)]
+    with running_server(path, tmp_path / "data", env=env) as (url, _):
+        for task, adapter in adapters.items():
+            assert upload(url, task, adapter, backbone.spec.fingerprint).status_code == 201
+
+        async def fire():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*[
+                    client.post(f"{url}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
+                    for t, x in requests])
+
+        responses = asyncio.run(fire())
+        samples = metric_samples(url)
+    for (task, texts), r in zip(requests, responses):
+        assert r.status_code == 200, r.text
+        slot = oracle.load(adapters[task]).slot
+        enc = oracle.tokenize(texts)
+        want = oracle.forward(enc["input_ids"], enc["attention_mask"], torch.full((len(texts),), slot))
+        oracle.unload(slot)
+        for row, preds in enumerate(r.json()["predictions"]):
+            for p in preds:
+                assert abs(p["score"] - want[row, adapters[task].labels.index(p["label"])].item()) <= 1e-4
+    mixed = samples["switchboard_batch_tasks_count"] - samples['switchboard_batch_tasks_bucket{"le": "1.0"}']
+    assert mixed >= 1, "no batch mixed tasks"

@@ -78,6 +78,6 @@ def test_serve_logs_json_lines_with_a_start_up_summary(tiny_dir, tmp_path):
     with running_server(tiny_dir[0], tmp_path, extra_args=["--log-format", "json", "--log-level", "info"]) as (url, _):
         httpx.get(f"{url}/v1/tasks/nope")
     lines = [json.loads(line) for line in (tmp_path / "server.log").read_text().splitlines() if line.strip()]
-    assert any(m["message"].startswith("ready: model") and "dtype fp32" in m["message"] for m in lines)
+    assert any(m["message"].startswith("ready: model") and "precision fp32" in m["message"] for m in lines)
     assert any("serving on http://127.0.0.1" in m["message"] and "OPEN MODE" in m["message"] for m in lines)
     assert any(m["logger"] == "uvicorn.access" for m in lines)  # access lines in the same format

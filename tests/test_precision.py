@@ -25,13 +25,16 @@ def test_an_explicit_dtype_wins(monkeypatch):
 
 
 def test_the_server_reports_the_resolved_precision(tmp_path, tiny_dir, monkeypatch):
-    """A server on the default dtype serves in what `auto` resolves to on this machine, and says so."""
+    """A server on the defaults serves in what `auto` resolves to on this machine, in worker processes, and
+    says so."""
     from tests.server_fixture import running_server
 
     monkeypatch.delenv("SWITCHBOARD_DTYPE", raising=False)
+    monkeypatch.delenv("SWITCHBOARD_ENGINE_WORKERS", raising=False)  # the default layout too
     expected = resolve("auto", torch.device("cpu"))
     with running_server(tiny_dir[0], tmp_path / "data", env={"SWITCHBOARD_LOG_LEVEL": "info"},
                         extra_args=["--log-level", "info"]) as (url, _):
         pass
     log = (tmp_path / "data" / "server.log").read_text()
     assert f"precision {expected} (setting auto)" in log
+    assert "engine worker processes" in log

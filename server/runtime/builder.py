@@ -72,36 +72,44 @@ def default_workers(device: torch.device) -> int:
     return 1 if device.type == "cuda" else min(os.cpu_count() or 1, 2)
 
 
-def build_engine(settings: Settings, metrics: Metrics, backbone: Backbone, store: Store,
-                 in_process: bool) -> Engine | ProcessEngine:
-    """The engine in `engine_workers` worker processes, or in this process (`engine_workers` 0, or a
+def build_engine(settings: Settings, metrics: Metrics, store: Store,
+                 backbone_factory: BackboneFactory | None) -> tuple[Backbone, Engine | ProcessEngine]:
+    """The backbone, and the engine in `engine_workers` worker processes — launched first, so they load
+    the model while this process loads its own copy — or in this process (`engine_workers` 0, or a
     backbone handed over as an object, which a worker process could not load)."""
     s = settings
     device = default_device()
     precision = resolve(s.dtype, device)
-    workers = 0 if in_process else default_workers(device) if s.engine_workers is None else s.engine_workers
+    workers = 0 if backbone_factory is not None else default_workers(device) if s.engine_workers is None \
+        else s.engine_workers
     threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
     if workers == 0:
         torch.set_num_threads(threads)
-        return Engine(backbone, precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
-                      chunk_rows=s.chunk_rows)
+        backbone = (backbone_factory or default_backbone_factory(s))()
+        return backbone, Engine(backbone, precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
+                                chunk_rows=s.chunk_rows)
     torch.set_num_threads(1)  # the front only tokenizes and post-processes; the cores are the workers'
-    engine = ProcessEngine(backbone, str(s.model or default_model_path()), store.read_blob, metrics,
+    engine = ProcessEngine(str(s.model or default_model_path()), store.read_blob, metrics, max_length=s.max_length,
                            precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
                            chunk_rows=s.chunk_rows, workers=workers, threads=threads,
                            timeout_s=s.engine_timeout_s, log_level=s.log_level, log_format=s.log_format)
-    engine.start()
-    return engine
+    engine.launch()
+    try:
+        backbone = default_backbone_factory(s)()
+        engine.start(backbone)
+    except BaseException:
+        engine.stop()
+        raise
+    return backbone, engine
 
 
 def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None) -> Runtime:
     """Blocking (loads the model): run it off the event loop."""
     s = settings
     memory.limit_arenas(2)  # before the pools' threads allocate
-    backbone = (backbone_factory or default_backbone_factory(s))()
     store = open_store(s.store, s.data_dir)
     try:
-        engine = build_engine(s, metrics, backbone, store, in_process=backbone_factory is not None)
+        backbone, engine = build_engine(s, metrics, store, backbone_factory)
     except BaseException:
         store.close()
         raise

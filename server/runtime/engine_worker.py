@@ -42,8 +42,7 @@ class WorkerConfig:
     """What a worker needs to build the same engine as its front process describes."""
 
     model: str
-    max_length: int
-    fingerprint: str  # the front's backbone: a worker that loads other weights refuses to start
+    max_length: int | None  # None: the model's own limit, as the front computes it
     precision: str
     device: str
     threads: int
@@ -61,9 +60,6 @@ def build_engine(config: WorkerConfig) -> Engine:
     memory.limit_arenas(2)
     torch.set_num_threads(config.threads)
     backbone = load_backbone(config.model, max_length=config.max_length)
-    if backbone.spec.fingerprint != config.fingerprint:
-        raise RuntimeError(f"worker {config.index} loaded backbone {backbone.spec.fingerprint}, the front serves "
-                           f"{config.fingerprint}")
     return Engine(backbone, precision=Precision(config.precision), device=config.device,
                   max_adapter_bytes=config.max_adapter_bytes, chunk_rows=config.chunk_rows)
 
@@ -98,8 +94,10 @@ def handle(engine: Engine, message: Message, fingerprint: str) -> Message | None
 def serve(sock: socket.socket, config: WorkerConfig) -> int:
     start = time.monotonic()
     engine = build_engine(config)
+    # the front checks the fingerprint and length limit against its own backbone before it sends work
     send(sock, Message("ready", {"pid": os.getpid(), "seconds": time.monotonic() - start,
-                                 "threads": torch.get_num_threads(), "device": str(engine.device)}))
+                                 "threads": torch.get_num_threads(), "device": str(engine.device),
+                                 "fingerprint": engine.spec.fingerprint, "max_length": engine.spec.max_length}))
     while True:
         try:
             message = receive(sock)
@@ -107,7 +105,7 @@ def serve(sock: socket.socket, config: WorkerConfig) -> int:
             return 0
         if message.op == "stop":
             return 0
-        answer = handle(engine, message, config.fingerprint)
+        answer = handle(engine, message, engine.spec.fingerprint)
         if answer is not None:
             send(sock, answer)
 

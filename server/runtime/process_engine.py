@@ -66,6 +66,8 @@ class EngineWorker:
         self._call_lock = threading.Lock()
         self.send_lock = threading.Lock()
         self._proc: subprocess.Popen | None = None
+        self._pending: socket.socket | None = None  # a launched worker's socket, until it is ready
+        self._expect: tuple[str, int] = ("", 0)
         self.sock: socket.socket | None = None  # None while not running: posts are skipped, the replay covers them
 
     @property
@@ -80,13 +82,8 @@ class EngineWorker:
     def alive(self) -> bool:
         return self.sock is not None and self._proc is not None and self._proc.poll() is None
 
-    def start(self) -> None:
-        with self._call_lock:
-            self._start_locked()
-
-    def _start_locked(self) -> None:
-        """Spawn the process, wait until its engine is built, then let the engine attach it (which
-        replays every resident task). Runs with `_call_lock` held: no forward uses the old socket."""
+    def launch(self) -> None:
+        """Spawn the process without waiting for it (its start overlaps the front's own model load)."""
         self._kill()
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         cmd = [sys.executable, "-m", "switchboard.server.runtime.engine_worker", str(child.fileno()),
@@ -95,6 +92,23 @@ class EngineWorker:
             self._proc = subprocess.Popen(cmd, pass_fds=(child.fileno(),), stdin=subprocess.DEVNULL)
         finally:
             child.close()
+        self._pending = parent
+
+    def start(self, expect: tuple[str, int]) -> None:
+        """Wait for a launched worker (launching it if needed) and attach it. expect: the front's
+        (fingerprint, max_length); a worker that loaded anything else is refused."""
+        self._expect = expect
+        with self._call_lock:
+            self._start_locked(launched=self._pending is not None)
+
+    def _start_locked(self, launched: bool = False) -> None:
+        """Spawn the process (unless launched), wait until its engine is built, then let the engine
+        attach it (which replays every resident task). Runs with `_call_lock` held: no forward uses
+        the old socket meanwhile."""
+        if not launched:
+            self.launch()
+        parent, self._pending = self._pending, None
+        assert parent is not None and self._proc is not None
         parent.settimeout(self._start_timeout_s)
         try:
             ready = receive(parent)
@@ -105,6 +119,13 @@ class EngineWorker:
             raise RuntimeError(f"engine worker {self.index} did not start (exit code {code}); see its log lines "
                                "above") from exc
         parent.settimeout(None)
+        got = (ready.fields["fingerprint"], ready.fields["max_length"])
+        if got != self._expect:
+            self._proc.kill()
+            self._proc.wait()
+            parent.close()
+            raise RuntimeError(f"engine worker {self.index} loaded backbone {got[0]} (max_length {got[1]}); the "
+                               f"front serves {self._expect[0]} (max_length {self._expect[1]})")
         log.info("engine worker %d ready: pid %d, %d torch threads on %s, built in %.1f s", self.index,
                  ready.fields["pid"], ready.fields["threads"], ready.fields["device"], ready.fields["seconds"])
         self._attach(self, parent)
@@ -168,6 +189,9 @@ class EngineWorker:
     def _kill(self) -> int | None:
         with self.send_lock:
             self._close_socket()
+        if self._pending is not None:
+            self._pending.close()
+            self._pending = None
         if self._proc is None:
             return None
         if self._proc.poll() is None:
@@ -183,6 +207,9 @@ class EngineWorker:
                     except WorkerGone:
                         pass
                 self._close_socket()
+            if self._pending is not None:  # launched, never started
+                self._pending.close()
+                self._pending = None
             if self._proc is not None:
                 try:
                     self._proc.wait(timeout_s)
@@ -194,13 +221,13 @@ class EngineWorker:
 class ProcessEngine:
     """Engine books in the front process, forward passes in worker processes."""
 
-    def __init__(self, backbone: Backbone, model_path: str, blob_source: BlobSource, metrics: Metrics, *,
-                 precision: Precision | str = Precision.FP32, device: torch.device | str = "cpu",
-                 max_adapter_bytes: int = 1 << 30, chunk_rows: int = 8, workers: int = 1, threads: int = 2,
-                 timeout_s: float = 60.0, log_level: str = "info", log_format: str = "text") -> None:
-        self.backbone = backbone
-        self.spec = backbone.spec
-        self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
+    def __init__(self, model_path: str, blob_source: BlobSource, metrics: Metrics, *,
+                 max_length: int | None = None, precision: Precision | str = Precision.FP32,
+                 device: torch.device | str = "cpu", max_adapter_bytes: int = 1 << 30, chunk_rows: int = 8,
+                 workers: int = 1, threads: int = 2, timeout_s: float = 60.0, log_level: str = "info",
+                 log_format: str = "text") -> None:
+        """The books are usable once `start(backbone)` has run; `launch()` before it lets the workers load
+        the model while the front loads its own copy."""
         self.precision = Precision(precision)
         self.dtype = self.precision.pool_dtype
         self.device = torch.device(device)
@@ -213,21 +240,30 @@ class ProcessEngine:
         self._booked: dict[int, _Booked] = {}
         self._free: list[int] = []
         self._next_task = 1
-        config = WorkerConfig(model=model_path, max_length=self.spec.max_length, fingerprint=self.spec.fingerprint,
-                              precision=str(self.precision), device=str(self.device), threads=threads,
-                              chunk_rows=chunk_rows, max_adapter_bytes=max_adapter_bytes, index=0,
-                              log_level=log_level, log_format=log_format)
+        config = WorkerConfig(model=model_path, max_length=max_length, precision=str(self.precision),
+                              device=str(self.device), threads=threads, chunk_rows=chunk_rows,
+                              max_adapter_bytes=max_adapter_bytes, index=0, log_level=log_level, log_format=log_format)
         self.workers = [EngineWorker(replace(config, index=i), self._attach, metrics) for i in range(workers)]
         self._idle: queue.SimpleQueue[EngineWorker] = queue.SimpleQueue()
 
     # ----- life cycle --------------------------------------------------------------------------------
-    def start(self) -> None:
-        """Start every worker (in parallel: each loads the backbone)."""
+    def launch(self) -> None:
+        """Spawn every worker process now, without waiting for them."""
+        for w in self.workers:
+            w.launch()
+
+    def start(self, backbone: Backbone) -> None:
+        """Wait for every worker (launching those not launched) and check it loaded `backbone`, the
+        front's: the same weights (fingerprint) and length limit."""
+        self.backbone = backbone
+        self.spec = backbone.spec
+        self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
+        expect = (self.spec.fingerprint, self.spec.max_length)
         errors: list[BaseException] = []
 
         def start_one(worker: EngineWorker) -> None:
             try:
-                worker.start()
+                worker.start(expect)
             except BaseException as exc:
                 errors.append(exc)
 
