@@ -29,6 +29,12 @@ class InvalidRequest(ApiError):
     status, type = 422, "invalid_request"
 
 
+class CanaryFailed(ApiError):
+    """The uploaded version misclassified its canary texts; the previous version stays current."""
+
+    status, type = 409, "canary_failed"
+
+
 class PayloadTooLarge(ApiError):
     status, type = 413, "payload_too_large"
 

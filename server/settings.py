@@ -51,7 +51,10 @@ class Settings(BaseSettings):
     max_length: int | None = Field(None, description="truncate inputs to this many tokens; default: the model's limit")
 
     # Requests. Every client-supplied size has a bound here; see docs/limits.md.
-    max_inputs_per_request: int = 64
+    max_inputs_per_request: int = Field(64, description="texts per classify or embed request; with `tasks` "
+                                                         "(fan-out), texts × tasks")
+    max_canary_texts: int = Field(16, ge=1, description="labelled texts in an upload's `canary` field")
+    max_fanout_tasks: int = Field(16, ge=1, le=64, description="tasks in one fan-out classify request")
     max_input_chars: int = Field(50_000, description="characters per classify input (tokens past max_length are "
                                                      "truncated anyway)")
     max_body_bytes: int = 1 << 20

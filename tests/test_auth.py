@@ -22,6 +22,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, int]] = {
     ("GET", "/metrics"): ("public", {}, 200),
     ("GET", "/v1/backbone"): ("classify", {}, 200),
     ("POST", "/v1/classify"): ("classify", {"json": {"task": "t-a", "inputs": "x"}}, 200),
+    ("POST", "/v1/embed"): ("classify", {"json": {"inputs": "x"}}, 200),
     ("PUT", "/v1/tasks/{task}"): ("manage", {"files": "adapter"}, 201),
     ("GET", "/v1/tasks"): ("manage", {}, 200),
     ("GET", "/v1/tasks/{task}"): ("manage", {}, 200),
@@ -54,7 +55,7 @@ def expected(rule: str, caller: str, path: str) -> set[int]:
         return {"ok"} if rule == "classify" else {403}  # type: ignore[arg-type]
     # manage_b holds both scopes of tenant B: A's objects do not exist for it; B may create its own
     # task of the same name (PUT, train)
-    if path in ("/v1/tasks", "/v1/jobs", "/v1/backbone"):
+    if path in ("/v1/tasks", "/v1/jobs", "/v1/backbone", "/v1/embed"):
         return {"ok"}  # type: ignore[arg-type]
     if path in ("/v1/tasks/{task}", "/v1/tasks/{task}/train") and rule == "manage":
         return {"ok", 404}  # type: ignore[arg-type]  # PUT/train make B's own task; GET/DELETE: 404

@@ -13,7 +13,32 @@ from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import Runtime
 from switchboard.server.settings import Settings
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 422, 429, 503, 507)}
+# Every error a /v1 route may answer, with the types behind each status (docs/limits.md, security.md).
+ERROR_EXAMPLES: dict[int, dict[str, str]] = {
+    400: {"bad_request": "the multipart body could not be parsed"},
+    401: {"unauthorized": "missing API key: send Authorization: Bearer <key>"},
+    403: {"forbidden": "this key lacks the 'manage' scope"},
+    404: {"task_not_found": "unknown task 'sentiment'", "version_not_found": "task 'sentiment' has no version 9",
+          "job_not_found": "unknown job '3f2c'", "key_not_found": "unknown key '9a1b'"},
+    409: {"canary_failed": "the new version classified 2 of 3 canary texts as stated; version 1 stays current"},
+    413: {"payload_too_large": "70 inputs; at most 64 per request"},
+    415: {"unsupported_media_type": "send the body as JSON with the header Content-Type: application/json "
+                                    "(got text/plain)"},
+    422: {"unknown_field": "unknown field 'topk' (did you mean 'top_k'?); this endpoint takes: task, tasks, "
+                           "inputs, raw_scores, top_k",
+          "invalid_json": "the body is not valid JSON: Expecting value at line 1, column 9 (character 8)",
+          "validation_error": "inputs: inputs is empty or only whitespace; send text to classify",
+          "invalid_adapter": "tensor ia3.k_out has shape (5, 384); this backbone needs (6, 384)"},
+    429: {"overloaded": "the queue would take 2.4 s to reach this request (limit 2 s); retry in 1 s"},
+    503: {"not_ready": "the backbone is still loading", "deadline_exceeded": "request did not finish within 30.0 s",
+          "engine_unavailable": "the engine worker died; retry the request",
+          "store_unavailable": "the store cannot be reached"},
+    507: {"insufficient_capacity": "the adapter needs 2 GiB resident, more than the slot budget",
+          "quota_exceeded": "tenant 'acme' has 10000 tasks, its quota (max_tasks)"},
+}
+ERRORS = {code: {"model": ErrorResponse, "content": {"application/json": {"examples": {
+    type_: {"summary": type_, "value": {"error": {"type": type_, "message": message}}}
+    for type_, message in examples.items()}}}} for code, examples in ERROR_EXAMPLES.items()}
 
 
 @dataclass

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Sequence
+from typing import Any
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,9 +34,8 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-        return error(422, "validation_error", f"{where}: {first.get('msg', 'invalid request')}".strip(": "))
+        status, type_, message = explain(request, exc.errors(), getattr(exc, "body", None))
+        return error(status, type_, message)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -42,6 +45,46 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if exc.status_code == 405:  # Starlette names only the first matching route's methods
             headers["Allow"] = ", ".join(allowed_methods(request))
         return error(exc.status_code, kind, str(exc.detail), headers or None)
+
+
+def explain(request: Request, errors: Sequence[Any], body: object) -> tuple[int, str, str]:
+    """(status, type, message) for a body FastAPI could not validate: what is wrong and how to fix it."""
+    errors = list(errors)
+    unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:
+        known = _body_fields(request)
+        hints = []
+        for name in unknown:
+            close = difflib.get_close_matches(name, known, n=1)
+            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        return 422, "unknown_field", (f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
+                                      f"this endpoint takes: {', '.join(known)}")
+    first = errors[0] if errors else {}
+    if first.get("type") == "json_invalid":
+        position = first["loc"][-1] if isinstance(first["loc"][-1], int) else 0
+        raw = body if isinstance(body, str | bytes) else ""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+        line = text.count("\n", 0, position) + 1
+        column = position - (text.rfind("\n", 0, position) + 1) + 1
+        reason = (first.get("ctx") or {}).get("error", "invalid JSON")
+        return 422, "invalid_json", (f"the body is not valid JSON: {reason} at line {line}, column {column} "
+                                     f"(character {position})")
+    content_type = request.headers.get("content-type", "")
+    if first.get("loc") in (("body",), ["body"]) and "json" not in content_type:
+        return 415, "unsupported_media_type", (f"send the body as JSON with the header Content-Type: application/json "
+                                               f"(got {content_type or 'no Content-Type'})")
+    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+    message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    return 422, "validation_error", f"{where}: {message}".strip(": ")
+
+
+def _body_fields(request: Request) -> list[str]:
+    """The JSON fields of the matched route's body model."""
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
+    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    fields = getattr(model, "model_fields", None)
+    return list(fields) if fields else []
 
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

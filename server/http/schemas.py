@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import typing
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
 
 from switchboard.adapter_store.records import VersionRecord
+
+
+class StrictModel(BaseModel):
+    """Request bodies: an unknown field is an error that names it (a misspelt `topk` is never ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 class ErrorBody(BaseModel):
@@ -40,16 +46,59 @@ TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 MAX_TEXT_CHARS = 1_000_000
 MAX_LABEL_CHARS = 1024
 MAX_INT32 = 2**31 - 1
+MAX_FANOUT_TASKS = 64
 
 
-class ClassifyRequest(BaseModel):
-    task: str = Field(pattern=TASK_NAME, examples=["sentiment"], description="task name (at most 64 characters)")
+def _non_empty(inputs: str | list[str]) -> str | list[str]:
+    texts = [inputs] if isinstance(inputs, str) else inputs
+    if not texts:
+        raise ValueError("inputs must hold at least one text")
+    for i, text in enumerate(texts):
+        if not text.strip():
+            where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
+            raise ValueError(f"{where} is empty or only whitespace; send text to classify")
+    return inputs
+
+
+class ClassifyRequest(StrictModel):
+    task: str | None = Field(None, pattern=TASK_NAME, examples=["sentiment"],
+                             description="task name (at most 64 characters); or `tasks`")
+    tasks: list[Annotated[str, Field(pattern=TASK_NAME)]] | None = Field(
+        None, min_length=1, max_length=MAX_FANOUT_TASKS, examples=[["moderation", "topic"]],
+        description="fan-out: every input under each of these tasks, in one mixed batch (max_fanout_tasks); "
+                    "instead of `task`")
     inputs: str | list[str] = Field(examples=[["I loved it", "terrible service"]],
-                                    description="one text or a list (max_inputs_per_request, max_input_chars)")
+                                    description="one text or a list (max_inputs_per_request, max_input_chars); "
+                                                "no empty text")
     raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
     top_k: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the k best labels per input")
 
-    model_config = {"json_schema_extra": {"examples": [{"task": "sentiment", "inputs": ["I loved it"], "top_k": 2}]}}
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task": "sentiment", "inputs": ["I loved it"], "top_k": 2},
+        {"tasks": ["moderation", "topic"], "inputs": "a chess engine"}]})
+
+    _inputs = field_validator("inputs")(_non_empty)
+
+    @model_validator(mode="after")
+    def _one_of_task_or_tasks(self) -> ClassifyRequest:
+        if (self.task is None) == (self.tasks is None):
+            raise ValueError("send exactly one of `task` (one task) or `tasks` (a list, fan-out)")
+        if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
+            raise ValueError("`tasks` names a task twice")
+        return self
+
+
+class EmbedRequest(StrictModel):
+    inputs: str | list[str] = Field(examples=[["a chess engine", "DNS server"]],
+                                    description="one text or a list (max_inputs_per_request, max_input_chars)")
+    normalize: bool = Field(True, description="unit length (cosine similarity = dot product)")
+
+    _inputs = field_validator("inputs")(_non_empty)
+
+
+class EmbedResponse(BaseModel):
+    embeddings: list[list[float]]
+    dim: int
 
 
 class Prediction(BaseModel):
@@ -61,6 +110,10 @@ class ClassifyResponse(BaseModel):
     task: str
     version: int
     predictions: list[list[Prediction]]
+
+
+class FanOutResponse(BaseModel):
+    results: list[ClassifyResponse] = Field(description="one per task, in the order of `tasks`")
 
 
 def _version_summary_model() -> type[BaseModel]:
@@ -81,7 +134,7 @@ class TaskSummary(TaskVersionSummary):  # type: ignore[misc,valid-type]
     versions: list[TaskVersionSummary]
 
 
-class RollbackRequest(BaseModel):
+class RollbackRequest(StrictModel):
     version: int = Field(ge=1, le=MAX_INT32, examples=[1])
 
 
@@ -90,14 +143,14 @@ class TaskList(BaseModel):
     next: str | None = Field(None, description="pass as `after` for the next page; null on the last page")
 
 
-class LabelledText(BaseModel):
+class LabelledText(StrictModel):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["I loved it"],
                       description="max_train_text_chars characters at most")
     label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, examples=["positive"],
                        description="max_label_length characters at most")
 
 
-class TrainRequest(BaseModel):
+class TrainRequest(StrictModel):
     """A few-shot (IA)3 job: T-Few's recipe (fixed steps, lr 3e-3) on the frozen backbone."""
 
     examples: list[LabelledText] = Field(min_length=2)
@@ -108,9 +161,9 @@ class TrainRequest(BaseModel):
     lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
 
-    model_config = {"json_schema_extra": {"examples": [{"examples": [{"text": "I loved it", "label": "positive"},
-                                                                     {"text": "awful", "label": "negative"}],
-                                                        "steps": 100}]}}
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"examples": [{"text": "I loved it", "label": "positive"}, {"text": "awful", "label": "negative"}],
+         "steps": 100}]})
 
 
 class JobResult(TaskVersionSummary):  # type: ignore[misc,valid-type]
@@ -141,7 +194,7 @@ class JobList(BaseModel):
     jobs: list[JobSummary]
 
 
-class KeyCreate(BaseModel):
+class KeyCreate(StrictModel):
     tenant: str = Field(pattern=TASK_NAME, examples=["acme"], description="the tenant the key acts for")
     scopes: list[Literal["classify", "manage"]] = Field(min_length=1, max_length=2, examples=[["classify"]])
     name: str | None = Field(None, max_length=100, examples=["frontend"])
@@ -165,7 +218,7 @@ class KeyList(BaseModel):
     keys: list[KeyInfo]
 
 
-class TenantQuota(BaseModel):
+class TenantQuota(StrictModel):
     """Quota overrides; null (or absent) means the server's default."""
 
     max_tasks: int | None = Field(None, ge=0, le=MAX_INT32)

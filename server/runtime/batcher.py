@@ -53,8 +53,8 @@ def parallelism(engine: object) -> int:
 @dataclass
 class WorkItem:
     tenant: str
-    slot: int  # the engine slot of the request's task version, resident while the lease is held
-    lease: Lease  # owned by the batcher: released exactly once, after the forward or on a drop
+    slots: np.ndarray  # [rows]: each row's engine slot, resident while the leases are held
+    leases: list[Lease]  # owned by the batcher: each released exactly once, after the forward or on a drop
     input_ids: np.ndarray  # [rows, length], right-padded with pad_id
     attention_mask: np.ndarray
     future: asyncio.Future
@@ -76,6 +76,10 @@ class WorkItem:
     def tokens(self) -> int:
         """What it costs the queue: rows × padded length."""
         return self.rows * self.length
+
+    def release(self) -> None:
+        for lease in self.leases:
+            lease.release()
 
 
 def _resolve(item: WorkItem, result: object = None, error: BaseException | None = None) -> None:
@@ -167,26 +171,31 @@ class Batcher:
         raise Overloaded(f"{refusal.message}; retry in {refusal.retry_after} s",
                          {"Retry-After": str(refusal.retry_after)})
 
-    def submit(self, lease: Lease, input_ids: np.ndarray, attention_mask: np.ndarray, timeout_s: float, *,
-               tenant: str, max_queued_rows: int, cold_load: bool = False) -> WorkItem:
-        """Queue one request's rows (call on the event loop). Takes ownership of the lease — the caller
-        hands it over with `lease.transfer()` — whose version must be resident. Raises Overloaded."""
-        slot = lease.slot
-        if slot is None:
-            lease.release()
-            raise RuntimeError("submit needs a resident task version")
+    def submit(self, lease: Lease | list[Lease], input_ids: np.ndarray, attention_mask: np.ndarray,
+               timeout_s: float, *, tenant: str, max_queued_rows: int, cold_load: bool = False) -> WorkItem:
+        """Queue one request's rows (call on the event loop). Takes ownership of the lease(s) — the caller
+        hands each over with `lease.transfer()` — whose versions must be resident. With several leases
+        (one text under many tasks), the rows are the texts repeated once per lease, in lease order, and
+        they run in the same forward pass. Raises Overloaded."""
+        leases = lease if isinstance(lease, list) else [lease]
+        slots = [held.slot for held in leases]
+        if any(slot is None for slot in slots) or input_ids.shape[0] % len(leases):
+            for held in leases:
+                held.release()
+            raise RuntimeError("submit needs resident task versions and rows for each")
+        per_lease = input_ids.shape[0] // len(leases)
         loop = asyncio.get_running_loop()
         now = time.monotonic()
-        item = WorkItem(tenant, slot, lease, input_ids, attention_mask, loop.create_future(), loop, now,
-                        now + timeout_s)
+        item = WorkItem(tenant, np.repeat(np.array(slots, dtype=np.int64), per_lease), leases, input_ids,
+                        attention_mask, loop.create_future(), loop, now, now + timeout_s)
         item.cost = item.tokens + (self._settings.vtc_load_charge_tokens if cold_load else 0)
         with self._cond:
             if self._stopping:
-                lease.release()
+                item.release()
                 raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
             refusal = self.admission.refusal(self._queues, tenant, item.rows, item.tokens, max_queued_rows)
             if refusal is not None:
-                lease.release()
+                item.release()
                 self._refuse(tenant, refusal)
             self._queues.push(item)
             self.admission.admitted(item.tokens)
@@ -264,7 +273,7 @@ class Batcher:
         if reason is None:
             return False
         self._metrics.dropped.labels(reason).inc()
-        item.lease.release()
+        item.release()
         if reason == "deadline":
             _resolve(item, error=DeadlineExceeded("request waited past its deadline"))
         return True
@@ -288,7 +297,7 @@ class Batcher:
                 # The forward is over: release before answering, so an answered request never
                 # still holds its version (the slot may be unloaded from here on).
                 for item in batch:
-                    item.lease.release()
+                    item.release()
                 with self._cond:
                     tokens = sum(item.tokens for item in batch)
                     self.admission.inflight_tokens -= tokens
@@ -316,7 +325,7 @@ class Batcher:
             n = item.rows
             ids[offset:offset + n, : item.length] = item.input_ids
             mask[offset:offset + n, : item.length] = item.attention_mask
-            slots[offset:offset + n] = item.slot
+            slots[offset:offset + n] = item.slots
             offset += n
             self._metrics.queue_duration.observe(start - item.enqueued)
             self._metrics.tenant_rows.labels(item.tenant).inc(n)

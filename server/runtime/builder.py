@@ -18,6 +18,7 @@ from switchboard.server.core.engine import Engine, default_device
 from switchboard.server.core.precision import resolve
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.batcher import Batcher
+from switchboard.server.runtime.embedding import Embeddings
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.process_engine import ProcessEngine
 from switchboard.server.runtime.registry import Registry
@@ -45,6 +46,7 @@ class Runtime:
     upload_limits: UploadLimits
     tenancy: Tenancy
     follower: StoreFollower
+    embedding: Embeddings
 
     @property
     def ready(self) -> bool:
@@ -113,6 +115,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     except BaseException:
         store.close()
         raise
+    embeddings = Embeddings(engine)  # before the registry's tasks: the built-in slot is never evicted
     registry = Registry(engine, metrics, store, host_cache_bytes=s.host_cache_bytes)
     restored = registry.restore()
     trim = memory.periodic_trim(10.0)
@@ -158,7 +161,8 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     mode = "open mode: no API keys, one tenant 'default'" if tenancy.open_mode else (
         f"auth mode: {len(tenancy.tenant_names())} tenants, {len(tenancy.api_keys())} keys")
     log.info("tenancy: %s; scheduler %s", mode, s.scheduler)
-    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits, tenancy, follower)
+    return Runtime(engine, store, registry, batcher, jobs, request_pool, upload_pool, limits, tenancy, follower,
+                   embeddings)
 
 
 def admin_key(settings: Settings) -> str | None:

@@ -46,7 +46,8 @@ BlobSource = Callable[[str], bytes]  # content hash → the native file (the sto
 class _Booked:
     nbytes: int
     pools: tuple[PoolKey, ...]
-    sha256: str
+    sha256: str | None  # where a restarted worker's copy is re-read from (the store)
+    blob: bytes | None = None  # kept here when the store does not have it (built-in tasks)
 
 
 class EngineWorker:
@@ -295,11 +296,15 @@ class ProcessEngine:
         with self._lock:
             blobs = []
             for task, booked in sorted(self._booked.items()):
+                if booked.blob is not None:
+                    blobs.append((task, booked.blob))
+                    continue
                 try:
+                    assert booked.sha256 is not None
                     blobs.append((task, self._blob_source(booked.sha256)))
                 except Exception:  # a deleted task's blob, between its delete and its unload: never used again
                     log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone", task,
-                                booked.sha256[:12], worker.index)
+                                (booked.sha256 or "")[:12], worker.index)
             with worker.send_lock:
                 worker.sock = sock
                 for task, blob in blobs:
@@ -337,12 +342,11 @@ class ProcessEngine:
             return len({key for b in self._booked.values() for key in b.pools})
 
     def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask:
-        """Book a task slot and send the adapter to every worker. sha256: its content hash, if known
-        (what a restarted worker is replayed from)."""
+        """Book a task slot and send the adapter to every worker. sha256: its content hash in the store,
+        which a restarted worker is replayed from; without one (a built-in task) the blob is kept here."""
         adapter.validate(self.spec)
         parts = self.components(adapter)
         nbytes = resident_nbytes(parts, self.dtype)
-        digest = sha256 or adapter.content_hash()
         blob = native.dumps(adapter, self.spec.fingerprint)
         with self._lock:
             if sum(b.nbytes for b in self._booked.values()) + nbytes > self.max_adapter_bytes:
@@ -352,7 +356,8 @@ class ProcessEngine:
                 task = self._free.pop()
             else:
                 task, self._next_task = self._next_task, self._next_task + 1
-            self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), digest)
+            self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), sha256,
+                                         None if sha256 is not None else blob)
             message = _load_message(task, blob)
             for w in self.workers:  # under the books lock: workers see changes in the books' order
                 w.post(message)

@@ -18,6 +18,8 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +73,19 @@ class _Version:
     @property
     def slot(self) -> int | None:
         return self.resident.slot if self.resident is not None else None
+
+
+class _Trial:
+    """What a trial's lease reads: a slot, no stored record."""
+
+    record = None
+
+    def __init__(self, slot: int) -> None:
+        self._slot = slot
+
+    @property
+    def slot(self) -> int:
+        return self._slot
 
 
 @dataclass
@@ -328,6 +343,26 @@ class Registry:
             self._metrics.adapter_loads.inc()
             self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
         self._update_gauges()
+
+    @contextmanager
+    def trial(self, adapter: TaskAdapter) -> Iterator[Lease]:
+        """A version not stored (yet): loaded into a slot, evicting LRU unpinned versions if needed, for a
+        trial such as an upload's canary; unloaded when the block ends. Blocking: call off the loop."""
+        with self._load_lock:
+            self._make_room(self._engine.check_fits(adapter))
+            while True:
+                try:
+                    resident = self._engine.load(adapter)
+                    break
+                except CapacityError:
+                    if not self._evict_one():
+                        raise
+        self._update_gauges()
+        try:
+            yield Lease(_Trial(resident.slot), lambda _: None)
+        finally:
+            self._engine.unload(resident.slot)
+            self._update_gauges()
 
     def _make_room(self, nbytes: int) -> None:
         """Refuse a load that evicting every unleased version could not make room for — before evicting

@@ -1,0 +1,45 @@
+"""Embeddings from the same backbone, in the same batches as classification.
+
+A built-in task whose head is the identity on mean pooling: its "logits" are the frozen backbone's
+mean-pooled embeddings (what sentence-transformers computes for MiniLM, before normalisation). It is
+loaded once at start-up, never evicted, and rides in mixed batches like any task — no second code path.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from switchboard.server.core.adapter import TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.runtime.lease import Lease
+
+
+def identity_head(spec: BackboneSpec) -> TaskAdapter:
+    d = spec.hidden_size
+    head = HeadWeights(out_w=torch.eye(d), out_b=torch.zeros(d), pooling="mean")
+    return TaskAdapter(labels=[str(i) for i in range(d)], parts={"head": head})
+
+
+class _Pinned:
+    """What a lease reads; the built-in task has no stored version record."""
+
+    record = None
+
+    def __init__(self, slot: int) -> None:
+        self._slot = slot
+
+    @property
+    def slot(self) -> int:
+        return self._slot
+
+
+class Embeddings:
+    def __init__(self, engine) -> None:  # noqa: ANN001 - Engine or ProcessEngine
+        """Loads the identity head into the engine (counted in its slot budget: hidden² floats)."""
+        self.dim = engine.spec.hidden_size
+        self._pinned = _Pinned(engine.load(identity_head(engine.spec)).slot)
+
+    def lease(self) -> Lease:
+        """A lease on the built-in slot: releasing it is a no-op (it is never unloaded)."""
+        return Lease(self._pinned, lambda _: None)
