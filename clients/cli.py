@@ -1,4 +1,21 @@
-"""The `switchboard` command line: serve, backbone, upload, classify, tasks, convert, train."""
+"""The `switchboard` command line: serve, train, and every API operation.
+
+    switchboard serve                          start the server (flags also read SWITCHBOARD_<FLAG>)
+    switchboard upload TASK DIR|FILE…          a new version of TASK     (--canary, --labels)
+    switchboard classify TASK[,TASK…] TEXT…    predictions (--top-k, --raw-scores; several tasks: fan-out)
+    switchboard embed TEXT…                    the backbone's sentence embeddings
+    switchboard tasks | task TASK | rollback TASK VERSION | delete TASK
+    switchboard train --data F --kind K --out DIR       train locally
+    switchboard train --remote TASK --data F            a few-shot job on the server, with a progress bar
+    switchboard jobs [ID] [--cancel]           training jobs
+    switchboard keys create|list|revoke        API keys (the admin key)
+    switchboard backbone | convert DIR | --version
+
+Client commands talk to --url (SWITCHBOARD_URL, default http://127.0.0.1:8000) with --api-key
+(SWITCHBOARD_API_KEY). Output is for people; --json prints the API's JSON for scripts. An error is one
+line on stderr with a hint; exit codes: 0 ok, 1 the server refused (4xx/5xx), 2 bad usage or a local
+file problem, 3 the server could not be reached.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +23,19 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 DEFAULT_URL = os.environ.get("SWITCHBOARD_URL", "http://127.0.0.1:8000")
+EXIT_REFUSED, EXIT_USAGE, EXIT_UNREACHABLE = 1, 2, 3
+
+
+class CliError(Exception):
+    """One line for stderr, a hint, an exit code."""
+
+    def __init__(self, message: str, hint: str | None = None, code: int = EXIT_REFUSED) -> None:
+        super().__init__(message)
+        self.message, self.hint, self.code = message, hint, code
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
@@ -61,6 +88,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -70,60 +98,212 @@ def _version() -> str:
         return "0+unknown"
 
 
-def _cmd_backbone(args: argparse.Namespace) -> int:
-    from switchboard.server.core.backbone import load_backbone
 
-    print(json.dumps(load_backbone(args.model).spec.as_dict(), indent=2))
+HINTS = {
+    "unauthorized": "pass --api-key or set SWITCHBOARD_API_KEY (an admin creates keys: switchboard keys create)",
+    "forbidden": "this key lacks the scope; a key with 'manage' uploads, lists and trains",
+    "task_not_found": "list your tasks with: switchboard tasks",
+    "version_not_found": "list the versions with: switchboard task TASK",
+    "job_not_found": "list the jobs with: switchboard jobs",
+    "not_ready": "the server is still loading its model; retry in a few seconds",
+    "overloaded": "the server is busy; retry after the time it names",
+    "invalid_adapter": "upload a directory saved by `switchboard train`, PEFT or AdapterHub (safetensors files)",
+    "canary_failed": "the previous version is still current; fix the adapter or the canary file",
+    "insufficient_capacity": "the adapter is larger than the server's slot budget (max_adapter_bytes)",
+    "quota_exceeded": "the tenant's quota is full: delete tasks, or ask the admin to raise it",
+}
+
+
+def _run_client(args: argparse.Namespace, call: Callable[[object], object],
+                show: Callable[[object], None]) -> int:
+    """Open the SDK client, run `call`, print its result (JSON with --json); errors become CliErrors."""
+    import httpx
+
+    from switchboard.clients.sdk import Client, SwitchboardError
+
+    key = args.api_key if args.api_key is not None else os.environ.get("SWITCHBOARD_API_KEY")
+    if getattr(args, "admin", False) and key is None:
+        key = os.environ.get("SWITCHBOARD_ADMIN_KEY")
+    try:
+        with Client(args.url, timeout=args.timeout, api_key=key, tenant=getattr(args, "tenant", None)) as client:
+            result = call(client)
+    except SwitchboardError as exc:
+        raise CliError(f"{exc.message} ({exc.status} {exc.type})", HINTS.get(exc.type)) from exc
+    except httpx.ConnectError as exc:
+        raise CliError(f"cannot reach the Switchboard server at {args.url}",
+                       "is `switchboard serve` running? Point --url or SWITCHBOARD_URL at it",
+                       EXIT_UNREACHABLE) from exc
+    except httpx.TimeoutException as exc:
+        raise CliError(f"the server at {args.url} did not answer within {args.timeout:g} s",
+                       "raise --timeout, or check the server's load", EXIT_UNREACHABLE) from exc
+    except httpx.HTTPError as exc:
+        raise CliError(f"talking to {args.url} failed: {exc}", "check --url", EXIT_UNREACHABLE) from exc
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
+        raise CliError(str(exc), code=EXIT_USAGE) from exc
+    if args.json:
+        print(json.dumps(_plain(result), indent=2))
+    else:
+        show(result)
     return 0
 
 
-def _print(value: object) -> None:
-    print(json.dumps(value, indent=2, default=lambda o: o.__dict__))
+def _plain(value: object) -> object:
+    """SDK dataclasses → the API's JSON shapes."""
+    import dataclasses
+
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {k: _plain(v) for k, v in dataclasses.asdict(value).items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
-def _sdk_call(fn) -> int:
-    """Run one SDK call; a server error prints its JSON-ish description and exits 1."""
-    from switchboard.clients.sdk import SwitchboardError
+def _table(rows: list[list[object]], header: list[str]) -> None:
+    cells = [header, *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+
+
+def _show_version(v) -> None:  # noqa: ANN001
+    print(f"{v.task} version {v.version}: {v.kind}, {v.num_labels} labels ({', '.join(v.labels[:8])}"
+          f"{', …' if len(v.labels) > 8 else ''}), {v.params:,} parameters")
+
+
+def _cmd_backbone(args: argparse.Namespace) -> int:
+    if args.model is not None:  # on this machine, without a server
+        from switchboard.server.core.backbone import load_backbone
+
+        info = load_backbone(args.model).spec.as_dict()
+        print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
+        return 0
+    return _run_client(args, lambda c: c.backbone(),
+                       lambda info: print("\n".join(f"{k}: {v}" for k, v in info.items())))
+
+
+def _read_pairs(path: str, text_column: str = "text", label_column: str = "label",
+                min_labels: int = 2) -> list[tuple[str, str]]:
+    """(text, label) rows of a .csv or .jsonl file (canaries, remote training)."""
+    from switchboard.server.runtime.training.data import DataError, read_examples
 
     try:
-        _print(fn())
-    except SwitchboardError as exc:
-        _print({"error": {"status": exc.status, "type": exc.type, "message": exc.message}})
-        return 1
-    return 0
-
-
-def _client(args: argparse.Namespace, timeout: float = 60.0, admin: bool = False):  # noqa: ANN202
-    from switchboard.clients.sdk import Client
-
-    key = args.api_key or (os.environ.get("SWITCHBOARD_ADMIN_KEY") if admin else None)
-    return Client(args.url, timeout=timeout, api_key=key, tenant=getattr(args, "tenant", None))
+        return read_examples(Path(path), text_column, label_column, min_labels)
+    except (DataError, OSError) as exc:
+        raise CliError(str(exc), code=EXIT_USAGE) from exc
 
 
 def _cmd_upload(args: argparse.Namespace) -> int:
-    with _client(args, timeout=120) as client:
-        return _sdk_call(lambda: client.upload(args.task, *args.paths, labels=args.labels))
+    canary = _read_pairs(args.canary, min_labels=1) if args.canary else None
+    return _run_client(args, lambda c: c.upload(args.task, *args.paths, labels=args.labels, canary=canary),
+                       _show_version)
 
 
 def _cmd_classify(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _sdk_call(lambda: client.classify(args.task, args.texts, top_k=args.top_k))
+    tasks = [t for t in args.task.split(",") if t]
+
+    def call(c):  # noqa: ANN001, ANN202
+        if len(tasks) == 1:
+            return [c.classify(tasks[0], args.texts, raw_scores=args.raw_scores, top_k=args.top_k)]
+        return c.classify_many(tasks, args.texts, raw_scores=args.raw_scores, top_k=args.top_k)
+
+    def show(results) -> None:  # noqa: ANN001
+        for result in results:
+            if len(results) > 1:
+                print(f"[{result.task} v{result.version}]")
+            for text, preds in zip(args.texts, result.predictions):
+                shown = "  ".join(f"{p.label} {p.score:.3f}" for p in preds[: args.top_k or 3])
+                print(f"{text[:60]!r}: {shown}")
+
+    if args.json:  # the API's own shapes: one result, or {"results": [...]} for several tasks
+        def call_json(c):  # noqa: ANN001, ANN202
+            out = call(c)
+            return out[0] if len(tasks) == 1 else {"results": out}
+        return _run_client(args, call_json, lambda _: None)
+    return _run_client(args, call, show)
+
+
+def _cmd_embed(args: argparse.Namespace) -> int:
+    def show(vectors) -> None:  # noqa: ANN001
+        for text, vector in zip(args.texts, vectors):
+            print(json.dumps({"text": text, "embedding": [round(x, 6) for x in vector]}))
+
+    return _run_client(args, lambda c: c.embed(args.texts, normalize=not args.no_normalize), show)
 
 
 def _cmd_tasks(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _sdk_call(client.tasks)
+    def show(tasks) -> None:  # noqa: ANN001
+        if not tasks:
+            print("no tasks yet; upload one with: switchboard upload TASK DIR")
+            return
+        _table([[t.task, t.version, t.kind, t.num_labels, f"{t.params:,}"] for t in tasks],
+               ["TASK", "VERSION", "KIND", "LABELS", "PARAMS"])
+
+    return _run_client(args, lambda c: {"tasks": c.tasks()} if args.json else c.tasks(), show)
+
+
+def _cmd_task(args: argparse.Namespace) -> int:
+    def show(t) -> None:  # noqa: ANN001
+        _show_version(t)
+        _table([[v.version, "current" if v.version == t.version else "", v.kind, v.num_labels, v.sha256[:12]]
+                for v in t.versions], ["VERSION", "", "KIND", "LABELS", "SHA256"])
+
+    return _run_client(args, lambda c: c.task(args.task), show)
+
+
+def _cmd_rollback(args: argparse.Namespace) -> int:
+    return _run_client(args, lambda c: c.rollback(args.task, args.version),
+                       lambda v: print(f"{v.task}: version {v.version} is current again"))
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    return _run_client(args, lambda c: c.delete(args.task) or {"deleted": args.task},
+                       lambda _: print(f"deleted {args.task} and all its versions"))
+
+
+def _show_job(job) -> None:  # noqa: ANN001
+    line = f"job {job.id} ({job.task}): {job.status}, step {job.step}/{job.total_steps}"
+    if job.loss is not None:
+        line += f", loss {job.loss:.3f}"
+    if job.result:
+        line += (f"; version {job.result['version']}, accuracy {job.result['accuracy']:.4f} on "
+                 f"{job.result['evaluated_on']}")
+    if job.error:
+        line += f"; {job.error}"
+    print(line)
+
+
+def _cmd_jobs(args: argparse.Namespace) -> int:
+    if args.id is None:
+        def show(jobs) -> None:  # noqa: ANN001
+            if not jobs:
+                print("no training jobs")
+            _table([[j.id, j.task, j.status, f"{j.step}/{j.total_steps}"] for j in jobs],
+                   ["ID", "TASK", "STATUS", "STEP"])
+        return _run_client(args, lambda c: {"jobs": c.jobs()} if args.json else c.jobs(), show)
+    if args.cancel:
+        return _run_client(args, lambda c: c.cancel_job(args.id), _show_job)
+    return _run_client(args, lambda c: c.job(args.id), _show_job)
 
 
 def _cmd_keys(args: argparse.Namespace) -> int:
     """Over HTTP with the admin key (--api-key, else SWITCHBOARD_ADMIN_KEY)."""
-    with _client(args, admin=True) as client:
-        if args.keys_command == "create":
-            scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
-            return _sdk_call(lambda: client.create_key(args.tenant_name, scopes, args.name, args.expires_at))
-        if args.keys_command == "list":
-            return _sdk_call(client.keys)
-        return _sdk_call(lambda: client.revoke_key(args.id) or {"revoked": args.id})
+    args.admin = True
+    if args.keys_command == "create":
+        scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
+
+        def show_created(k) -> None:  # noqa: ANN001
+            print(f"key {k.id} for tenant {k.tenant} ({', '.join(k.scopes)}): {k.key}")
+            print("store it now: it is shown this once (the server keeps only a hash)", file=sys.stderr)
+        return _run_client(args, lambda c: c.create_key(args.tenant_name, scopes, args.name, args.expires_at),
+                           show_created)
+    if args.keys_command == "list":
+        return _run_client(args, lambda c: {"keys": c.keys()} if args.json else c.keys(),
+                           lambda keys: _table([[k.id, k.tenant, ",".join(k.scopes), k.name or "", k.expires_at or ""]
+                                                for k in keys], ["ID", "TENANT", "SCOPES", "NAME", "EXPIRES"]))
+    return _run_client(args, lambda c: c.revoke_key(args.id) or {"revoked": args.id},
+                       lambda _: print(f"revoked key {args.id}"))
 
 
 PICKLE_RENAMES = {"pytorch_adapter.bin": "adapter.safetensors", "pytorch_model_head.bin": "model_head.safetensors",
@@ -156,7 +336,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_train(args: argparse.Namespace) -> int:
+def _train_local(args: argparse.Namespace) -> int:
     from switchboard.adapter_store.formats import native
     from switchboard.server.core.backbone import load_backbone
     from switchboard.server.runtime.training.data import DataError, read_examples
@@ -166,8 +346,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         examples = read_examples(Path(args.data), args.text_column, args.label_column)
         eval_examples = read_examples(Path(args.eval), args.text_column, args.label_column) if args.eval else None
     except (DataError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        raise CliError(str(exc), code=EXIT_USAGE) from exc
     if args.threads:
         import torch
 
@@ -186,15 +365,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _key_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--api-key", default=None, help="API key (default: SWITCHBOARD_API_KEY)")
-    parser.add_argument("--tenant", default=None, help="with the admin key: the tenant to act for")
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    if args.remote is None:
+        if args.kind is None or args.out is None:
+            raise CliError("local training needs --kind and --out", "or train on the server: --remote TASK",
+                           EXIT_USAGE)
+        return _train_local(args)
+    return _train_remote(args)
+
+
+def _train_remote(args: argparse.Namespace) -> int:
+    """A few-shot (IA)3 job on the server, followed with a progress bar until it ends."""
+    import time
+
+    from tqdm import tqdm
+
+    examples = _read_pairs(args.data, args.text_column, args.label_column)
+    eval_examples = _read_pairs(args.eval, args.text_column, args.label_column) if args.eval else None
+    options = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
+                                 "seed": args.seed}.items() if v is not None}
+
+    def call(client):  # noqa: ANN001, ANN202
+        job = client.train(args.remote, examples, eval_examples, **options)
+        if args.no_wait:
+            return job
+        with tqdm(total=job.total_steps, desc=f"job {job.id[:8]} {args.remote}", unit="step",
+                  disable=args.json) as bar:
+            while not job.done:
+                time.sleep(1.0)
+                job = client.job(job.id)
+                bar.update(job.step - bar.n)
+                if job.loss is not None:
+                    bar.set_postfix(loss=f"{job.loss:.3f}", status=job.status)
+        return job
+
+    code = _run_client(args, call, _show_job)
+    return code
+
+
+def _client_parent() -> argparse.ArgumentParser:
+    """Options of every command that talks to a server."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("--url", default=DEFAULT_URL,
+                        help="the server (default: SWITCHBOARD_URL, else http://127.0.0.1:8000)")
+    parent.add_argument("--api-key", default=None, help="API key (default: SWITCHBOARD_API_KEY)")
+    parent.add_argument("--tenant", default=None, help="with the admin key: the tenant to act for")
+    parent.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
+    parent.add_argument("--json", action="store_true", help="print the API's JSON (for scripts)")
+    return parent
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__)
+    parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    client = _client_parent()
 
     serve = sub.add_parser("serve", help="start the server (flags also read SWITCHBOARD_<FLAG>)")
     serve.add_argument("--host", default=None, help="bind address (default 127.0.0.1)")
@@ -225,25 +453,51 @@ def build_parser() -> argparse.ArgumentParser:
                        help="text, or one JSON object per line for log shippers (default text; SWITCHBOARD_LOG_FORMAT)")
     serve.set_defaults(func=_cmd_serve)
 
-    backbone = sub.add_parser("backbone", help="load the backbone and print its description and fingerprint")
-    backbone.add_argument("--model", default=None)
+    backbone = sub.add_parser("backbone", parents=[client], help="the served backbone: name, sizes, fingerprint")
+    backbone.add_argument("--model", default=None, help="describe this local model directory instead (no server)")
     backbone.set_defaults(func=_cmd_backbone)
 
-    upload = sub.add_parser("upload", help="upload an adapter directory or files as a new version of TASK")
-    upload.add_argument("task")
-    upload.add_argument("paths", nargs="+")
-    upload.add_argument("--labels", nargs="+", default=None, help="label names, in head order")
-    upload.add_argument("--url", default=DEFAULT_URL)
-    _key_options(upload)
+    upload = sub.add_parser("upload", parents=[client], help="upload an adapter directory or files as TASK's next "
+                                                             "version")
+    upload.add_argument("task", metavar="TASK")
+    upload.add_argument("paths", nargs="+", metavar="DIR|FILE", help="a saved adapter directory, or its files")
+    upload.add_argument("--labels", nargs="+", default=None, help="label names, in head order (PEFT heads)")
+    upload.add_argument("--canary", default=None, metavar="FILE",
+                        help="a .csv/.jsonl of text,label rows: the version goes live only if it classifies each "
+                             "as stated (else 409, nothing stored)")
     upload.set_defaults(func=_cmd_upload)
 
-    classify = sub.add_parser("classify", help="classify texts with TASK")
-    classify.add_argument("task")
-    classify.add_argument("texts", nargs="+")
-    classify.add_argument("--top-k", type=int, default=None)
-    classify.add_argument("--url", default=DEFAULT_URL)
-    _key_options(classify)
+    classify = sub.add_parser("classify", parents=[client], help="classify texts with TASK (TASK1,TASK2,…: each "
+                                                                 "text under every task, in one batch)")
+    classify.add_argument("task", metavar="TASK[,TASK…]")
+    classify.add_argument("texts", nargs="+", metavar="TEXT")
+    classify.add_argument("--top-k", type=int, default=None, help="the k best labels per text (default: all; "
+                                                                  "3 shown)")
+    classify.add_argument("--raw-scores", action="store_true", help="logits instead of probabilities")
     classify.set_defaults(func=_cmd_classify)
+
+    embed = sub.add_parser("embed", parents=[client], help="sentence embeddings from the served backbone")
+    embed.add_argument("texts", nargs="+", metavar="TEXT")
+    embed.add_argument("--no-normalize", action="store_true", help="raw mean-pooled vectors, not unit length")
+    embed.set_defaults(func=_cmd_embed)
+
+    tasks = sub.add_parser("tasks", parents=[client], help="list your tasks")
+    tasks.set_defaults(func=_cmd_tasks)
+    task = sub.add_parser("task", parents=[client], help="one task with all its versions")
+    task.add_argument("task", metavar="TASK")
+    task.set_defaults(func=_cmd_task)
+    rollback = sub.add_parser("rollback", parents=[client], help="make an earlier version of TASK current again")
+    rollback.add_argument("task", metavar="TASK")
+    rollback.add_argument("version", type=int, metavar="VERSION")
+    rollback.set_defaults(func=_cmd_rollback)
+    delete = sub.add_parser("delete", parents=[client], help="delete TASK and all its versions")
+    delete.add_argument("task", metavar="TASK")
+    delete.set_defaults(func=_cmd_delete)
+
+    jobs = sub.add_parser("jobs", parents=[client], help="training jobs on the server (one with ID)")
+    jobs.add_argument("id", nargs="?", default=None, metavar="ID")
+    jobs.add_argument("--cancel", action="store_true", help="cancel job ID")
+    jobs.set_defaults(func=_cmd_jobs)
 
     convert = sub.add_parser("convert", help="turn a PEFT/AdapterHub directory's .bin files into safetensors "
                                              "(on your machine: the server never loads pickles)")
@@ -251,55 +505,68 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", default=None, help="output directory (default: DIR-safetensors)")
     convert.set_defaults(func=_cmd_convert)
 
-    tr = sub.add_parser("train", help="train an adapter + head on the frozen backbone; writes DIR/adapter.safetensors")
-    tr.add_argument("--data", required=True, help="training data, .csv or .jsonl")
-    tr.add_argument("--kind", choices=["houlsby", "ia3", "mixed"], required=True)
-    tr.add_argument("--out", required=True, help="output directory")
-    tr.add_argument("--text-column", default="text")
-    tr.add_argument("--label-column", default="label")
-    tr.add_argument("--eval", default=None, help="held-out data (default: 10 %% of --data)")
+    tr = sub.add_parser("train", parents=[client], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                        help="train an adapter + head on the frozen backbone (or --remote: a job on the server)",
+                        description="Train an (IA)3 or Houlsby adapter and a head on the frozen backbone, on this "
+                                    "machine, into --out (upload it with `switchboard upload`); or, with --remote "
+                                    "TASK, a few-shot (IA)3 job on the server that registers TASK's next version. "
+                                    "Defaults are the papers' recipes (docs/training.md): (IA)3 after T-Few, lr 3e-3 "
+                                    "(head 10x); Houlsby m=64, lr 1e-3; AdamW, 10 %% warm-up, linear decay, early "
+                                    "stop on eval accuracy.")
+    tr.add_argument("--data", required=True, help="training data, .csv or .jsonl (text and label columns)")
+    tr.add_argument("--kind", choices=["houlsby", "ia3", "mixed"], default=None, help="what to train (local)")
+    tr.add_argument("--out", default=None, help="output directory: adapter.safetensors, report.json (local)")
+    tr.add_argument("--remote", default=None, metavar="TASK",
+                    help="train on the server as TASK's next version ((IA)3 few-shot job); follows it with a "
+                         "progress bar")
+    tr.add_argument("--no-wait", action="store_true", help="with --remote: print the job and return")
+    tr.add_argument("--text-column", default="text", help="the text column of --data/--eval")
+    tr.add_argument("--label-column", default="label", help="the label column of --data/--eval")
+    tr.add_argument("--eval", default=None, help="held-out data (default: a stratified 10 %% of --data)")
     tr.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")
-    tr.add_argument("--width", type=int, default=64, help="Houlsby bottleneck width")
-    tr.add_argument("--activation", default="gelu", help="Houlsby activation: gelu, relu, silu, tanh")
+    tr.add_argument("--width", type=int, default=64, help="Houlsby bottleneck width m")
+    tr.add_argument("--activation", default="gelu", help="Houlsby activation: gelu, gelu_tanh, relu, silu, tanh")
     tr.add_argument("--layer-norm", action="store_true", help="also train per-task LayerNorm gains/biases")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--steps", type=int, default=None, help="fixed number of steps (no early stop)")
-    tr.add_argument("--batch-size", type=int, default=32)
-    tr.add_argument("--lr", type=float, default=None, help="default: 3e-3 (ia3), 1e-3 (houlsby)")
+    tr.add_argument("--epochs", type=int, default=10, help="at most this many passes (early stop on eval)")
+    tr.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead (no early stop)")
+    tr.add_argument("--batch-size", type=int, default=32, help="examples per step")
+    tr.add_argument("--lr", type=float, default=None,
+                    help="peak learning rate of the adapter (default: 3e-3 for ia3, 1e-3 for houlsby)")
     tr.add_argument("--max-length", type=int, default=None,
                     help="truncate to this many tokens (default: the model's limit, as the server does; "
                          "serve with the same --max-length to get the trained predictions)")
     tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
                     help="bf16: autocast matmuls while training (faster on CPUs with bf16; weights stay fp32)")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--threads", type=int, default=0)
+    tr.add_argument("--seed", type=int, default=0, help="random seed (split, init, order)")
+    tr.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     tr.set_defaults(func=_cmd_train)
 
     keys = sub.add_parser("keys", help="API keys (the admin key: --api-key or SWITCHBOARD_ADMIN_KEY)")
-    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
-    create = keys_sub.add_parser("create", help="a new key for TENANT; prints its secret once")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="create|list|revoke")
+    create = keys_sub.add_parser("create", parents=[client], help="a new key for TENANT; prints its secret once")
     create.add_argument("tenant_name", metavar="TENANT")
     create.add_argument("--scopes", default="classify", help="comma-separated: classify, manage (default classify)")
     create.add_argument("--name", default=None, help="a name to recognise the key by")
     create.add_argument("--expires-at", default=None, help="RFC 3339 time after which the key is refused")
-    keys_sub.add_parser("list", help="live keys, without secrets")
-    revoke = keys_sub.add_parser("revoke", help="revoke a key by id, effective at once")
-    revoke.add_argument("id")
-    for p in (create, keys_sub.choices["list"], revoke):
-        p.add_argument("--url", default=DEFAULT_URL)
-        p.add_argument("--api-key", default=None, help="the admin key (default: SWITCHBOARD_ADMIN_KEY)")
+    keys_sub.add_parser("list", parents=[client], help="live keys, without secrets")
+    revoke = keys_sub.add_parser("revoke", parents=[client], help="revoke a key by id, effective at once")
+    revoke.add_argument("id", metavar="ID")
     keys.set_defaults(func=_cmd_keys)
-
-    tasks = sub.add_parser("tasks", help="list the server's tasks")
-    tasks.add_argument("--url", default=DEFAULT_URL)
-    _key_options(tasks)
-    tasks.set_defaults(func=_cmd_tasks)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args))
+    try:
+        return int(args.func(args))
+    except CliError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        if exc.hint:
+            print(f"hint: {exc.hint}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -48,6 +48,7 @@ class Forbidden(SwitchboardError): ...
 class QuotaExceeded(SwitchboardError): ...
 class KeyNotFound(SwitchboardError): ...
 class TenantNotFound(SwitchboardError): ...
+class CanaryFailed(SwitchboardError): ...
 
 
 _BY_TYPE: dict[str, type[SwitchboardError]] = {
@@ -56,7 +57,9 @@ _BY_TYPE: dict[str, type[SwitchboardError]] = {
     "overloaded": Overloaded, "not_ready": Unavailable, "deadline_exceeded": Unavailable,
     "insufficient_capacity": InsufficientCapacity, "job_not_found": JobNotFound, "unauthorized": Unauthorized,
     "forbidden": Forbidden, "quota_exceeded": QuotaExceeded, "key_not_found": KeyNotFound,
-    "tenant_not_found": TenantNotFound,
+    "tenant_not_found": TenantNotFound, "unknown_field": InvalidRequest, "invalid_json": InvalidRequest,
+    "unsupported_media_type": InvalidRequest, "engine_unavailable": Unavailable, "store_unavailable": Unavailable,
+    "canary_failed": CanaryFailed,
 }
 
 
@@ -142,19 +145,34 @@ def _classify_result(data: dict) -> ClassifyResult:
                           [[Prediction(p["label"], p["score"]) for p in row] for row in data["predictions"]])
 
 
+def _fanout_body(tasks: list[str], inputs: str | list[str], raw_scores: bool, top_k: int | None) -> dict:
+    return {"tasks": list(tasks), "inputs": inputs, "raw_scores": raw_scores, "top_k": top_k}
+
+
 def _task(data: dict) -> Task:
     versions = [TaskVersion(**v) for v in data.pop("versions", [])]
     return Task(**data, versions=versions)
 
 
-def _upload_parts(paths: list[str | Path], labels: list[str] | None) -> tuple[list, dict | None]:
-    """A directory uploads its .json and .safetensors files (never pickles); files are sent as named."""
+def _upload_parts(paths: list[str | Path], labels: list[str] | None,
+                  canary: Iterable[tuple[str, str]] | None = None) -> tuple[list, dict | None]:
+    """A directory uploads its .json and .safetensors files (never pickles); files are sent as named.
+    canary: (text, label) pairs the new version must classify as stated before it becomes current."""
     files: list[Path] = []
     for p in map(Path, paths):
+        if not p.exists():
+            raise FileNotFoundError(f"no such file or directory: {p}")
         files.extend(sorted(x for x in p.iterdir() if x.is_file() and x.suffix in UPLOAD_SUFFIXES)
                      if p.is_dir() else [p])
+    if not files:
+        raise FileNotFoundError(f"no .json or .safetensors files in {', '.join(map(str, paths))}")
     parts = [("files", (f.name, f.read_bytes())) for f in files]
-    return parts, ({"labels": json.dumps(labels)} if labels else None)
+    data = {}
+    if labels:
+        data["labels"] = json.dumps(labels)
+    if canary is not None:
+        data["canary"] = json.dumps([{"text": t, "label": label} for t, label in canary])
+    return parts, data or None
 
 
 def _headers(api_key: str | None, tenant: str | None) -> dict[str, str]:
@@ -223,8 +241,20 @@ class Client:
                                    headers=_affinity(task))
         return _classify_result(_raise_for(r).json())
 
-    def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None) -> TaskVersion:
-        files, data = _upload_parts(list(paths), labels)
+    def classify_many(self, tasks: list[str], inputs: str | list[str], raw_scores: bool = False,
+                      top_k: int | None = None) -> list[ClassifyResult]:
+        """Every input under each task, computed in one mixed batch (fan-out); results in `tasks` order."""
+        r = self._http.post("/v1/classify", json=_fanout_body(tasks, inputs, raw_scores, top_k))
+        return [_classify_result(x) for x in _raise_for(r).json()["results"]]
+
+    def embed(self, inputs: str | list[str], normalize: bool = True) -> list[list[float]]:
+        """The backbone's mean-pooled embeddings (unit length unless normalize=False)."""
+        r = self._http.post("/v1/embed", json={"inputs": inputs, "normalize": normalize})
+        return _raise_for(r).json()["embeddings"]
+
+    def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None,
+               canary: Iterable[tuple[str, str]] | None = None) -> TaskVersion:
+        files, data = _upload_parts(list(paths), labels, canary)
         r = self._http.put(f"/v1/tasks/{task}", files=files, data=data, headers=_affinity(task))
         return TaskVersion(**_raise_for(r).json())
 
@@ -325,8 +355,18 @@ class AsyncClient:
                                    headers=_affinity(task))
         return _classify_result(_raise_for(r).json())
 
-    async def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None) -> TaskVersion:
-        files, data = _upload_parts(list(paths), labels)
+    async def classify_many(self, tasks: list[str], inputs: str | list[str], raw_scores: bool = False,
+                            top_k: int | None = None) -> list[ClassifyResult]:
+        r = await self._http.post("/v1/classify", json=_fanout_body(tasks, inputs, raw_scores, top_k))
+        return [_classify_result(x) for x in _raise_for(r).json()["results"]]
+
+    async def embed(self, inputs: str | list[str], normalize: bool = True) -> list[list[float]]:
+        r = await self._http.post("/v1/embed", json={"inputs": inputs, "normalize": normalize})
+        return _raise_for(r).json()["embeddings"]
+
+    async def upload(self, task: str, *paths: str | Path, labels: list[str] | None = None,
+                     canary: Iterable[tuple[str, str]] | None = None) -> TaskVersion:
+        files, data = _upload_parts(list(paths), labels, canary)
         r = await self._http.put(f"/v1/tasks/{task}", files=files, data=data, headers=_affinity(task))
         return TaskVersion(**_raise_for(r).json())
 

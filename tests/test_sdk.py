@@ -91,12 +91,13 @@ def test_cli_upload_classify_tasks(server, adapters, tmp_path, capsys):
         fp = client.backbone()["fingerprint"]
     path = tmp_path / "adapter.safetensors"
     path.write_bytes(native.dumps(adapters["task-2"], fp))
-    assert main(["upload", "cli-task", str(path), "--url", server]) == 0
+    assert main(["upload", "cli-task", str(path), "--url", server, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["task"] == "cli-task"
-    assert main(["classify", "cli-task", "fonts", "mail", "--top-k", "1", "--url", server]) == 0
+    assert main(["classify", "cli-task", "fonts", "mail", "--top-k", "1", "--url", server, "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "cli-task" and len(out["predictions"]) == 2 and len(out["predictions"][0]) == 1
-    assert main(["tasks", "--url", server]) == 0
-    assert "cli-task" in [t["task"] for t in json.loads(capsys.readouterr().out)]
+    assert main(["tasks", "--url", server, "--json"]) == 0
+    assert "cli-task" in [t["task"] for t in json.loads(capsys.readouterr().out)["tasks"]]
     assert main(["classify", "missing", "x", "--url", server]) == 1
-    assert json.loads(capsys.readouterr().out)["error"]["type"] == "task_not_found"
+    err = capsys.readouterr().err
+    assert "task_not_found" in err and "switchboard tasks" in err

@@ -13,8 +13,10 @@ class DataError(ValueError):
     """The training data cannot be used; the message says why."""
 
 
-def read_examples(path: Path, text_column: str = "text", label_column: str = "label") -> list[tuple[str, str]]:
-    """CSV or JSONL → (text, label) pairs, with clear errors for the usual mistakes."""
+def read_examples(path: Path, text_column: str = "text", label_column: str = "label",
+                  min_labels: int = 2) -> list[tuple[str, str]]:
+    """CSV or JSONL → (text, label) pairs, with clear errors for the usual mistakes. Training needs two
+    labels at least (`min_labels`); a canary may state one."""
     try:
         raw = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -37,8 +39,8 @@ def read_examples(path: Path, text_column: str = "text", label_column: str = "la
     if missing:
         raise DataError(f"{path}: missing column(s) {missing}; found {sorted(rows[0])}")
     examples = [(str(r[text_column]), str(r[label_column])) for r in rows]
-    if len({label for _, label in examples}) < 2:
-        raise DataError(f"{path}: needs at least two distinct labels")
+    if len({label for _, label in examples}) < min_labels:
+        raise DataError(f"{path}: needs at least {min_labels} distinct labels")
     return examples
 
 
