@@ -12,6 +12,7 @@ from fastapi import FastAPI
 
 from switchboard.server import __version__
 from switchboard.server.http.deps import AppState
+from switchboard.server.http.docs_ui import install_docs
 from switchboard.server.http.handlers import install_error_handlers
 from switchboard.server.http.middleware import (
     BodyLimitMiddleware,
@@ -57,7 +58,7 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
             log.info("shutting down: cancelling training jobs, finishing admitted requests")
             await asyncio.to_thread(state.runtime.stop)
 
-    app = FastAPI(title="Switchboard", version=__version__, lifespan=lifespan,
+    app = FastAPI(title="Switchboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="Multi-tenant text classification: one frozen encoder, many (IA)3 / Houlsby tasks, "
                               "mixed in one forward pass.")
     app.state.switchboard = state
@@ -68,6 +69,7 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
     install_error_handlers(app, state.metrics)
+    install_docs(app)  # Swagger UI from the package: works offline
     # classify first: routes are matched router by router, and it carries nearly all the traffic
     for router in (classify.router, ops.router, tasks.router, jobs.router, admin.router):
         app.include_router(router)
