@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("bench/out/accuracy.json"))
     parser.add_argument("--max-length", type=int, default=128, help="training and serving truncation (82 %% fit)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--skip", nargs="*", default=[], choices=["full", "fewshot"])
+    parser.add_argument("--skip", nargs="*", default=[], choices=["full", "fewshot", "ia3", "houlsby"])
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -217,6 +217,7 @@ def main() -> None:
                                patience=2, max_length=args.max_length, precision="bf16"),
     }
     trained = {}
+    configs = {name: cfg for name, cfg in configs.items() if name not in args.skip}
     for name, cfg in configs.items():
         adapter, report = train(backbone, train_ex, cfg, dev_ex, progress=False)
         trained[name] = (adapter, report, predict(backbone, adapter, test_texts, args.max_length))

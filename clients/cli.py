@@ -121,9 +121,11 @@ def _run_client(args: argparse.Namespace, call: Callable[[object], object],
 
     from switchboard.clients.sdk import Client, SwitchboardError
 
-    key = args.api_key if args.api_key is not None else os.environ.get("SWITCHBOARD_API_KEY")
-    if getattr(args, "admin", False) and key is None:
+    key = args.api_key
+    if key is None and getattr(args, "admin", False):  # keys commands: the admin key first
         key = os.environ.get("SWITCHBOARD_ADMIN_KEY")
+    if key is None:
+        key = os.environ.get("SWITCHBOARD_API_KEY")
     try:
         with Client(args.url, timeout=args.timeout, api_key=key, tenant=getattr(args, "tenant", None)) as client:
             result = call(client)
@@ -360,9 +362,44 @@ def _train_local(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "adapter.safetensors").write_bytes(native.dumps(adapter, backbone.spec.fingerprint))
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"eval accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f}, {report['params']} params, "
+    plotted = _plot_report(report, out / "report.png")
+    print(f"eval accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} on {report['eval_examples']} "
+          f"held-out examples, {report['params']:,} params, {report['steps']} steps, "
           f"{report['train_seconds']:.0f} s -> {out / 'adapter.safetensors'}")
+    if not plotted:
+        print("(pip install matplotlib, or the [plot] extra, for a learning-curve report.png)", file=sys.stderr)
     return 0
+
+
+def _plot_report(report: dict, path: Path) -> bool:
+    """The learning curve (training loss per step, eval accuracy per epoch) as a PNG, if matplotlib is there."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    history = report["history"]
+    fig, loss_ax = plt.subplots(figsize=(7, 4))
+    loss_ax.plot(range(1, len(history["loss"]) + 1), history["loss"], color="tab:blue", linewidth=0.8)
+    loss_ax.set_xlabel("step")
+    loss_ax.set_ylabel("training loss", color="tab:blue")
+    if history["eval"]:
+        acc_ax = loss_ax.twinx()
+        steps, accs = zip(*history["eval"])
+        acc_ax.plot(steps, accs, "o-", color="tab:orange")
+        acc_ax.set_ylabel("eval accuracy", color="tab:orange")
+    stop = report.get("stopped_early")
+    title = f"{report['kind']}: eval accuracy {report['accuracy']:.3f}"
+    if stop:
+        loss_ax.axvline(stop["step"], color="gray", linestyle="--")
+        title += f" (stopped early at step {stop['step']}, kept epoch {stop['best_epoch']})"
+    loss_ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
 
 
 

@@ -73,7 +73,12 @@ def test_cli_train_writes_an_uploadable_adapter_and_report(tmp_path, tiny_dir):
     assert main(["train", "--data", str(data), "--kind", "ia3", "--out", str(out), "--model", str(tiny_dir[0]),
                  "--epochs", "2", "--max-length", "32"]) == 0
     report = json.loads((out / "report.json").read_text())
-    assert {"accuracy", "macro_f1", "per_class", "params", "train_seconds"} <= set(report)
+    assert {"accuracy", "macro_f1", "per_class", "params", "train_seconds", "history"} <= set(report)
+    # the resolved hyper-parameters, not the defaults' placeholders
+    assert report["config"]["lr"] == 3e-3 and report["config"]["head_lr"] == 3e-3
+    assert report["config"]["max_length"] == 32 and report["config"]["total_steps"] >= report["steps"]
+    assert len(report["history"]["loss"]) == report["steps"]
+    assert (out / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     adapter = native.loads((out / "adapter.safetensors").read_bytes(), tiny_dir[1].spec.fingerprint)
     assert adapter.kind == "ia3" and adapter.labels == sorted(WORDS)
     bad = tmp_path / "bad.csv"
@@ -89,3 +94,29 @@ def test_length_grouped_batches_cover_every_example_once_and_cut_padding():
     padded = lambda bs: sum(len(b) * max(len(t) for t, _ in b) for b in bs)  # noqa: E731
     plain = list(epoch_batches(examples, 16, random.Random(1), group_by_length=False))
     assert padded(batches) < 0.8 * padded(plain)
+
+
+def test_the_eval_split_is_stratified_and_says_what_it_could_not_cover(caplog):
+    from switchboard.server.runtime.training.trainer import stratified_split
+
+    examples = [(f"g{i}", "games") for i in range(30)] + [(f"n{i}", "net") for i in range(5)] + [("f", "fonts")]
+    train_part, eval_part = stratified_split(examples, 0.1, random.Random(0))
+    assert sorted(train_part + eval_part) == sorted(examples)
+    held = [label for _, label in eval_part]
+    assert held.count("games") == 3 and held.count("net") == 1 and "fonts" not in held
+    assert "fonts" in caplog.text and "single example" in caplog.text
+
+
+def test_early_stopping_says_so_and_keeps_the_best_epoch(caplog):
+    import logging
+
+    caplog.set_level(logging.INFO)
+    backbone = tiny_backbone(seed=3)
+    examples = synthetic(6, seed=1)
+    cfg = TrainConfig(kind="ia3", epochs=30, patience=1, batch_size=8, lr=1e-9, head_init="random",
+                      max_length=32)  # nothing improves after epoch 1
+    _, report = train(backbone, examples, cfg, synthetic(3, seed=2), progress=False)
+    stop = report["stopped_early"]
+    assert stop is not None and stop["best_epoch"] == 1 and stop["epoch"] == 2 and report["steps"] < 30 * 3
+    assert f"stopped early at step {stop['step']}" in caplog.text and "keeping epoch 1" in caplog.text
+    assert len(report["history"]["eval"]) == 2

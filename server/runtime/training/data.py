@@ -40,7 +40,8 @@ def read_examples(path: Path, text_column: str = "text", label_column: str = "la
         raise DataError(f"{path}: missing column(s) {missing}; found {sorted(rows[0])}")
     examples = [(str(r[text_column]), str(r[label_column])) for r in rows]
     if len({label for _, label in examples}) < min_labels:
-        raise DataError(f"{path}: needs at least {min_labels} distinct labels")
+        count = "two" if min_labels == 2 else str(min_labels)
+        raise DataError(f"{path}: needs at least {count} distinct labels")
     return examples
 
 

@@ -3,11 +3,14 @@
 Training runs the very `encoder_forward` the server runs (one task's parameters broadcast over the
 batch), so what is trained is exactly what is served. Recipes follow the papers: Houlsby — Adam,
 warm-up over 10 % of steps then linear decay, batch 32, lr 1e-3 (adapters) ; (IA)3 — higher lr (3e-3),
-fixed number of steps, good in the few-shot regime.
+fixed number of steps, good in the few-shot regime. The head starts from a linear probe (a softmax
+regression on the frozen backbone's pooled features: "LP-FT", Kumar et al. 2022), so training starts
+where frozen-embedding logistic regression ends and the adapter adds to it (docs/accuracy.md).
 """
 
 from __future__ import annotations
 
+import logging
 import random
 import time
 from collections.abc import Callable
@@ -19,10 +22,13 @@ from tqdm import tqdm
 
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone
-from switchboard.server.core.forward import BatchParams, encoder_forward
+from switchboard.server.core.forward import BatchParams, encode, encoder_forward
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.core.tuners.head.layer import pool
 from switchboard.server.runtime.training.data import epoch_batches
+
+log = logging.getLogger(__name__)
 
 # --kind → the adapter kinds trained (the head always is; per-task LayerNorm on request)
 TRAINED_KINDS: dict[str, tuple[str, ...]] = {"ia3": ("ia3",), "houlsby": ("houlsby",), "mixed": ("ia3", "houlsby")}
@@ -46,6 +52,9 @@ class TrainConfig:
     max_length: int | None = None  # None: the backbone's limit, as the server truncates by default
     precision: str = "fp32"  # "bf16": autocast matmuls in training (weights and evaluation stay fp32)
     group_by_length: bool = True  # batches of similar length: less padding, same examples per epoch
+    head_init: str = "probe"  # probe: a linear probe on frozen features (LP-FT); random: small normal init
+    head_lr: float | None = None  # default: the adapter's lr
+    probe_weight_decay: float = 1e-3  # the probe's L2 penalty (logistic regression's 1/C, per example)
 
 
 def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generator: torch.Generator) -> TaskAdapter:
@@ -59,6 +68,57 @@ def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generat
 def single_task_params(adapter: TaskAdapter) -> BatchParams:
     """One task's parameters with a leading dim of 1, broadcast over the batch (differentiable)."""
     return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()})
+
+
+def stratified_split(examples: list[tuple[str, str]], fraction: float,
+                     rng: random.Random) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """(train, eval): about `fraction` of every label's examples held out, at least one per label that
+    has two or more; a label with a single example stays in training (and a warning says so)."""
+    by_label: dict[str, list[tuple[str, str]]] = {}
+    for example in examples:
+        by_label.setdefault(example[1], []).append(example)
+    train_part, eval_part, alone = [], [], []
+    for label in sorted(by_label):
+        group = by_label[label]
+        rng.shuffle(group)
+        n_eval = 0 if len(group) < 2 else max(1, round(len(group) * fraction))
+        eval_part += group[:n_eval]
+        train_part += group[n_eval:]
+        if n_eval == 0:
+            alone.append(label)
+    if alone:
+        log.warning("labels with a single example are not in the eval split (give --eval, or more data): %s",
+                    ", ".join(alone[:10]))
+    rng.shuffle(train_part)
+    rng.shuffle(eval_part)
+    return train_part, eval_part
+
+
+def probe_head(backbone: Backbone, head, examples: list[tuple[str, str]], index: dict[str, int],  # noqa: ANN001
+               cfg: TrainConfig, batch_size: int = 64) -> None:
+    """Fit the head alone on the frozen backbone's pooled features (softmax regression, L-BFGS, L2), in place."""
+    feats = []
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            ids, mask = _batch(backbone, [t for t, _ in examples[i:i + batch_size]], cfg.max_length)
+            feats.append(pool(encode(backbone.model, ids, mask, BatchParams()), mask, head.pooling,
+                              getattr(backbone.model, "pooler", None)).float())
+    x = torch.cat(feats)
+    y = torch.tensor([index[label] for _, label in examples])
+    w = torch.zeros_like(head.out_w, requires_grad=True)
+    b = torch.zeros_like(head.out_b, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(x @ w.t() + b, y) + cfg.probe_weight_decay * (w * w).sum()
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        head.out_w.copy_(w)
+        head.out_b.copy_(b)
 
 
 def _batch(backbone: Backbone, texts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -114,15 +174,20 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
     generator = torch.Generator().manual_seed(cfg.seed)
     examples = list(examples)
     if eval_examples is None:
-        rng.shuffle(examples)
-        n_eval = max(1, int(len(examples) * cfg.eval_fraction))
-        eval_examples, examples = examples[:n_eval], examples[n_eval:]
+        examples, eval_examples = stratified_split(examples, cfg.eval_fraction, rng)
     labels = sorted({label for _, label in examples} | {label for _, label in eval_examples})
     index = {label: i for i, label in enumerate(labels)}
     adapter = new_adapter(backbone, labels, cfg, generator)
-    params = _trainable(adapter)
+    head = adapter.parts[READOUT]
+    if cfg.head_init == "probe" and not head.has_hidden:
+        probe_head(backbone, head, examples, index, cfg)
     lr = cfg.lr or (3e-3 if cfg.kind == "ia3" else 1e-3)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    head_lr = cfg.head_lr or lr
+    _trainable(adapter)
+    head_params = set(map(id, KINDS_BY_NAME[READOUT].tensors(head).values()))
+    groups = [{"params": [t for t in adapter.tensors().values() if id(t) not in head_params], "lr": lr},
+              {"params": [t for t in adapter.tensors().values() if id(t) in head_params], "lr": head_lr}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     steps_per_epoch = max(1, -(-len(examples) // cfg.batch_size))
     total = cfg.steps or steps_per_epoch * cfg.epochs
     warmup = max(1, int(total * cfg.warmup))
@@ -130,7 +195,9 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     eval_texts = [t for t, _ in eval_examples]
     eval_y = torch.tensor([index[label] for _, label in eval_examples])
-    best, best_state, bad_epochs, step = -1.0, None, 0, 0
+    best, best_state, bad_epochs, step, epoch, best_epoch = -1.0, None, 0, 0, 0, 0
+    history: dict[str, list] = {"loss": [], "eval": []}  # loss per step; (step, eval accuracy) per epoch
+    stopped_early: dict | None = None
     start = time.time()
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.kind}")
     backbone.model.eval()
@@ -145,21 +212,29 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
             optimizer.step()
             schedule.step()
             step += 1
+            history["loss"].append(round(loss.item(), 5))
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
             if on_step is not None:
                 on_step(step, total, loss.item())
             if step >= total:
                 break
+        epoch += 1
         if cfg.steps is not None:
             continue  # fixed schedule: the final weights, no selection on the eval set
         accuracy = scores(eval_y, predict(backbone, adapter, eval_texts, cfg.max_length), labels)["accuracy"]
+        history["eval"].append([step, accuracy])
         if accuracy > best:
-            best, bad_epochs = accuracy, 0
+            best, bad_epochs, best_epoch = accuracy, 0, epoch
             best_state = {k: v.detach().clone() for k, v in adapter.tensors().items()}
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
+            if bad_epochs >= cfg.patience and step < total:
+                stopped_early = {"step": step, "of": total, "epoch": epoch, "best_epoch": best_epoch,
+                                 "best_eval_accuracy": best}
+                message = (f"stopped early at step {step} of {total} (epoch {epoch}): eval accuracy has not improved "
+                           f"for {cfg.patience} epochs; keeping epoch {best_epoch} (eval accuracy {best:.4f})")
+                bar.write(message) if progress else log.info(message)
                 break  # early stop on the eval metric
     bar.close()
     with torch.no_grad():
@@ -169,8 +244,12 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
             tensor.requires_grad_(False)
     eval_pred = predict(backbone, adapter, eval_texts, cfg.max_length)
     final = scores(eval_y, eval_pred, labels)
+    resolved = {**cfg.__dict__, "lr": lr, "head_lr": head_lr, "total_steps": total, "warmup_steps": warmup,
+                "steps_per_epoch": steps_per_epoch,
+                "max_length": cfg.max_length or backbone.spec.max_length, "optimizer": "AdamW",
+                "schedule": "linear warm-up, then linear decay to 0"}
     report = {**final, "kind": adapter.kind, "params": adapter.num_params, "train_examples": len(examples),
               "eval_examples": len(eval_examples), "steps": step, "train_seconds": time.time() - start,
-              "labels": labels, "config": cfg.__dict__,
+              "labels": labels, "config": resolved, "stopped_early": stopped_early, "history": history,
               "eval_predictions": [labels[i] for i in eval_pred.tolist()]}
     return adapter, report
