@@ -74,7 +74,8 @@ def _blob_lock(sha256: str) -> int:
 
 
 class PostgresStore:
-    def __init__(self, url: str, data_dir: Path, pool_size: int = 4, timeout_s: float = 5.0) -> None:
+    def __init__(self, url: str, data_dir: Path, pool_size: int = 4, timeout_s: float = 5.0,
+                 connect_timeout_s: float = 20.0) -> None:
         self.url = redact(url)
         self._dsn = url
         self.cache = BlobFiles(Path(data_dir) / "blob-cache")
@@ -87,7 +88,7 @@ class PostgresStore:
                                     kwargs={"autocommit": True, "connect_timeout": max(1, int(timeout_s))},
                                     name="switchboard-store")
         try:
-            self._pool.open(wait=True, timeout=timeout_s * 4)
+            self._pool.open(wait=True, timeout=connect_timeout_s)
         except PoolTimeout as exc:
             self._pool.close()
             raise StoreUnavailable(f"cannot reach the PostgreSQL store at {self.url}") from exc

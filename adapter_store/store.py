@@ -69,9 +69,9 @@ def redact(url: str) -> str:
     return f"{scheme}{sep}{user}:***@{host}"
 
 
-def open_store(url: str | None, data_dir: Path) -> Store:
+def open_store(url: str | None, data_dir: Path, connect_timeout_s: float = 20.0) -> Store:
     """None or "sqlite" → the embedded store in `data_dir`; `postgresql://…` → the shared store (blobs
-    cached under `data_dir`)."""
+    cached under `data_dir`), waited for up to `connect_timeout_s` at start (it may still be starting)."""
     if not url or url == "sqlite":
         from switchboard.adapter_store.sqlite_store import SQLiteStore
 
@@ -79,5 +79,5 @@ def open_store(url: str | None, data_dir: Path) -> Store:
     if url.startswith(("postgresql://", "postgres://")):
         from switchboard.adapter_store.postgres_store import PostgresStore
 
-        return PostgresStore(url, data_dir)
+        return PostgresStore(url, data_dir, connect_timeout_s=connect_timeout_s)
     raise ValueError(f"--store must be a postgresql:// URL or absent (the embedded SQLite store), not {redact(url)!r}")

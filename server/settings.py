@@ -18,6 +18,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("./switchboard-data")
     store: str | None = Field(None, description="absent: the embedded SQLite store in data_dir; postgresql://… : a "
                                                 "shared store for replicas (blobs cached in data_dir)")
+    store_connect_timeout_s: float = Field(20.0, gt=0, description="at start, how long to wait for a shared store "
+                                                                   "that cannot be reached yet (it may be starting)")
     store_resync_s: float = Field(30.0, gt=0, description="a shared store is re-read whole this often, in case a "
                                                           "change notification was missed")
     dtype: Literal["auto", "fp32", "bf16", "bf16-full", "int8"] = Field(

@@ -50,7 +50,7 @@ def test_chromium_renders_the_operations_with_every_other_host_unreachable(serve
         pytest.skip("Debian's chromium is not installed")
     port = served.rsplit(":", 1)[1]
     dom = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=15000",
-                          f"--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+                          "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
                           "--dump-dom", f"http://127.0.0.1:{port}/docs"],
                          capture_output=True, text=True, timeout=120).stdout
     assert "opblock" in dom, dom[-2000:]

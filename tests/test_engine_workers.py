@@ -60,62 +60,67 @@ def test_frames_round_trip_arrays_without_pickle():
         assert back.arrays[name].dtype == a.dtype and (back.arrays[name] == a).all()
 
 
-@pytest.mark.parametrize("workers", [1, 2])
-def test_workers_compute_what_the_in_process_engine_computes(tiny_dir, workers):
-    blobs = Blobs()
-    engine = start_engine(tiny_dir, blobs, workers=workers, threads=1)
-    oracle = Engine(tiny_dir[1])
-    try:
-        kinds = [dict(kind="ia3"), dict(kind="houlsby", width=4), dict(kind="mixed", pooling="mean", hidden=True),
-                 dict(kind="houlsby", activation="relu", num_labels=5)]
-        adapters = [random_adapter(engine.spec, seed=10 + i, **kw) for i, kw in enumerate(kinds)]
-        slots = [load(engine, a, blobs) for a in adapters]
-        oracle_slots = [oracle.load(a).slot for a in adapters]
-        order = [0, 2, 1, 3, 2, 0, 3, 1]
-        ids, mask, _ = batch(engine, order)
-        expected = oracle.forward(ids, mask, torch.tensor([oracle_slots[i] for i in order]))
-        for _ in range(2 * workers):  # every worker gets a turn
-            got = engine.forward(ids, mask, torch.tensor([slots[i] for i in order]))
-            assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
-            finite = torch.isfinite(expected)
-            assert (got[finite] - expected[finite]).abs().max().item() <= 1e-5
-        assert engine.resident_tasks == 4 and engine.resident_bytes == sum(oracle.task_bytes(a) for a in adapters)
-    finally:
-        engine.stop()
-
-
-def test_a_slot_reused_after_unload_serves_the_new_adapter_at_once(tiny_dir):
-    """Loads and unloads travel on the batches' socket: the next batch sees them, no acknowledgement."""
+@pytest.fixture(scope="module")
+def shared(tiny_dir):
+    """Two single-thread workers, shared by the tests that leave it as they found it."""
     blobs = Blobs()
     engine = start_engine(tiny_dir, blobs, workers=2, threads=1)
+    yield engine, blobs
+    engine.stop()
+
+
+def test_workers_compute_what_the_in_process_engine_computes(tiny_dir, shared):
+    engine, blobs = shared
     oracle = Engine(tiny_dir[1])
-    try:
-        for seed in range(4):
-            adapter = random_adapter(engine.spec, seed=200 + seed, kind=["ia3", "houlsby"][seed % 2])
-            slot = load(engine, adapter, blobs)
-            ids, mask, _ = batch(engine, [slot, slot])
-            expected = oracle.forward(ids, mask, torch.full((2,), oracle.load(adapter).slot))
-            for _ in range(2):
-                assert torch.allclose(engine.forward(ids, mask, torch.full((2,), slot)), expected, atol=1e-5)
-            engine.unload(slot)
-            oracle.unload(1)
-        assert engine.resident_tasks == 0 and engine.pool_count == 0
-    finally:
-        engine.stop()
+    kinds = [dict(kind="ia3"), dict(kind="houlsby", width=4), dict(kind="mixed", pooling="mean", hidden=True),
+             dict(kind="houlsby", activation="relu", num_labels=5)]
+    adapters = [random_adapter(engine.spec, seed=10 + i, **kw) for i, kw in enumerate(kinds)]
+    slots = [load(engine, a, blobs) for a in adapters]
+    oracle_slots = [oracle.load(a).slot for a in adapters]
+    order = [0, 2, 1, 3, 2, 0, 3, 1]
+    ids, mask, _ = batch(engine, order)
+    expected = oracle.forward(ids, mask, torch.tensor([oracle_slots[i] for i in order]))
+    for _ in range(4):  # every worker gets a turn
+        got = engine.forward(ids, mask, torch.tensor([slots[i] for i in order]))
+        assert torch.equal(torch.isfinite(got), torch.isfinite(expected))
+        finite = torch.isfinite(expected)
+        assert (got[finite] - expected[finite]).abs().max().item() <= 1e-5
+    assert engine.resident_tasks == 4 and engine.resident_bytes == sum(oracle.task_bytes(a) for a in adapters)
+    for slot in slots:
+        engine.unload(slot)
 
 
-def test_budget_is_kept_in_the_front(tiny_dir):
+def test_a_slot_reused_after_unload_serves_the_new_adapter_at_once(tiny_dir, shared):
+    """Loads and unloads travel on the batches' socket: the next batch sees them, no acknowledgement."""
+    engine, blobs = shared
+    oracle = Engine(tiny_dir[1])
+    for seed in range(4):
+        adapter = random_adapter(engine.spec, seed=200 + seed, kind=["ia3", "houlsby"][seed % 2])
+        slot = load(engine, adapter, blobs)
+        ids, mask, _ = batch(engine, [slot, slot])
+        expected = oracle.forward(ids, mask, torch.full((2,), oracle.load(adapter).slot))
+        for _ in range(2):
+            assert torch.allclose(engine.forward(ids, mask, torch.full((2,), slot)), expected, atol=1e-5)
+        engine.unload(slot)
+        oracle.unload(1)
+    assert engine.resident_tasks == 0 and engine.pool_count == 0
+
+
+def test_budget_is_kept_in_the_front_and_stopping_ends_the_workers(tiny_dir):
     blobs = Blobs()
     adapter = random_adapter(tiny_dir[1].spec, seed=1, kind="houlsby")
-    path, backbone = tiny_dir
-    nbytes = Engine(backbone).task_bytes(adapter)
-    engine = start_engine(tiny_dir, blobs, max_adapter_bytes=nbytes, threads=1)
+    nbytes = Engine(tiny_dir[1]).task_bytes(adapter)
+    engine = start_engine(tiny_dir, blobs, max_adapter_bytes=nbytes, threads=1, workers=2)
+    pids = engine.worker_pids()
     try:
         load(engine, adapter, blobs)
         with pytest.raises(CapacityError):
-            load(engine, random_adapter(backbone.spec, seed=2, kind="houlsby"), blobs)
+            load(engine, random_adapter(tiny_dir[1].spec, seed=2, kind="houlsby"), blobs)
     finally:
         engine.stop()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
 
 
 def test_a_killed_worker_fails_its_batch_with_503_then_comes_back_with_every_task(tiny_dir):
@@ -177,29 +182,48 @@ def test_a_hung_worker_is_killed_at_the_timeout_and_replaced(tiny_dir):
         engine.stop()
 
 
-def test_stopping_the_engine_ends_its_workers(tiny_dir):
-    engine = start_engine(tiny_dir, Blobs(), workers=2, threads=1)
-    pids = engine.worker_pids()
-    engine.stop()
-    for pid in pids:
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
+def test_a_server_on_two_workers_answers_like_the_oracle_and_survives_the_sigkill_of_one(tmp_path, tiny_dir,
+                                                                                          adapters):
+    """`switchboard serve` on the worker layout, end to end: concurrent requests over every kind of task
+    equal the in-process engine computing each alone, in batches that mixed tasks; then one worker is
+    SIGKILLed: requests are answered (a 503 at most for those in flight), never hang, and equal before."""
+    import asyncio
 
-
-def test_a_server_survives_the_sigkill_of_an_engine_worker(tmp_path, tiny_dir):
-    """End to end: `switchboard serve` with two workers; one is killed; requests are answered (a 503 at
-    most for those in flight), never hang, and answers after the restart equal those before."""
     import httpx
     import psutil
 
     from tests.server_fixture import metric_samples, running_server, upload
 
     path, backbone = tiny_dir
-    adapter = random_adapter(backbone.spec, seed=77, kind="mixed")
-    body = {"task": "t", "inputs": TEXTS[:4], "raw_scores": True}
-    with running_server(path, tmp_path / "data", env={"SWITCHBOARD_ENGINE_WORKERS": "2",
-                                                      "SWITCHBOARD_THREADS": "1"}) as (url, proc):
-        assert upload(url, "t", adapter, backbone.spec.fingerprint).status_code == 201
+    oracle = Engine(backbone)
+    env = {"SWITCHBOARD_ENGINE_WORKERS": "2", "SWITCHBOARD_THREADS": "1", "SWITCHBOARD_BATCH_WAIT_MS": "30"}
+    requests = [(task, [TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)])
+                for i, task in enumerate(list(adapters) * 3)]
+    with running_server(path, tmp_path / "data", env=env) as (url, proc):
+        for task, adapter in adapters.items():
+            assert upload(url, task, adapter, backbone.spec.fingerprint).status_code == 201
+
+        async def fire():
+            async with httpx.AsyncClient(timeout=60) as client:
+                return await asyncio.gather(*[
+                    client.post(f"{url}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
+                    for t, x in requests])
+
+        responses = asyncio.run(fire())
+        samples = metric_samples(url)
+        for (task, texts), r in zip(requests, responses):
+            assert r.status_code == 200, r.text
+            slot = oracle.load(adapters[task]).slot
+            enc = oracle.tokenize(texts)
+            want = oracle.forward(enc["input_ids"], enc["attention_mask"], torch.full((len(texts),), slot))
+            oracle.unload(slot)
+            for row, preds in enumerate(r.json()["predictions"]):
+                for p in preds:
+                    assert abs(p["score"] - want[row, adapters[task].labels.index(p["label"])].item()) <= 1e-4
+        mixed = samples["switchboard_batch_tasks_count"] - samples['switchboard_batch_tasks_bucket{"le": "1.0"}']
+        assert mixed >= 1, "no batch mixed tasks"
+
+        body = {"task": "task-0", "inputs": TEXTS[:4], "raw_scores": True}
         before = httpx.post(f"{url}/v1/classify", json=body).json()
         workers = [p for p in psutil.Process(proc.pid).children() if "engine_worker" in " ".join(p.cmdline())]
         assert len(workers) == 2
@@ -231,40 +255,3 @@ def test_a_worker_that_loads_another_backbone_is_refused(tiny_dir, tmp_path):
         engine.start(tiny_dir[1])
 
 
-def test_concurrent_mixed_requests_through_two_workers_equal_the_in_process_oracle(tmp_path, tiny_dir, adapters):
-    """`switchboard serve` on its worker layout: concurrent requests over every kind of task, each answer
-    equal to the in-process engine computing that request alone, and batches that mixed tasks."""
-    import asyncio
-
-    import httpx
-
-    from tests.server_fixture import metric_samples, running_server, upload
-
-    path, backbone = tiny_dir
-    oracle = Engine(backbone)
-    env = {"SWITCHBOARD_ENGINE_WORKERS": "2", "SWITCHBOARD_THREADS": "1", "SWITCHBOARD_BATCH_WAIT_MS": "30"}
-    requests = [(task, [TEXTS[(i + j) % len(TEXTS)] for j in range(1 + i % 3)])
-                for i, task in enumerate(list(adapters) * 3)]
-    with running_server(path, tmp_path / "data", env=env) as (url, _):
-        for task, adapter in adapters.items():
-            assert upload(url, task, adapter, backbone.spec.fingerprint).status_code == 201
-
-        async def fire():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*[
-                    client.post(f"{url}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
-                    for t, x in requests])
-
-        responses = asyncio.run(fire())
-        samples = metric_samples(url)
-    for (task, texts), r in zip(requests, responses):
-        assert r.status_code == 200, r.text
-        slot = oracle.load(adapters[task]).slot
-        enc = oracle.tokenize(texts)
-        want = oracle.forward(enc["input_ids"], enc["attention_mask"], torch.full((len(texts),), slot))
-        oracle.unload(slot)
-        for row, preds in enumerate(r.json()["predictions"]):
-            for p in preds:
-                assert abs(p["score"] - want[row, adapters[task].labels.index(p["label"])].item()) <= 1e-4
-    mixed = samples["switchboard_batch_tasks_count"] - samples['switchboard_batch_tasks_bucket{"le": "1.0"}']
-    assert mixed >= 1, "no batch mixed tasks"

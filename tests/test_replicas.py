@@ -143,6 +143,7 @@ def test_postgres_restart_keeps_resident_tasks_served_and_replicas_reconnect(tin
 
 @pytest.mark.parametrize("bad", ["postgresql://postgres@127.0.0.1:1/none"])
 def test_an_unreachable_store_at_start_is_a_clear_startup_error(tiny_dir, tmp_path, bad):
+    import os
     import subprocess
     import sys
 
@@ -150,5 +151,6 @@ def test_an_unreachable_store_at_start_is_a_clear_startup_error(tiny_dir, tmp_pa
 
     done = subprocess.run([sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(free_port()),
                            "--data-dir", str(tmp_path), "--model", str(tiny_dir[0]), "--store", bad,
-                           "--log-level", "warning"], capture_output=True, text=True, timeout=120, cwd=ROOT)
+                           "--log-level", "warning"], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                          env={**os.environ, "SWITCHBOARD_STORE_CONNECT_TIMEOUT_S": "2"})
     assert done.returncode == 1 and "cannot reach the PostgreSQL store" in done.stderr

@@ -109,7 +109,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
     """Blocking (loads the model): run it off the event loop."""
     s = settings
     memory.limit_arenas(2)  # before the pools' threads allocate
-    store = open_store(s.store, s.data_dir)
+    store = open_store(s.store, s.data_dir, s.store_connect_timeout_s)
     try:
         backbone, engine = build_engine(s, metrics, store, backbone_factory)
     except BaseException:
