@@ -57,6 +57,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
+    import faulthandler
+    import signal
+
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     log = logging.getLogger("switchboard.clients.cli")
     has_key = settings.admin_key is not None or settings.admin_key_file is not None
     refusal = open_mode_refusal(settings.host, has_key, settings.allow_unauthenticated)
@@ -355,7 +359,8 @@ def _train_local(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(kind=args.kind, width=args.width, activation=args.activation, train_layer_norm=args.layer_norm,
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                      max_length=args.max_length, precision=args.precision)
+                      max_length=args.max_length, precision=args.precision, head_lr=args.head_lr,
+                      head_init=args.head_init)
     backbone = load_backbone(args.model)
     adapter, report = train(backbone, examples, cfg, eval_examples)
     out = Path(args.out)
@@ -569,6 +574,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=32, help="examples per step")
     tr.add_argument("--lr", type=float, default=None,
                     help="peak learning rate of the adapter (default: 3e-3 for ia3, 1e-3 for houlsby)")
+    tr.add_argument("--head-lr", type=float, default=None, help="the head's learning rate (default: --lr)")
+    tr.add_argument("--head-init", choices=["probe", "random"], default="probe",
+                    help="probe: start the head as a linear probe on frozen features (LP-FT); random: small init")
     tr.add_argument("--max-length", type=int, default=None,
                     help="truncate to this many tokens (default: the model's limit, as the server does; "
                          "serve with the same --max-length to get the trained predictions)")

@@ -43,8 +43,8 @@ def running_process(cmd: list[str], url: str, log_path: Path, env: dict[str, str
                 except httpx.TransportError:
                     pass
                 if time.monotonic() - start > ready_timeout:
-                    raise RuntimeError(f"server not ready within {ready_timeout:.0f} s: "
-                                       f"{log_path.read_text()[-3000:]}")
+                    raise RuntimeError(f"server not ready within {ready_timeout:.0f} s; /health said "
+                                       f"{_health(url)}; its threads: {_stacks(proc, log_path)}")
                 time.sleep(0.05)
             yield proc, time.monotonic() - start
         finally:
@@ -55,6 +55,25 @@ def running_process(cmd: list[str], url: str, log_path: Path, env: dict[str, str
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+
+
+def _health(url: str) -> str:
+    try:
+        r = httpx.get(f"{url}/health", timeout=2)
+        return f"{r.status_code} {r.text[:300]}"
+    except httpx.HTTPError as exc:
+        return f"nothing ({type(exc).__name__})"
+
+
+def _stacks(proc: subprocess.Popen, log_path: Path) -> str:
+    """Ask a `switchboard serve` that is not ready for every thread's stack (SIGUSR1, faulthandler) and
+    return the end of its log with them."""
+    if proc.poll() is None and sys.platform != "win32":
+        import signal
+
+        proc.send_signal(signal.SIGUSR1)
+        time.sleep(1.0)
+    return log_path.read_text(errors="replace")[-6000:]
 
 
 @contextmanager
