@@ -69,7 +69,31 @@ def plan_chunks(attention_mask: torch.Tensor, chunk_rows: int) -> list[tuple[tor
     return [(rows, int(lengths[rows].max()) if right_padded else T) for rows in torch.split(order, chunk_rows)]
 
 
-class Engine:
+class SlotBudget:
+    """What a task costs resident, and whether it could ever fit: shared by the in-process engine and
+    the books a worker-process engine keeps in the front process."""
+
+    spec: BackboneSpec
+    model: torch.nn.Module
+    dtype: torch.dtype
+    max_adapter_bytes: int
+
+    def components(self, adapter: TaskAdapter) -> list[Component]:
+        return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
+
+    def task_bytes(self, adapter: TaskAdapter) -> int:
+        return resident_nbytes(self.components(adapter), self.dtype)
+
+    def check_fits(self, adapter: TaskAdapter) -> int:
+        """The task's resident bytes; CapacityError if it could never fit, even in an empty engine."""
+        nbytes = self.task_bytes(adapter)
+        if nbytes > self.max_adapter_bytes:
+            raise CapacityError(f"the adapter needs {nbytes} bytes resident, more than the whole slot budget of "
+                                f"{self.max_adapter_bytes} bytes (max_adapter_bytes)")
+        return nbytes
+
+
+class Engine(SlotBudget):
     def __init__(self, backbone: Backbone, *, precision: Precision | str = Precision.FP32,
                  device: torch.device | str | None = None, max_adapter_bytes: int = 1 << 30,
                  segment_max_tasks: int = 4, chunk_rows: int = 8, initial_slots: int = 16) -> None:
@@ -128,20 +152,6 @@ class Engine:
                                            self.device)
             self._routes[key] = torch.zeros(self._task_capacity, dtype=torch.long)
         return self._pools[key]
-
-    def components(self, adapter: TaskAdapter) -> list[Component]:
-        return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
-
-    def task_bytes(self, adapter: TaskAdapter) -> int:
-        return resident_nbytes(self.components(adapter), self.dtype)
-
-    def check_fits(self, adapter: TaskAdapter) -> int:
-        """The task's resident bytes; CapacityError if it could never fit, even in an empty engine."""
-        nbytes = self.task_bytes(adapter)
-        if nbytes > self.max_adapter_bytes:
-            raise CapacityError(f"the adapter needs {nbytes} bytes resident, more than the whole slot budget of "
-                                f"{self.max_adapter_bytes} bytes (max_adapter_bytes)")
-        return nbytes
 
     # ----- load / unload ---------------------------------------------------------------------------
     def load(self, adapter: TaskAdapter, sha256: str | None = None, task: int | None = None) -> ResidentTask:

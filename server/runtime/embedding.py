@@ -12,7 +12,7 @@ import torch
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.tuners.head.config import HeadWeights
-from switchboard.server.runtime.lease import Lease
+from switchboard.server.runtime.lease import FixedSlot, Lease
 
 
 def identity_head(spec: BackboneSpec) -> TaskAdapter:
@@ -21,24 +21,11 @@ def identity_head(spec: BackboneSpec) -> TaskAdapter:
     return TaskAdapter(labels=[str(i) for i in range(d)], parts={"head": head})
 
 
-class _Pinned:
-    """What a lease reads; the built-in task has no stored version record."""
-
-    record = None
-
-    def __init__(self, slot: int) -> None:
-        self._slot = slot
-
-    @property
-    def slot(self) -> int:
-        return self._slot
-
-
 class Embeddings:
     def __init__(self, engine) -> None:  # noqa: ANN001 - Engine or ProcessEngine
         """Loads the identity head into the engine (counted in its slot budget: hidden² floats)."""
         self.dim = engine.spec.hidden_size
-        self._pinned = _Pinned(engine.load(identity_head(engine.spec)).slot)
+        self._pinned = FixedSlot(engine.load(identity_head(engine.spec)).slot)
 
     def lease(self) -> Lease:
         """A lease on the built-in slot: releasing it is a no-op (it is never unloaded)."""

@@ -74,3 +74,17 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+class FixedSlot:
+    """A pin target with a slot and no stored version: the built-in embedding task, an upload's canary
+    trial. A lease on it releases nothing (`Lease(FixedSlot(slot), lambda _: None)`)."""
+
+    record = None
+
+    def __init__(self, slot: int) -> None:
+        self._slot = slot
+
+    @property
+    def slot(self) -> int:
+        return self._slot

@@ -29,7 +29,7 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone
-from switchboard.server.core.engine import CapacityError, ResidentTask, plan_chunks, resident_nbytes
+from switchboard.server.core.engine import CapacityError, ResidentTask, SlotBudget, plan_chunks, resident_nbytes
 from switchboard.server.core.precision import Precision
 from switchboard.server.core.tuners.base import PoolKey
 from switchboard.server.errors import EngineUnavailable
@@ -219,7 +219,7 @@ class EngineWorker:
                     self._proc.wait()
 
 
-class ProcessEngine:
+class ProcessEngine(SlotBudget):
     """Engine books in the front process, forward passes in worker processes."""
 
     def __init__(self, model_path: str, blob_source: BlobSource, metrics: Metrics, *,
@@ -313,18 +313,10 @@ class ProcessEngine:
             log.info("engine worker %d: %d resident tasks replayed", worker.index, len(blobs))
 
     # ----- books -------------------------------------------------------------------------------------
-    def components(self, adapter: TaskAdapter) -> list:
-        return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.backbone.model)]
-
-    def task_bytes(self, adapter: TaskAdapter) -> int:
-        return resident_nbytes(self.components(adapter), self.dtype)
-
-    def check_fits(self, adapter: TaskAdapter) -> int:
-        nbytes = self.task_bytes(adapter)
-        if nbytes > self.max_adapter_bytes:
-            raise CapacityError(f"the adapter needs {nbytes} bytes resident, more than the whole slot budget of "
-                                f"{self.max_adapter_bytes} bytes (max_adapter_bytes)")
-        return nbytes
+    @property
+    def model(self) -> torch.nn.Module:
+        """The front's copy of the backbone: what adapters' sizes and identity fills are computed from."""
+        return self.backbone.model
 
     @property
     def resident_tasks(self) -> int:

@@ -33,7 +33,7 @@ from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.engine import CapacityError, ResidentTask
 from switchboard.server.errors import QuotaExceeded, TaskNotFound, VersionNotFound
 from switchboard.server.metrics import Metrics
-from switchboard.server.runtime.lease import Lease
+from switchboard.server.runtime.lease import FixedSlot, Lease
 
 log = logging.getLogger(__name__)
 
@@ -73,19 +73,6 @@ class _Version:
     @property
     def slot(self) -> int | None:
         return self.resident.slot if self.resident is not None else None
-
-
-class _Trial:
-    """What a trial's lease reads: a slot, no stored record."""
-
-    record = None
-
-    def __init__(self, slot: int) -> None:
-        self._slot = slot
-
-    @property
-    def slot(self) -> int:
-        return self._slot
 
 
 @dataclass
@@ -359,7 +346,7 @@ class Registry:
                         raise
         self._update_gauges()
         try:
-            yield Lease(_Trial(resident.slot), lambda _: None)
+            yield Lease(FixedSlot(resident.slot), lambda _: None)
         finally:
             self._engine.unload(resident.slot)
             self._update_gauges()
