@@ -174,6 +174,9 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128, help="training and serving truncation (82 %% fit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip", nargs="*", default=[], choices=["full", "fewshot", "ia3", "houlsby"])
+    parser.add_argument("--ia3-lr", type=float, default=None, help="(IA)3 adapter lr (default: the trainer's)")
+    parser.add_argument("--ia3-head-lr", type=float, default=None, help="(IA)3 head lr (default: the trainer's)")
+    parser.add_argument("--ia3-epochs", type=int, default=6)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -209,10 +212,10 @@ def main() -> None:
             "train_seconds": embed_seconds + fit_seconds, "C": c})
 
     # Adapters: trained here, served by a real server, scored over HTTP.
-    epochs = 1 if args.quick else {"ia3": 6, "houlsby": 5}
+    epochs = 1 if args.quick else {"ia3": args.ia3_epochs, "houlsby": 5}
     configs = {
         "ia3": TrainConfig(kind="ia3", epochs=epochs if args.quick else epochs["ia3"], patience=2,
-                           max_length=args.max_length, precision="bf16"),
+                           max_length=args.max_length, precision="bf16", lr=args.ia3_lr, head_lr=args.ia3_head_lr),
         "houlsby": TrainConfig(kind="houlsby", width=64, epochs=epochs if args.quick else epochs["houlsby"],
                                patience=2, max_length=args.max_length, precision="bf16"),
     }
