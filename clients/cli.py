@@ -552,9 +552,10 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Train an (IA)3 or Houlsby adapter and a head on the frozen backbone, on this "
                                     "machine, into --out (upload it with `switchboard upload`); or, with --remote "
                                     "TASK, a few-shot (IA)3 job on the server that registers TASK's next version. "
-                                    "Defaults are the papers' recipes (docs/training.md): (IA)3 after T-Few, lr 3e-3 "
-                                    "(head 10x); Houlsby m=64, lr 1e-3; AdamW, 10 %% warm-up, linear decay, early "
-                                    "stop on eval accuracy.")
+                                    "Defaults are the papers' recipes (docs/training.md): (IA)3 after T-Few, lr 3e-3; "
+                                    "Houlsby m=64, lr 1e-3; AdamW, 10 % warm-up then linear decay, batch 32, early "
+                                    "stop on eval accuracy; the head starts as a linear probe on the frozen features "
+                                    "(LP-FT).")
     tr.add_argument("--data", required=True, help="training data, .csv or .jsonl (text and label columns)")
     tr.add_argument("--kind", choices=["houlsby", "ia3", "mixed"], default=None, help="what to train (local)")
     tr.add_argument("--out", default=None, help="output directory: adapter.safetensors, report.json (local)")

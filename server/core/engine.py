@@ -128,10 +128,12 @@ class Engine(SlotBudget):
     # ----- bookkeeping ---------------------------------------------------------------------------
     @property
     def resident_tasks(self) -> int:
-        return len(self._task_pools)
+        """Resident adapters (built-in tasks outside the budget not counted)."""
+        return len(self._task_bytes)
 
     @property
     def resident_bytes(self) -> int:
+        """Bytes counted against `max_adapter_bytes`."""
         return sum(self._task_bytes.values())
 
     @property
@@ -154,17 +156,19 @@ class Engine(SlotBudget):
         return self._pools[key]
 
     # ----- load / unload ---------------------------------------------------------------------------
-    def load(self, adapter: TaskAdapter, sha256: str | None = None, task: int | None = None) -> ResidentTask:
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, task: int | None = None,
+             outside_budget: bool = False) -> ResidentTask:
         """Validate and copy a task into free slots; raises CapacityError past the byte budget.
 
         sha256: the adapter's content hash if known (unused here; a process engine replays by it).
         task: the task slot to use (an engine worker mirrors the slots its front process assigns);
-        default: any free one."""
+        default: any free one. outside_budget: a built-in task of the server's (the embedding head),
+        neither counted against `max_adapter_bytes` nor among the resident adapters."""
         adapter.validate(self.spec)
         parts = self.components(adapter)
         nbytes = resident_nbytes(parts, self.dtype)
         with self._lock:
-            if self.resident_bytes + nbytes > self.max_adapter_bytes:
+            if not outside_budget and self.resident_bytes + nbytes > self.max_adapter_bytes:
                 raise CapacityError(
                     f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
             if task is None:
@@ -192,7 +196,8 @@ class Engine(SlotBudget):
                 self._free_tasks.append(task)
                 raise
             self._task_pools[task] = [c.key for c in parts]
-            self._task_bytes[task] = nbytes
+            if not outside_budget:
+                self._task_bytes[task] = nbytes
             return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
 
     def unload(self, task: int) -> None:
@@ -208,7 +213,7 @@ class Engine(SlotBudget):
                 if pool.used_slots == 0:
                     del self._pools[key], self._routes[key]
                     released = True
-            del self._task_bytes[task]
+            self._task_bytes.pop(task, None)
             self._free_tasks.append(task)
         if released and self.device.type == "cpu":
             memory.trim()

@@ -23,9 +23,9 @@ def identity_head(spec: BackboneSpec) -> TaskAdapter:
 
 class Embeddings:
     def __init__(self, engine) -> None:  # noqa: ANN001 - Engine or ProcessEngine
-        """Loads the identity head into the engine (counted in its slot budget: hidden² floats)."""
+        """Loads the identity head into the engine (hidden² floats, outside the adapters' slot budget)."""
         self.dim = engine.spec.hidden_size
-        self._pinned = FixedSlot(engine.load(identity_head(engine.spec)).slot)
+        self._pinned = FixedSlot(engine.load(identity_head(engine.spec), outside_budget=True).slot)
 
     def lease(self) -> Lease:
         """A lease on the built-in slot: releasing it is a no-op (it is never unloaded)."""

@@ -79,7 +79,8 @@ def handle(engine: Engine, message: Message, fingerprint: str) -> Message | None
         task = int(f["task"])
         if engine.is_resident(task):  # a replay after a restart may repeat a load: same slot, same content
             engine.unload(task)
-        engine.load(native.loads(a["blob"].tobytes(), fingerprint), task=task)
+        engine.load(native.loads(a["blob"].tobytes(), fingerprint), task=task,
+                    outside_budget=bool(f.get("outside_budget")))
         return None
     if op == "unload":
         if engine.is_resident(int(f["task"])):

@@ -48,6 +48,7 @@ class _Booked:
     pools: tuple[PoolKey, ...]
     sha256: str | None  # where a restarted worker's copy is re-read from (the store)
     blob: bytes | None = None  # kept here when the store does not have it (built-in tasks)
+    outside_budget: bool = False  # a built-in task: not counted against max_adapter_bytes
 
 
 class EngineWorker:
@@ -308,7 +309,7 @@ class ProcessEngine(SlotBudget):
             with worker.send_lock:
                 worker.sock = sock
                 for task, blob in blobs:
-                    send(sock, _load_message(task, blob))
+                    send(sock, _load_message(task, blob, self._booked[task].outside_budget))
         if blobs:
             log.info("engine worker %d: %d resident tasks replayed", worker.index, len(blobs))
 
@@ -321,19 +322,19 @@ class ProcessEngine(SlotBudget):
     @property
     def resident_tasks(self) -> int:
         with self._lock:
-            return len(self._booked)
+            return sum(not b.outside_budget for b in self._booked.values())
 
     @property
     def resident_bytes(self) -> int:
         with self._lock:
-            return sum(b.nbytes for b in self._booked.values())
+            return sum(b.nbytes for b in self._booked.values() if not b.outside_budget)
 
     @property
     def pool_count(self) -> int:
         with self._lock:
             return len({key for b in self._booked.values() for key in b.pools})
 
-    def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask:
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, outside_budget: bool = False) -> ResidentTask:
         """Book a task slot and send the adapter to every worker. sha256: its content hash in the store,
         which a restarted worker is replayed from; without one (a built-in task) the blob is kept here."""
         adapter.validate(self.spec)
@@ -341,7 +342,8 @@ class ProcessEngine(SlotBudget):
         nbytes = resident_nbytes(parts, self.dtype)
         blob = native.dumps(adapter, self.spec.fingerprint)
         with self._lock:
-            if sum(b.nbytes for b in self._booked.values()) + nbytes > self.max_adapter_bytes:
+            in_budget = sum(b.nbytes for b in self._booked.values() if not b.outside_budget)
+            if not outside_budget and in_budget + nbytes > self.max_adapter_bytes:
                 raise CapacityError(
                     f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
             if self._free:
@@ -349,8 +351,8 @@ class ProcessEngine(SlotBudget):
             else:
                 task, self._next_task = self._next_task, self._next_task + 1
             self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), sha256,
-                                         None if sha256 is not None else blob)
-            message = _load_message(task, blob)
+                                         None if sha256 is not None else blob, outside_budget)
+            message = _load_message(task, blob, outside_budget)
             for w in self.workers:  # under the books lock: workers see changes in the books' order
                 w.post(message)
         return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
@@ -391,8 +393,9 @@ class ProcessEngine(SlotBudget):
         return [w.pid for w in self.workers]
 
 
-def _load_message(task: int, blob: bytes) -> Message:
-    return Message("load", {"task": task}, {"blob": np.frombuffer(blob, dtype=np.uint8)})
+def _load_message(task: int, blob: bytes, outside_budget: bool = False) -> Message:
+    return Message("load", {"task": task, "outside_budget": outside_budget},
+                   {"blob": np.frombuffer(blob, dtype=np.uint8)})
 
 
 def _int64(t: torch.Tensor) -> np.ndarray:
