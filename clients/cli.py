@@ -447,6 +447,16 @@ def _train_remote(args: argparse.Namespace) -> int:
     return code
 
 
+class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where the help text does not already name one, and never a None/False one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS):
+            return text
+        return super()._get_help_string(action) or text
+
+
 def _client_parent() -> argparse.ArgumentParser:
     """Options of every command that talks to a server."""
     parent = argparse.ArgumentParser(add_help=False)
@@ -547,7 +557,7 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--out", default=None, help="output directory (default: DIR-safetensors)")
     convert.set_defaults(func=_cmd_convert)
 
-    tr = sub.add_parser("train", parents=[client], formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    tr = sub.add_parser("train", parents=[client], formatter_class=_DefaultsFormatter,
                         help="train an adapter + head on the frozen backbone (or --remote: a job on the server)",
                         description="Train an (IA)3 or Houlsby adapter and a head on the frozen backbone, on this "
                                     "machine, into --out (upload it with `switchboard upload`); or, with --remote "
