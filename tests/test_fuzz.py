@@ -43,6 +43,7 @@ def server(tiny_dir, tmp_path_factory):
         yield url, key
 
 
+@pytest.mark.slow  # ~30 s against a real server process: in CI's slow run (`pytest -m slow`), not the default
 @pytest.mark.parametrize("who", ["admin", "classify key", "no key"])
 def test_schemathesis_finds_no_5xx_and_no_schema_violation(server, who, tmp_path):
     url, classify_key = server

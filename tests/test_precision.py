@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from switchboard.server.core import precision
@@ -24,6 +25,7 @@ def test_an_explicit_dtype_wins(monkeypatch):
         assert resolve(name, torch.device("cpu")) is Precision(name)
 
 
+@pytest.mark.slow  # a real MiniLM-free server on the defaults; docs/quickstart.md (slow) runs them too
 def test_the_server_reports_the_resolved_precision(tmp_path, tiny_dir, monkeypatch):
     """A server on the defaults serves in what `auto` resolves to on this machine, in worker processes, and
     says so."""
