@@ -39,14 +39,12 @@ class CliError(Exception):
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import faulthandler
     import logging
+    import signal
 
-    import uvicorn
-
-    from switchboard.server.http.app import create_app
     from switchboard.server.log_config import configure_logging, logging_config
-    from switchboard.server.runtime.tenancy import open_mode_refusal
-    from switchboard.server.settings import Settings
+    from switchboard.server.settings import Settings, open_mode_refusal
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
                                    "data_dir": args.data_dir, "store": args.store, "dtype": args.dtype,
@@ -57,9 +55,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
                  if v is not None}
     settings = Settings(**overrides)
     configure_logging(settings.log_level, settings.log_format)
-    import faulthandler
-    import signal
-
     faulthandler.register(signal.SIGUSR1, all_threads=True)  # `kill -USR1 PID`: every thread's stack on stderr
     log = logging.getLogger("switchboard.clients.cli")
     has_key = settings.admin_key is not None or settings.admin_key_file is not None
@@ -74,6 +69,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              mode, Path(settings.data_dir).resolve())
     if not has_key:
         log.warning("open mode: start with SWITCHBOARD_ADMIN_KEY or --admin-key-file for tenants and API keys")
+    import uvicorn  # the heavy imports (torch, transformers) only once the settings are known to be usable
+
+    from switchboard.server.http.app import create_app
+
     server: uvicorn.Server | None = None
 
     def stop() -> None:  # startup failed: exit instead of answering 503 forever

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal
 
@@ -115,3 +116,21 @@ class Settings(BaseSettings):
     max_train_batch_size: int = 64
     max_train_body_bytes: int = 8 << 20
     max_queued_jobs: int = 8
+
+
+# Checked before anything heavy is imported, so `serve` refuses at once.
+def open_mode_refusal(host: str, has_admin_key: bool, allow_unauthenticated: bool) -> str | None:
+    """Why the server must not start: open mode (no keys) on an address others can reach."""
+    if has_admin_key or allow_unauthenticated or is_loopback(host):
+        return None
+    return (f"refusing to serve without API keys on {host!r}, which is not a loopback address: set "
+            "SWITCHBOARD_ADMIN_KEY (or --admin-key-file) for auth mode, or pass --allow-unauthenticated")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import ipaddress
 import logging
 import re
 import secrets
@@ -23,6 +22,7 @@ from switchboard.adapter_store.records import DEFAULT_TENANT, SCOPES, KeyRecord,
 from switchboard.adapter_store.store import Store
 from switchboard.server.errors import KeyNotFound, Unauthorized
 from switchboard.server.runtime.registry import StorageQuota
+from switchboard.server.settings import open_mode_refusal  # noqa: F401 - re-exported (tests, older imports)
 
 log = logging.getLogger(__name__)
 TENANT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -158,18 +158,3 @@ class Tenancy:
                       record.max_queued_rows if record.max_queued_rows is not None else d.max_queued_rows)
 
 
-def open_mode_refusal(host: str, has_admin_key: bool, allow_unauthenticated: bool) -> str | None:
-    """Why the server must not start: open mode (no keys) on an address others can reach."""
-    if has_admin_key or allow_unauthenticated or is_loopback(host):
-        return None
-    return (f"refusing to serve without API keys on {host!r}, which is not a loopback address: set "
-            "SWITCHBOARD_ADMIN_KEY (or --admin-key-file) for auth mode, or pass --allow-unauthenticated")
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
