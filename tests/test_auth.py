@@ -3,7 +3,9 @@ fails this test: adding one means deciding who may call it."""
 
 from __future__ import annotations
 
+import tempfile
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -64,8 +66,11 @@ def expected(rule: str, caller: str, path: str) -> set[int]:
 
 @pytest.fixture(scope="module")
 def server(tiny_dir, tmp_path_factory):
-    with serving_in_thread(tmp_path_factory.mktemp("data"), tiny_dir[1], model=tiny_dir[0], admin_key=ADMIN,
-                           max_queued_jobs=100, train_max_seconds=0.5) as (url, state):
+    # the matrix writes the store ~600 times; on tmpfs its fsyncs cost nothing (durability is tested elsewhere)
+    shm = Path("/dev/shm")
+    with tempfile.TemporaryDirectory(dir=shm if shm.is_dir() else None) as data, \
+            serving_in_thread(Path(data), tiny_dir[1], model=tiny_dir[0], admin_key=ADMIN, max_queued_jobs=100,
+                              train_max_seconds=0.5) as (url, state):
         yield url, state
 
 
@@ -104,13 +109,14 @@ def test_the_route_by_key_matrix(server, tiny_dir):
     admin_b = {"Authorization": f"Bearer {ADMIN}", "X-Switchboard-Tenant": "tenant-b"}
     job = httpx.post(f"{url}/v1/tasks/t-a/train", headers=admin_a, json={"examples": EXAMPLES, "steps": 1}).json()
     results: dict[tuple[str, str, str], int] = {}
+    client = httpx.Client(timeout=30)  # one keep-alive connection for the ~600 calls of the table
     for (method, path), (rule, kwargs, ok) in ROUTES.items():
         for caller in CALLERS:
             # fresh objects for each call, so a DELETE or a revocation cannot spoil the next cell
-            put = httpx.put(f"{url}/v1/tasks/t-a", headers=admin_a, files=[("files", ("a.safetensors", blob))])
+            put = client.put(f"{url}/v1/tasks/t-a", headers=admin_a, files=[("files", ("a.safetensors", blob))])
             assert put.status_code == 201
-            httpx.delete(f"{url}/v1/tasks/t-a", headers=admin_b)  # B has no t-a of its own
-            key = httpx.post(f"{url}/v1/keys", headers=admin_a, json={"tenant": "tenant-a", "scopes": ["classify"]})
+            client.delete(f"{url}/v1/tasks/t-a", headers=admin_b)  # B has no t-a of its own
+            key = client.post(f"{url}/v1/keys", headers=admin_a, json={"tenant": "tenant-a", "scopes": ["classify"]})
             concrete = path.format(task="t-a", job_id=job["id"], key_id=key.json()["id"], tenant="tenant-a")
             headers = {} if keys[caller] is None else {"Authorization": f"Bearer {keys[caller]}"}
             if caller == "admin":
@@ -120,7 +126,7 @@ def test_the_route_by_key_matrix(server, tiny_dir):
                 request["json"] = {"version": put.json()["version"]}
             if request.get("files") == "adapter":
                 request["files"] = [("files", ("a.safetensors", blob))]
-            r = httpx.request(method, f"{url}{concrete}", headers=headers, **request)
+            r = client.request(method, f"{url}{concrete}", headers=headers, **request)
             results[(method, path, caller)] = r.status_code
             allowed = {ok if s == "ok" else s for s in expected(rule, caller, path)}
             assert r.status_code in allowed, (method, path, caller, r.status_code, r.text[:300])
@@ -128,6 +134,7 @@ def test_the_route_by_key_matrix(server, tiny_dir):
                 assert r.headers["www-authenticate"] == "Bearer" and r.json()["error"]["type"] == "unauthorized"
             if r.status_code == 403:
                 assert r.json()["error"]["type"] == "forbidden"
+    client.close()
     # the table really exercised every cell
     assert len(results) == len(ROUTES) * len(CALLERS)
 
