@@ -106,18 +106,24 @@ def test_a_slot_reused_after_unload_serves_the_new_adapter_at_once(tiny_dir, sha
     assert engine.resident_tasks == 0 and engine.pool_count == 0
 
 
-def test_budget_is_kept_in_the_front_and_stopping_ends_the_workers(tiny_dir):
-    blobs = Blobs()
+def test_budget_is_kept_in_the_front(tiny_dir, shared):
+    engine, blobs = shared
     adapter = random_adapter(tiny_dir[1].spec, seed=1, kind="houlsby")
-    nbytes = Engine(tiny_dir[1]).task_bytes(adapter)
-    engine = start_engine(tiny_dir, blobs, max_adapter_bytes=nbytes, threads=1, workers=2)
-    pids = engine.worker_pids()
+    budget, engine.max_adapter_bytes = engine.max_adapter_bytes, Engine(tiny_dir[1]).task_bytes(adapter)
     try:
-        load(engine, adapter, blobs)
+        slot = load(engine, adapter, blobs)
         with pytest.raises(CapacityError):
             load(engine, random_adapter(tiny_dir[1].spec, seed=2, kind="houlsby"), blobs)
+        engine.unload(slot)
     finally:
-        engine.stop()
+        engine.max_adapter_bytes = budget
+
+
+def test_stopping_the_engine_ends_its_workers(shared):
+    """Last of the tests on the shared engine: it stops it."""
+    engine, _ = shared
+    pids = engine.worker_pids()
+    engine.stop()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
