@@ -350,3 +350,18 @@ def test_batches_follow_vtc_across_tenants(make):
     # after the first batch, B's two requests (arrived last) ride in the very next batches, not after A's eight
     second, third = engine.batches[1], engine.batches[2]
     assert 2 in second and 2 in third, engine.batches
+
+
+def test_under_overload_a_batch_is_capped_at_max_batch_ms_of_one_workers_compute(tmp_path):
+    """The drain rate is what all engine workers complete together; a batch runs on one of them, so with
+    N workers its cap is max_batch_ms at a 1/N share of that rate (else each batch takes N × as long)."""
+    from switchboard.server.runtime.admission import Admission
+    from switchboard.server.runtime.scheduler import TenantQueues
+
+    admission = Admission(Settings(data_dir=tmp_path, max_batch_ms=100, max_batch_tokens=8192))
+    admission.drain.assume(1000.0)  # 1,000 tokens per second, all workers together
+    queues = TenantQueues("vtc")
+    assert admission.batch_token_limit(queues, workers=2) == 8192  # not overloaded: the plain bound
+    admission.overloaded = lambda _queues: True
+    assert admission.batch_token_limit(queues, workers=1) == 100
+    assert admission.batch_token_limit(queues, workers=2) == 50

@@ -182,6 +182,7 @@ def test_a_killed_or_hung_worker_fails_its_batch_with_503_then_comes_back_with_e
         engine.stop()
 
 
+@pytest.mark.slow  # a subprocess server on its own: in `pytest -m slow` (CI runs it)
 def test_a_server_on_two_workers_answers_like_the_oracle_and_survives_the_sigkill_of_one(tmp_path, tiny_dir,
                                                                                           adapters):
     """`switchboard serve` on the worker layout, end to end: concurrent requests over every kind of task

@@ -137,6 +137,7 @@ def test_hot_swap_under_load_every_answer_matches_its_version(server, tiny_dir, 
     assert len(seen) > 3  # the swaps really happened under load
 
 
+@pytest.mark.slow  # a subprocess server on its own: in `pytest -m slow` (CI runs it)
 def test_rss_stays_flat_over_upload_delete_cycles(server_process, tiny_dir):
     """400 cycles, each of a new shape (label count 2–201, bottleneck width 4–53), as in the report where
     every distinct shape left a pool behind forever (+2.4 GB over 1,000; bench/churn.py runs 1,000)."""

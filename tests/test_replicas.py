@@ -79,6 +79,7 @@ def test_two_replicas_share_uploads_rollbacks_deletes_and_key_revocations(tiny_d
         until(lambda: logits(b, "hot", acme).status_code == 401)
 
 
+@pytest.mark.slow  # a subprocess server on its own: in `pytest -m slow` (CI runs it)
 def test_a_replica_killed_during_uploads_loses_no_acknowledged_version(tiny_dir, tmp_path, pg_url):
     spec = tiny_dir[1].spec
     acknowledged: dict[tuple[str, int], str] = {}

@@ -129,6 +129,7 @@ def test_bad_task_name_is_refused(server):
     assert httpx.post(f"{url}/v1/tasks/-bad/train", json=body).status_code == 422
 
 
+@pytest.mark.slow  # a subprocess server on its own: in `pytest -m slow` (CI runs it)
 def test_a_killed_server_takes_its_training_process_with_it(tiny_dir, tmp_path):
     """SIGKILL leaves no orphan trainer: the child's next progress message hits a closed pipe."""
     with running_server(tiny_dir[0], tmp_path, env=ENV) as (url, proc):

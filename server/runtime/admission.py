@@ -176,9 +176,10 @@ class Admission:
                     self.drain.tokens_per_s * interval, queues.total_rows)
         return self._overloaded
 
-    def batch_token_limit(self, queues: TenantQueues) -> int:
-        """max_batch_tokens; under overload also `max_batch_ms` of compute at the measured rate."""
+    def batch_token_limit(self, queues: TenantQueues, workers: int = 1) -> int:
+        """max_batch_tokens; under overload also `max_batch_ms` of compute at one worker's share of the
+        measured drain rate (the rate is all `workers` together; a batch runs on one of them)."""
         s = self.settings
         if s.max_batch_ms > 0 and self.drain.tokens_per_s and self.overloaded(queues):
-            return min(s.max_batch_tokens, int(self.drain.tokens_per_s * s.max_batch_ms / 1000))
+            return min(s.max_batch_tokens, int(self.drain.tokens_per_s / workers * s.max_batch_ms / 1000))
         return s.max_batch_tokens

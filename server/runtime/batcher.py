@@ -231,7 +231,7 @@ class Batcher:
         with self._cond:
             while not self._queues and not self._stopping:
                 self._cond.wait()
-            max_tokens = self.admission.batch_token_limit(self._queues)
+            max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads))
             max_rows = s.max_batch_rows
             if len(self._threads) > 1:
                 # several engine workers: take an even share of what waits now, so a burst is computed by
