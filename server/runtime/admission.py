@@ -178,8 +178,11 @@ class Admission:
 
     def batch_token_limit(self, queues: TenantQueues, workers: int = 1) -> int:
         """max_batch_tokens; under overload also `max_batch_ms` of compute at one worker's share of the
-        measured drain rate (the rate is all `workers` together; a batch runs on one of them)."""
+        engine's peak drain rate (the rate is all `workers` together; a batch runs on one of them). The
+        peak, not the current rate: small batches are slower per token, and a cap from their rate would
+        shrink the next batches in turn until each held one row."""
         s = self.settings
         if s.max_batch_ms > 0 and self.drain.tokens_per_s and self.overloaded(queues):
-            return min(s.max_batch_tokens, int(self.drain.tokens_per_s / workers * s.max_batch_ms / 1000))
+            rate = max(self.drain.peak, self.drain.tokens_per_s) / workers
+            return min(s.max_batch_tokens, int(rate * s.max_batch_ms / 1000))
         return s.max_batch_tokens
