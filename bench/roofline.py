@@ -192,7 +192,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--clients", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=None, help="per measurement")
-    parser.add_argument("--precision-json", type=Path, default=Path("bench/out/precision.json"))
+    parser.add_argument("--precision-json", type=Path, default=None,
+                        help="the precision study to quote (default: bench/out/precision.json from a local "
+                             "`python -m bench.precision` run, else the recorded docs/precision.json)")
     args = parser.parse_args()
     seconds = args.seconds or (12.0 if args.quick else 30.0)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
@@ -242,9 +244,11 @@ def main() -> None:
                          tokens, seconds, args.clients, latency=False, busy=False, upload=True)
 
     agreement, source = None, "none"
-    if args.precision_json.exists():
-        study = json.loads(args.precision_json.read_text())
-        agreement, source = study["agreement"].get(str(default)), f"{args.precision_json} ({study['texts']} texts × 2)"
+    study_path = args.precision_json or next(
+        (p for p in (Path("bench/out/precision.json"), Path("docs/precision.json")) if p.exists()), None)
+    if study_path is not None and study_path.exists():
+        study = json.loads(study_path.read_text())
+        agreement, source = study["agreement"].get(str(default)), f"{study_path} ({study['texts']} texts × 2)"
     r = roofline[str(default)]
     summary = {
         "default_dtype": str(default),
