@@ -354,7 +354,8 @@ def test_batches_follow_vtc_across_tenants(make):
 
 def test_under_overload_a_batch_is_capped_at_max_batch_ms_of_one_workers_compute(tmp_path):
     """The drain rate is what all engine workers complete together; a batch runs on one of them, so with
-    N workers its cap is max_batch_ms at a 1/N share of that rate (else each batch takes N × as long)."""
+    N workers its cap is max_batch_ms at a 1/N share of that rate (else each batch takes N × as long),
+    and at the peak rate (else small batches lower the rate, the cap, and the next batches in turn)."""
     from switchboard.server.runtime.admission import Admission
     from switchboard.server.runtime.scheduler import TenantQueues
 
@@ -365,3 +366,7 @@ def test_under_overload_a_batch_is_capped_at_max_batch_ms_of_one_workers_compute
     admission.overloaded = lambda _queues: True
     assert admission.batch_token_limit(queues, workers=1) == 100
     assert admission.batch_token_limit(queues, workers=2) == 50
+    # tiny batches are slower per token: the current rate falls, the cap keeps to the engine's peak
+    admission.drain.observe(100, 1.0)
+    assert admission.drain.tokens_per_s < 900
+    assert admission.batch_token_limit(queues, workers=1) == pytest.approx(100, abs=1)
