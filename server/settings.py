@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     # after batch_wait_ms once the worker is free. Tuned on 2 cores with MiniLM: see docs/benchmarks.md.
     max_batch_rows: int = 64
     max_batch_tokens: int = 8192
-    max_batch_ms: float = Field(30.0, description="under overload, … or when its estimated compute time (tokens / "
+    max_batch_ms: float = Field(30.0, description="under overload, … or when its estimated compute time on one "
+                                                   "engine worker (tokens / that worker's share of the peak "
                                                    "measured tokens per second) would pass this; 0 = off")
     batch_wait_ms: float = 2.0
     chunk_rows: int = 8
