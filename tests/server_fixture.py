@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import threading
@@ -36,6 +37,18 @@ def running_server(model_dir: Path | None, data_dir: Path, env: dict[str, str] |
 def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:
     blob = native.dumps(adapter, fingerprint)
     return httpx.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], timeout=30)
+
+
+def classify_concurrently(url: str, requests: list[tuple[str, list[str]]]) -> list[httpx.Response]:
+    """Every (task, texts) request sent at once (raw scores), so the server can batch them together."""
+
+    async def fire() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            return await asyncio.gather(*[
+                client.post(f"{url}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
+                for t, x in requests])
+
+    return asyncio.run(fire())
 
 
 def metric_samples(url: str) -> dict[str, float]:

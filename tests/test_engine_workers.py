@@ -188,12 +188,11 @@ def test_a_server_on_two_workers_answers_like_the_oracle_and_survives_the_sigkil
     """`switchboard serve` on the worker layout, end to end: concurrent requests over every kind of task
     equal the in-process engine computing each alone, in batches that mixed tasks; then one worker is
     SIGKILLed: requests are answered (a 503 at most for those in flight), never hang, and equal before."""
-    import asyncio
 
     import httpx
     import psutil
 
-    from tests.server_fixture import metric_samples, running_server, upload
+    from tests.server_fixture import classify_concurrently, metric_samples, running_server, upload
 
     path, backbone = tiny_dir
     oracle = Engine(backbone)
@@ -204,13 +203,7 @@ def test_a_server_on_two_workers_answers_like_the_oracle_and_survives_the_sigkil
         for task, adapter in adapters.items():
             assert upload(url, task, adapter, backbone.spec.fingerprint).status_code == 201
 
-        async def fire():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*[
-                    client.post(f"{url}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
-                    for t, x in requests])
-
-        responses = asyncio.run(fire())
+        responses = classify_concurrently(url, requests)
         samples = metric_samples(url)
         for (task, texts), r in zip(requests, responses):
             assert r.status_code == 200, r.text

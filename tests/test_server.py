@@ -14,7 +14,7 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.server.core.engine import Engine
 from tests.factories import KINDS, TEXTS, random_adapter, tiny_backbone
-from tests.server_fixture import metric_samples, running_server, serving_in_thread, upload
+from tests.server_fixture import classify_concurrently, metric_samples, running_server, serving_in_thread, upload
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +80,7 @@ def test_concurrent_mixed_requests_equal_requests_sent_alone(server, uploaded, a
         engine.unload(slot)
     before = metric_samples(server)
 
-    async def fire():
-        async with httpx.AsyncClient(timeout=60) as client:
-            return await asyncio.gather(*[
-                client.post(f"{server}/v1/classify", json={"task": t, "inputs": x, "raw_scores": True})
-                for t, x in requests])
-
-    responses = asyncio.run(fire())
+    responses = classify_concurrently(server, requests)
     for (task, texts), r in zip(requests, responses):
         assert r.status_code == 200, r.text
         got, want = r.json(), alone[(task, tuple(texts))]
@@ -187,13 +181,7 @@ def test_overload_answers_429_and_nothing_else_breaks(tiny_dir, tmp_path, adapte
         assert upload(url, "t", adapters["task-1"], fingerprint).status_code == 201
         alone = httpx.post(f"{url}/v1/classify", json={"task": "t", "inputs": TEXTS[:4], "raw_scores": True}).json()
 
-        async def fire():
-            async with httpx.AsyncClient(timeout=60) as client:
-                return await asyncio.gather(*[
-                    client.post(f"{url}/v1/classify", json={"task": "t", "inputs": TEXTS[:4], "raw_scores": True})
-                    for _ in range(40)])
-
-        responses = asyncio.run(fire())
+        responses = classify_concurrently(url, [("t", TEXTS[:4])] * 40)
         codes = [r.status_code for r in responses]
         assert set(codes) <= {200, 429} and 429 in codes and 200 in codes, codes
         for r in responses:
