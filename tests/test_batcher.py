@@ -334,7 +334,7 @@ def test_without_a_throttle_window_a_refused_tenant_is_judged_request_by_request
 
 
 def test_batches_follow_vtc_across_tenants(make):
-    batcher, engine, _ = make(batch_wait_ms=0, max_batch_rows=2, overload_factor=1e9)
+    batcher, engine, _ = make(batch_wait_ms=0, max_batch_rows=2, overload_factor=1e9, fair_batch_ms=0)
     engine.gate = threading.Event()
     a, b = Pin(1), Pin(2)
 
@@ -370,3 +370,84 @@ def test_under_overload_a_batch_is_capped_at_max_batch_ms_of_one_workers_compute
     admission.drain.observe(100, 1.0)
     assert admission.drain.tokens_per_s < 900
     assert admission.batch_token_limit(queues, workers=1) == pytest.approx(100, abs=1)
+
+
+def test_a_huge_request_is_cut_into_chunks_and_another_tenant_rides_between_them(make):
+    """Issue 20: one 64 × 512-token request held an engine worker for its whole forward; B waited ~12 s.
+    Cut into chunks of max_chunk_tokens, it is many scheduling steps: B's one row runs in the next batch,
+    and A's answer is still every row's own, in order."""
+    batcher, engine, metrics = make(batch_wait_ms=0, max_chunk_tokens=1024, overload_factor=1e9)
+    engine.gate = threading.Event()
+    busy, a, b = Pin(1), Pin(2), Pin(3)
+    huge_ids, huge_mask = rows(7, n=64, length=512)
+    huge_mask[1::2, 300:] = 0  # odd rows are shorter: a chunk is trimmed to its own longest row
+    huge_ids[huge_mask == 0] = 0
+
+    async def fire():
+        first = batcher.submit(busy.lease(), *rows(0), 30, **T)
+        await asyncio.sleep(0.1)  # the worker is held at the gate
+        huge = batcher.submit(a.lease(), huge_ids, huge_mask, 30, tenant="A", max_queued_rows=10_000)
+        light = batcher.submit(b.lease(), *rows(1), 30, tenant="B", max_queued_rows=10_000)
+        assert batcher.queued_rows("A") == 64
+        engine.gate.set()
+        return await asyncio.gather(batcher.result(first), batcher.result(huge), batcher.result(light))
+
+    _, huge, light = asyncio.run(fire())
+    assert torch.equal(huge, expected_logits(2, torch.from_numpy(huge_ids), engine.width))
+    assert torch.equal(light, expected_logits(3, torch.from_numpy(rows(1)[0]), engine.width))
+    slots = engine.batches
+    b_batch = next(i for i, batch in enumerate(slots) if 3 in batch)
+    a_batches = [i for i, batch in enumerate(slots) if 2 in batch]
+    assert len(a_batches) >= 64 * 512 // 8192, "A's request should take many batches"
+    assert b_batch <= 2 and b_batch < a_batches[-1], slots  # B did not wait for the whole of A's request
+    assert busy.count == a.count == b.count == 0
+
+
+def test_a_failing_chunk_fails_its_whole_request_once_and_releases_it_once(make):
+    batcher, engine, _ = make(batch_wait_ms=0, max_chunk_tokens=64, max_batch_tokens=64)
+    engine.fail_with = RuntimeError("boom")
+    pin = Pin(4)
+
+    async def fire():
+        item = batcher.submit(pin.lease(), *rows(3, n=8, length=32), 30, **T)  # 4 chunks of 2 rows
+        with pytest.raises(RuntimeError, match="boom"):
+            await batcher.result(item)
+        return await batcher.result(batcher.submit(pin.lease(), *rows(5, n=8, length=32), 30, **T))
+
+    again = asyncio.run(fire())
+    assert torch.equal(again, expected_logits(4, torch.from_numpy(rows(5, n=8, length=32)[0]), engine.width))
+    assert pin.count == 0
+
+
+def test_a_neighbours_backlog_does_not_count_against_a_light_tenants_wait(make):
+    """Admission estimates the wait from what would run before *this* tenant's request: under VTC not
+    A's whole backlog, so B is admitted (and served at once) while A's own next request is refused."""
+    batcher, engine, metrics = make(max_queue_delay_s=2.0, batch_wait_ms=0, overload_factor=1e9)
+    engine.gate = threading.Event()
+    batcher.drain.assume(1000.0)
+    a, b = Pin(1), Pin(2)
+
+    async def fire():
+        first = batcher.submit(a.lease(), *rows(0, length=100), 30, tenant="A", max_queued_rows=10_000)
+        await asyncio.sleep(0.1)
+        backlog = batcher.submit(a.lease(), *rows(1, n=25, length=100), 30, tenant="A", max_queued_rows=10_000)
+        with pytest.raises(Overloaded):  # 2.5 s of A's own work ahead of A's next request
+            batcher.submit(a.lease(), *rows(2, length=100), 30, tenant="A", max_queued_rows=10_000)
+        light = batcher.submit(b.lease(), *rows(3, length=10), 30, tenant="B", max_queued_rows=10_000)
+        engine.gate.set()
+        await asyncio.gather(*[batcher.result(i) for i in (first, backlog, light)])
+
+    asyncio.run(fire())
+    assert a.count == b.count == 0
+    assert sample(metrics, "switchboard_dropped_requests_total", reason="queue_delay") == 1
+
+
+def test_while_several_tenants_are_active_a_batch_is_capped_at_fair_batch_ms(tmp_path):
+    from switchboard.server.runtime.admission import Admission
+    from switchboard.server.runtime.scheduler import TenantQueues
+
+    admission = Admission(Settings(data_dir=tmp_path, fair_batch_ms=50, max_batch_ms=0, max_batch_tokens=8192))
+    admission.drain.assume(10_000.0)
+    queues = TenantQueues("vtc")
+    assert admission.batch_token_limit(queues, workers=2, contended=False) == 8192  # one tenant: plain bound
+    assert admission.batch_token_limit(queues, workers=2, contended=True) == 250  # 50 ms of one worker's share

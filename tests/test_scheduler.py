@@ -78,3 +78,18 @@ def test_fcfs_is_arrival_order_and_rows_tokens_are_accounted():
     assert q.total_rows == 10 and q.total_tokens == 250 and q.rows["A"] == 8
     assert drain(q, 5) == ["A", "A", "A", "B", "A"]
     assert q.total_rows == 0 and not q.backlogged
+
+
+def test_what_runs_before_a_light_tenant_is_not_a_flooders_whole_backlog():
+    q = TenantQueues("vtc")
+    for _ in range(50):
+        q.push(Item("A"))
+    q.pop(q.peek())  # A served 100: counter 100
+    assert q.ahead_of("B") == 0  # B would be lifted to A's counter and go next
+    q.push(Item("B"))
+    assert q.ahead_of("B") == 100 + 100  # its own queued request and an equal share of A; the rest of A is behind
+    assert q.ahead_of("A") == 49 * 100 + 100  # A waits for its own backlog and B's share
+    fcfs = TenantQueues("fcfs")
+    for tenant in "AAB":
+        fcfs.push(Item(tenant))
+    assert fcfs.ahead_of("B") == 300

@@ -132,10 +132,8 @@ class Admission:
         rate = self.drain.tokens_per_s
         if rate and queues.total_tokens:
             overloaded = self.overloaded(queues)
-            # the work ahead of this tenant's request: its own queue and a fair share of the others
-            ahead = queues.total_tokens
-            if queues.policy == "vtc":
-                ahead = min(ahead, tenant_tokens * max(1, len(queues.backlogged)))
+            # the work that would run before this tenant's request (under VTC: not a flooder's whole backlog)
+            ahead = queues.ahead_of(tenant)
             if overloaded:  # the waiting room is held to the target; the batch in flight keeps the worker busy
                 wait, limit = ahead / rate, s.queue_target_ms / 1000
             else:
@@ -176,13 +174,20 @@ class Admission:
                     self.drain.tokens_per_s * interval, queues.total_rows)
         return self._overloaded
 
-    def batch_token_limit(self, queues: TenantQueues, workers: int = 1) -> int:
-        """max_batch_tokens; under overload also `max_batch_ms` of compute at one worker's share of the
-        engine's peak drain rate (the rate is all `workers` together; a batch runs on one of them). The
-        peak, not the current rate: small batches are slower per token, and a cap from their rate would
-        shrink the next batches in turn until each held one row."""
+    def batch_token_limit(self, queues: TenantQueues, workers: int = 1, contended: bool = False) -> int:
+        """max_batch_tokens; while several tenants are active (`contended`) also `fair_batch_ms`, and under
+        overload `max_batch_ms`, of compute at one worker's share of the engine's peak drain rate (the
+        rate is all `workers` together; a batch runs on one of them). The peak, not the current rate:
+        small batches are slower per token, and a cap from their rate would shrink the next batches in
+        turn until each held one row. A batch that cannot be cut short bounds how long another tenant's
+        request waits for a worker, so its length in time is the scheduler's grain."""
         s = self.settings
-        if s.max_batch_ms > 0 and self.drain.tokens_per_s and self.overloaded(queues):
-            rate = max(self.drain.peak, self.drain.tokens_per_s) / workers
-            return min(s.max_batch_tokens, int(rate * s.max_batch_ms / 1000))
-        return s.max_batch_tokens
+        limit = s.max_batch_tokens
+        if not self.drain.tokens_per_s:
+            return limit
+        rate = max(self.drain.peak, self.drain.tokens_per_s) / workers
+        if contended and s.fair_batch_ms > 0:
+            limit = min(limit, int(rate * s.fair_batch_ms / 1000))
+        if s.max_batch_ms > 0 and self.overloaded(queues):
+            limit = min(limit, int(rate * s.max_batch_ms / 1000))
+        return max(1, limit)

@@ -1,9 +1,13 @@
 """Dynamic mixed-task batching: an asyncio front and one inference worker thread.
 
-Requests wait in one FIFO per tenant; the worker fills each batch in the order the scheduler gives
-(VTC across tenants, scheduler.py). A batch closes when the next request would pass the row limit or
-the token budget (rows × padded length; under overload also a time budget), or `batch_wait_ms` after
-the worker started collecting. Requests past their deadline or whose client left are dropped before
+Requests wait in one FIFO per tenant, cut into chunks of at most `max_chunk_tokens` (one row at
+least); the worker fills each batch chunk by chunk in the order the scheduler gives (VTC across
+tenants, scheduler.py), charging each chunk as it is dispatched. A batch closes when the next chunk
+would pass the row limit or the token budget (rows × padded length; while several tenants are
+active, and under overload, also a time budget), or `batch_wait_ms` after the worker started
+collecting. So a 64-row request of long texts is many short scheduling steps, and another tenant's
+request waits for at most one batch, not for the whole of it. A request is answered once its last
+chunk is computed. Requests past their deadline or whose client left are dropped before
 inference. Whether a request may queue at all is admission's call (admission.py): refused at once
 with 429 and a `Retry-After`, rather than queued to time out later with a 503.
 
@@ -17,6 +21,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -52,6 +57,9 @@ def parallelism(engine: object) -> int:
 
 @dataclass
 class WorkItem:
+    """One submitted request: its future, leases and deadline. It is queued as chunks (below) and
+    answered when every chunk is computed or, at the first failure or drop, when none is in flight."""
+
     tenant: str
     slots: np.ndarray  # [rows]: each row's engine slot, resident while the leases are held
     leases: list[Lease]  # owned by the batcher: each released exactly once, after the forward or on a drop
@@ -63,6 +71,9 @@ class WorkItem:
     deadline: float
     cost: int = 0  # what the scheduler charges the tenant: tokens, plus a cold load's charge
     seq: int = field(default=0)
+    pending: int = 0  # chunks queued or in flight
+    parts: list[torch.Tensor | None] = field(default_factory=list)  # each chunk's logits, in row order
+    error: BaseException | None = None  # set at the first failure or drop: the other chunks are dropped
 
     @property
     def rows(self) -> int:
@@ -80,6 +91,47 @@ class WorkItem:
     def release(self) -> None:
         for lease in self.leases:
             lease.release()
+
+
+@dataclass
+class Chunk:
+    """Rows [start, stop) of a request, trimmed to their own longest row: the scheduler's grain."""
+
+    item: WorkItem
+    index: int
+    start: int
+    stop: int
+    length: int
+    cost: int
+    seq: int = 0
+
+    @property
+    def tenant(self) -> str:
+        return self.item.tenant
+
+    @property
+    def rows(self) -> int:
+        return self.stop - self.start
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+def cut(item: WorkItem, max_chunk_tokens: int, load_charge: int = 0) -> list[Chunk]:
+    """The item's chunks: as many rows as fit `max_chunk_tokens` at the item's padded length (one at
+    least), each trimmed to its longest row. A cold load's charge goes on the first chunk."""
+    per_chunk = max(1, max_chunk_tokens // max(1, item.length))
+    starts = np.arange(0, item.rows, per_chunk)
+    lengths = np.maximum.reduceat(item.attention_mask.sum(axis=1), starts) if item.rows else starts
+    stops = [*starts[1:].tolist(), item.rows]
+    chunks = [Chunk(item, i, int(a), int(b), max(1, int(n)), 0)
+              for i, (a, b, n) in enumerate(zip(starts.tolist(), stops, lengths.tolist()))]
+    for chunk in chunks:
+        chunk.cost = chunk.tokens
+    chunks[0].cost += load_charge
+    item.pending, item.parts = len(chunks), [None] * len(chunks)
+    return chunks
 
 
 def _resolve(item: WorkItem, result: object = None, error: BaseException | None = None) -> None:
@@ -105,6 +157,7 @@ class Batcher:
         self._queues = TenantQueues(settings.scheduler)
         self.admission = Admission(settings)
         self._throttled: dict[str, tuple[float, int]] = {}  # tenant → (until, Retry-After) after a refusal
+        self._active: OrderedDict[str, float] = OrderedDict()  # tenant → its last submit, oldest first
         self._cond = threading.Condition()
         self._stopping = False
         # one worker thread per batch the engine can run at once: each takes the next batch when its
@@ -188,19 +241,25 @@ class Batcher:
         now = time.monotonic()
         item = WorkItem(tenant, np.repeat(np.array(slots, dtype=np.int64), per_lease), leases, input_ids,
                         attention_mask, loop.create_future(), loop, now, now + timeout_s)
-        item.cost = item.tokens + (self._settings.vtc_load_charge_tokens if cold_load else 0)
+        load_charge = self._settings.vtc_load_charge_tokens if cold_load else 0
+        item.cost = item.tokens + load_charge
+        chunks = cut(item, self._settings.max_chunk_tokens, load_charge)
+        tokens = sum(chunk.tokens for chunk in chunks)
         with self._cond:
             if self._stopping:
                 item.release()
                 raise Overloaded("server is shutting down", {"Retry-After": str(self._settings.retry_after_s)})
-            refusal = self.admission.refusal(self._queues, tenant, item.rows, item.tokens, max_queued_rows)
+            refusal = self.admission.refusal(self._queues, tenant, item.rows, tokens, max_queued_rows)
             if refusal is not None:
                 item.release()
                 self._refuse(tenant, refusal)
-            self._queues.push(item)
-            self.admission.admitted(item.tokens)
+            for chunk in chunks:
+                self._queues.push(chunk)
+            self.admission.admitted(tokens)
+            self._active[tenant] = now
+            self._active.move_to_end(tenant)
             self._gauges()
-            self._cond.notify()
+            self._cond.notify(len(chunks))
         self._metrics.tenant_requests.labels(tenant).inc()
         return item
 
@@ -223,15 +282,23 @@ class Batcher:
         self._metrics.queue_tokens.set(self._queues.total_tokens)
 
     # ----- worker thread -----------------------------------------------------------------------------
-    def _take(self) -> list[WorkItem]:
+    def _contended(self, now: float) -> bool:
+        """Two or more tenants sent work within `fair_window_s` (called with the condition held)."""
+        horizon = now - self._settings.fair_window_s
+        while self._active and next(iter(self._active.values())) < horizon:
+            self._active.popitem(last=False)
+        return len(self._active) > 1
+
+    def _take(self) -> list[Chunk]:
         """Collect one batch in the scheduler's order (called with no lock held)."""
         s = self._settings
-        batch: list[WorkItem] = []
+        batch: list[Chunk] = []
         rows = width = 0
         with self._cond:
             while not self._queues and not self._stopping:
                 self._cond.wait()
-            max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads))
+            contended = self._contended(time.monotonic())
+            max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads), contended)
             max_rows = s.max_batch_rows
             if len(self._threads) > 1:
                 # several engine workers: take an even share of what waits now, so a burst is computed by
@@ -241,30 +308,40 @@ class Batcher:
             close_at = time.monotonic() + s.batch_wait_ms / 1000.0
             while True:
                 full = False
-                while (item := self._queues.peek()) is not None:
-                    if self._drop(item):  # dead requests neither count toward nor close a batch
-                        self._queues.pop(item, charge=False)
+                while (chunk := self._queues.peek()) is not None:
+                    if self._drop(chunk):  # dead requests neither count toward nor close a batch
+                        self._queues.pop(chunk, charge=False)
+                        self._finish_chunk(chunk)
                         continue
-                    new_rows, new_width = rows + item.rows, max(width, item.length)
+                    new_rows, new_width = rows + chunk.rows, max(width, chunk.length)
                     if batch and (new_rows > max_rows or new_rows * new_width > max_tokens):
                         full = True
                         break
-                    self._queues.pop(item)
-                    batch.append(item)
+                    self._queues.pop(chunk)
+                    batch.append(chunk)
                     rows, width = new_rows, new_width
                 self._gauges()
                 remaining = close_at - time.monotonic()
                 if full or remaining <= 0 or self._stopping:
                     # requests whose client left or whose deadline passed while we collected
-                    batch = [item for item in batch if not self._drop(item)]
-                    self.admission.inflight_tokens += sum(item.tokens for item in batch)
-                    for tenant in {item.tenant for item in batch}:
+                    kept = []
+                    for chunk in batch:
+                        if self._drop(chunk):
+                            self._finish_chunk(chunk)
+                        else:
+                            kept.append(chunk)
+                    self.admission.inflight_tokens += sum(chunk.tokens for chunk in kept)
+                    for tenant in {chunk.tenant for chunk in kept}:
                         self._metrics.tenant_vtc.labels(tenant).set(self._queues.counters.get(tenant, 0.0))
-                    return batch
+                    return kept
                 self._cond.wait(remaining)
 
-    def _drop(self, item: WorkItem) -> bool:
-        """Drop (and release) a request whose client left or whose deadline passed."""
+    def _drop(self, chunk: Chunk) -> bool:
+        """Whether a chunk's request is dead: its client left, its deadline passed, or another of its
+        chunks failed. The first drop of a request is counted and decides its error."""
+        item = chunk.item
+        if item.error is not None:
+            return True
         reason = None
         if item.future.cancelled():
             reason = "client_gone"
@@ -273,10 +350,27 @@ class Batcher:
         if reason is None:
             return False
         self._metrics.dropped.labels(reason).inc()
-        item.release()
-        if reason == "deadline":
-            _resolve(item, error=DeadlineExceeded("request waited past its deadline"))
+        item.error = DeadlineExceeded("request waited past its deadline") if reason == "deadline" else (
+            asyncio.CancelledError())
         return True
+
+    def _finish_chunk(self, chunk: Chunk, logits: torch.Tensor | None = None) -> None:
+        """One chunk is computed (`logits`) or dropped; the request's last one releases its leases —
+        before its answer is delivered, so an answered request never still holds its version — and
+        answers it (called with the condition held, or by the worker that computed the chunk)."""
+        item = chunk.item
+        item.parts[chunk.index] = logits
+        item.pending -= 1
+        if item.pending:
+            return
+        item.release()
+        if item.error is not None:
+            if not isinstance(item.error, asyncio.CancelledError):
+                _resolve(item, error=item.error)
+        else:
+            parts = item.parts
+            _resolve(item, result=parts[0] if len(parts) == 1 else torch.cat(parts))  # type: ignore[arg-type]
+        item.parts = []
 
     def _run(self) -> None:
         while True:
@@ -290,52 +384,49 @@ class Batcher:
             try:
                 outcome = self._run_batch(batch)
             except Exception as exc:  # surfaced to every request of the batch as a 500
-                log.exception("forward pass failed for a batch of %d requests (%d rows); answering 500",
-                              len(batch), sum(i.rows for i in batch))
+                log.exception("forward pass failed for a batch of %d chunks (%d rows); answering 500",
+                              len(batch), sum(c.rows for c in batch))
                 outcome = exc
-            finally:
-                # The forward is over: release before answering, so an answered request never
-                # still holds its version (the slot may be unloaded from here on).
-                for item in batch:
-                    item.release()
-                with self._cond:
-                    tokens = sum(item.tokens for item in batch)
-                    self.admission.inflight_tokens -= tokens
-                    self.admission.completed(tokens)
-            for i, item in enumerate(batch):
-                if isinstance(outcome, BaseException):
-                    _resolve(item, error=outcome)
-                else:
-                    _resolve(item, result=outcome[i])
+            with self._cond:
+                tokens = sum(chunk.tokens for chunk in batch)
+                self.admission.inflight_tokens -= tokens
+                self.admission.completed(tokens)
+                for i, chunk in enumerate(batch):
+                    if isinstance(outcome, BaseException):
+                        chunk.item.error = chunk.item.error or outcome
+                        self._finish_chunk(chunk)
+                    else:
+                        self._finish_chunk(chunk, outcome[i])
             try:
                 self._after_batch()
             except Exception:  # housekeeping must never stop the worker
                 log.exception("housekeeping after a batch failed; the worker goes on")
 
-    def _run_batch(self, batch: list[WorkItem]) -> list[torch.Tensor]:
-        """Each item's logits, in order, or raises; releasing the leases is the caller's job."""
+    def _run_batch(self, batch: list[Chunk]) -> list[torch.Tensor]:
+        """Each chunk's logits, in order, or raises; releasing the leases is the caller's job."""
         start = time.monotonic()
-        rows = sum(i.rows for i in batch)
-        width = max(i.length for i in batch)
+        rows = sum(c.rows for c in batch)
+        width = max(c.length for c in batch)
         ids = np.full((rows, width), self.pad_id, dtype=np.int64)
         mask = np.zeros((rows, width), dtype=np.int64)
         slots = np.empty(rows, dtype=np.int64)
         offset = 0
-        for item in batch:  # a loop over requests, copying whole blocks
-            n = item.rows
-            ids[offset:offset + n, : item.length] = item.input_ids
-            mask[offset:offset + n, : item.length] = item.attention_mask
-            slots[offset:offset + n] = item.slots
+        for chunk in batch:  # a loop over chunks, copying whole blocks
+            item, n, length = chunk.item, chunk.rows, chunk.length
+            ids[offset:offset + n, :length] = item.input_ids[chunk.start:chunk.stop, :length]
+            mask[offset:offset + n, :length] = item.attention_mask[chunk.start:chunk.stop, :length]
+            slots[offset:offset + n] = item.slots[chunk.start:chunk.stop]
             offset += n
-            self._metrics.queue_duration.observe(start - item.enqueued)
+            if chunk.index == 0:
+                self._metrics.queue_duration.observe(start - item.enqueued)
             self._metrics.tenant_rows.labels(item.tenant).inc(n)
-            self._metrics.tenant_tokens.labels(item.tenant).inc(item.tokens)
+            self._metrics.tenant_tokens.labels(item.tenant).inc(chunk.tokens)
         logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
         elapsed = time.monotonic() - start
         real_tokens = int(mask.sum())
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
         # with N engine workers busy side by side the queue drains N batches per batch time
-        self.admission.drain.observe(sum(item.tokens for item in batch) * len(self._threads), elapsed)
+        self.admission.drain.observe(sum(c.tokens for c in batch) * len(self._threads), elapsed)
         m = self._metrics
         m.batches.inc()
         m.inference_duration.observe(elapsed)
@@ -345,4 +436,4 @@ class Batcher:
         m.batch_tasks.observe(len(np.unique(slots)))
         if self.admission.drain.tokens_per_s:
             m.drain_rate.set(self.admission.drain.tokens_per_s)
-        return list(torch.split(logits, [item.rows for item in batch]))
+        return list(torch.split(logits, [c.rows for c in batch]))

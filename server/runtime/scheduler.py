@@ -64,6 +64,22 @@ class TenantQueues:
         self.rows[item.tenant] += item.rows
         self.tokens[item.tenant] += item.tokens
 
+    def ahead_of(self, tenant: str) -> int:
+        """Tokens that would run before a new request of `tenant` starts: everything under FCFS; under
+        VTC its own queue, and from each other backlogged tenant only what that tenant is served until
+        its counter reaches the one `tenant` will have then (a flooding neighbour's backlog beyond
+        that runs after, so it must not count against this tenant's wait)."""
+        if self.policy == "fcfs":
+            return self.total_tokens
+        own = self.tokens[tenant]
+        counter = self.counters.get(tenant, 0.0)
+        if not own:  # not backlogged: it would be lifted to the lowest backlogged counter
+            lowest = [self.counters.get(t, 0.0) for t in self.backlogged]
+            counter = max(counter, min(lowest)) if lowest else counter
+        reach = counter + own
+        return own + sum(min(self.tokens[t], max(0, int(reach - self.counters.get(t, 0.0))))
+                         for t in self.backlogged if t != tenant)
+
     def peek(self) -> Queued | None:
         """The request that runs next under the policy."""
         heads = [q[0] for q in self._queues.values() if q]
