@@ -20,6 +20,7 @@ from switchboard.adapter_store.limits import (
 )
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tokenize import InvalidText, check_text
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -50,7 +51,7 @@ def parse_upload(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] 
     limits = limits or UploadLimits()
     try:
         adapter = _parse(files, spec, labels, limits)
-    except AdapterValidationError:
+    except (AdapterValidationError, InvalidText):  # InvalidText: the client's `labels` field, a 422 of its own
         raise
     except (ValueError, TypeError, IndexError, KeyError, RecursionError, OverflowError) as exc:
         # A malformed file that slipped past the explicit checks is still the client's error, not ours.
@@ -77,6 +78,7 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
             raise AdapterValidationError(f"{name}: empty file")
     if labels is not None:
         check_labels(labels, limits)
+        check_text(labels, "labels")  # the form field: InvalidText, a 422 validation_error naming labels[i]
     if "adapter_config.json" in files:
         config = _json("adapter_config.json", files["adapter_config.json"], limits)
         if "peft_type" in config:
@@ -109,8 +111,18 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
             raise AdapterValidationError(f"{len(labels)} labels given for a head with {adapter.num_labels} outputs")
         adapter.labels = list(labels)
     check_labels(adapter.labels, limits)
+    _check_file_labels(adapter.labels)
     if adapter.nbytes > limits.max_task_bytes:
         raise AdapterValidationError(f"the adapter holds {adapter.nbytes} parameter bytes; one task may hold at most "
                                      f"{limits.max_task_bytes}")
     adapter.validate(spec)
     return adapter
+
+
+def _check_file_labels(labels: list[str]) -> None:
+    """Label names read from the files (whatever the format) must be valid Unicode: a lone surrogate could
+    be neither hashed, stored nor sent back. (The formats check their own sources; this catches any.)"""
+    try:
+        check_text(labels, "labels")
+    except InvalidText as exc:
+        raise AdapterValidationError(f"the adapter's {exc}") from None

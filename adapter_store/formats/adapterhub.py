@@ -20,6 +20,7 @@ import torch
 from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tokenize import InvalidText, check_text
 from switchboard.server.core.tuners.head.config import HeadWeights
 from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights, canonical_activation
 from switchboard.server.core.tuners.ia3.config import Ia3Weights, site_dim
@@ -187,6 +188,10 @@ def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
     labels = [f"LABEL_{i}" for i in range(num_labels)]
     if isinstance(label2id, dict) and sorted(label2id.values()) == list(range(num_labels)):
         labels = [name for name, _ in sorted(label2id.items(), key=lambda kv: kv[1])]
+    try:
+        check_text(labels, "labels")  # label2id's keys: JSON's "\ud800" escape makes a str nothing can encode
+    except InvalidText as exc:
+        raise AdapterValidationError(f"head_config.json label2id: {exc}") from None
     pooling = "pooler" if config.get("use_pooler") else "cls"
     return HeadWeights(out_w=out["weight"], out_b=out["bias"], pooling=pooling,
                        hidden_w=hidden["weight"] if hidden else None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import difflib
+import typing
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,7 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from switchboard.adapter_store.records import StoreUnavailable
+from switchboard.server.core.tokenize import InvalidText
 from switchboard.server.errors import ApiError
+from switchboard.server.http.schemas import unknown_fields_message
 from switchboard.server.metrics import Metrics
 
 
@@ -22,6 +24,9 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 
     def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
         metrics.failures.labels(type_).inc()
+        # A message may quote client text holding a lone surrogate, which UTF-8 cannot encode: escaped
+        # (`\ud800`) so the answer stays the 4xx it is instead of a 500 while rendering it.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
 
     @app.exception_handler(ApiError)
@@ -31,6 +36,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StoreUnavailable)
     async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
         return error(503, "store_unavailable", str(exc), {"Retry-After": "1"})
+
+    @app.exception_handler(InvalidText)
+    async def invalid_text(request: Request, exc: InvalidText) -> JSONResponse:
+        """Text that reached the tokenizer unchecked by a schema (e.g. an upload's canary): still a 422."""
+        return error(422, "validation_error", str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -50,15 +60,20 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
 def explain(request: Request, errors: Sequence[Any], body: object) -> tuple[int, str, str]:
     """(status, type, message) for a body FastAPI could not validate: what is wrong and how to fix it."""
     errors = list(errors)
-    unknown = [str(e["loc"][-1]) for e in errors if e.get("type") == "extra_forbidden"]
-    if unknown:
-        known = _body_fields(request)
-        hints = []
-        for name in unknown:
-            close = difflib.get_close_matches(name, known, n=1)
-            hints.append(f"{name!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
-        return 422, "unknown_field", (f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(hints)}; "
-                                      f"this endpoint takes: {', '.join(known)}")
+    bounded = next((e for e in errors if e.get("type") == "unknown_field"), None)
+    if bounded is not None:  # StrictModel refused an object with too many keys, naming its first unknown ones
+        ctx, where = bounded.get("ctx") or {}, _where(bounded.get("loc", ()))
+        return 422, "unknown_field", (f"{bounded['msg']}: "
+                                      + unknown_fields_message(ctx.get("first", []), ctx.get("total", 0),
+                                                               ctx.get("known", []), where))
+    unknown = [e["loc"] for e in errors if e.get("type") == "extra_forbidden"]
+    if unknown:  # (at most MAX_OBJECT_FIELDS per object: StrictModel refuses larger ones whole)
+        parent = tuple(unknown[0][:-1])
+        names = [str(loc[-1]) for loc in unknown if tuple(loc[:-1]) == parent]
+        known = _fields_at(_body_model(request), parent)
+        message = unknown_fields_message(names, len(names), known, _where(parent))
+        others = len(unknown) - len(names)
+        return 422, "unknown_field", message + (f" ({others} more unknown elsewhere)" if others else "")
     first = errors[0] if errors else {}
     if first.get("type") == "json_invalid":
         position = first["loc"][-1] if isinstance(first["loc"][-1], int) else 0
@@ -73,18 +88,49 @@ def explain(request: Request, errors: Sequence[Any], body: object) -> tuple[int,
     if first.get("loc") in (("body",), ["body"]) and "json" not in content_type:
         return 415, "unsupported_media_type", (f"send the body as JSON with the header Content-Type: application/json "
                                                f"(got {content_type or 'no Content-Type'})")
+    if first.get("type") == "string_unicode":  # pydantic's check of a constrained str (e.g. a training text)
+        where = _where([x for x in first.get("loc", ()) if x not in ("str", "list[str]")])
+        return 422, "validation_error", (f"{where or 'a field name'} is not valid Unicode text: it holds a lone "
+                                         "surrogate")
     where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
     message = str(first.get("msg", "invalid request")).removeprefix("Value error, ")
+    if where and message.startswith(where.split(".")[0]):  # the validator named the field already
+        return 422, "validation_error", message
     return 422, "validation_error", f"{where}: {message}".strip(": ")
 
 
-def _body_fields(request: Request) -> list[str]:
-    """The JSON fields of the matched route's body model."""
+def _where(loc: Sequence[Any]) -> str:
+    """A location as a client writes it: ("body", "examples", 3) → "examples[3]"; "" for the body."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _body_model(request: Request) -> Any:
+    """The matched route's body model."""
     route = request.scope.get("route")
     field = getattr(route, "body_field", None)
-    model = getattr(getattr(field, "field_info", None), "annotation", None)
+    return getattr(getattr(field, "field_info", None), "annotation", None)
+
+
+def _fields_at(model: Any, loc: Sequence[Any]) -> list[str]:
+    """The field names of the model found at `loc` inside `model` (through lists and optionals)."""
+    for part in loc:
+        if part == "body" or isinstance(part, int):
+            continue
+        field = (getattr(model, "model_fields", None) or {}).get(part)
+        model = _inner_model(field.annotation) if field is not None else None
     fields = getattr(model, "model_fields", None)
     return list(fields) if fields else []
+
+
+def _inner_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    return next((m for m in map(_inner_model, typing.get_args(annotation)) if m is not None), None)
 
 
 METHODS = ("GET", "POST", "PUT", "PATCH", "DELETE")

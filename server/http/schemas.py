@@ -2,19 +2,57 @@
 
 from __future__ import annotations
 
+import difflib
+import itertools
 import typing
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from switchboard.adapter_store.records import VersionRecord
+from switchboard.server.core.tokenize import check_text
+
+# Request objects have fewer than 10 fields: one with more keys than this is refused whole, before
+# pydantic makes an error per unknown key (a 1 MiB body holds ~95,000 of them) — docs/limits.md.
+MAX_OBJECT_FIELDS = 64
+NAMED_UNKNOWN_FIELDS = 5  # an unknown-field error names (and suggests a fix for) at most this many
+
+
+def unknown_fields_message(names: list[str], total: int, known: list[str], where: str = "") -> str:
+    """ "unknown field 'topk' (did you mean 'top_k'?); this endpoint takes: …" for at most
+    NAMED_UNKNOWN_FIELDS names (each cut to 40 characters), however many there are: the message stays
+    small and did-you-mean runs a bounded number of times."""
+    hints = []
+    for name in names[:NAMED_UNKNOWN_FIELDS]:
+        close = difflib.get_close_matches(name[:40], known, n=1)
+        hints.append(repr(name[:40]) + ("…" if len(name) > 40 else "")
+                     + (f" (did you mean {close[0]!r}?)" if close else ""))
+    more = total - len(hints)
+    return (f"unknown field{'s' if total > 1 else ''} {', '.join(hints)}{f' and {more} more' if more > 0 else ''}"
+            f"{f' in {where}' if where else ''}; {where or 'this endpoint'} takes: {', '.join(known)}")
 
 
 class StrictModel(BaseModel):
     """Request bodies: an unknown field is an error that names it (a misspelt `topk` is never ignored)."""
 
     model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bounded_fields(cls, data: Any) -> Any:
+        """An object with more than MAX_OBJECT_FIELDS keys is one error naming its first unknown keys,
+        found by looking at no more keys than that (no per-key work over the whole object)."""
+        if isinstance(data, dict) and len(data) > MAX_OBJECT_FIELDS:
+            known = cls.model_fields
+            first = list(itertools.islice((str(k) for k in data if k not in known), NAMED_UNKNOWN_FIELDS))
+            total = len(data) - sum(name in data for name in known)
+            raise PydanticCustomError(  # worded by the error handler, which knows where the object sits
+                "unknown_field", "{fields} fields; at most {limit} are read",
+                {"fields": len(data), "limit": MAX_OBJECT_FIELDS, "first": first, "total": total,
+                 "known": list(known)})
+        return data
 
 
 class ErrorBody(BaseModel):
@@ -57,17 +95,22 @@ def _non_empty(inputs: str | list[str]) -> str | list[str]:
         if not text.strip():
             where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
             raise ValueError(f"{where} is empty or only whitespace; send text to classify")
+    check_text(inputs, "inputs")  # a lone surrogate: the tokenizer's TypeError, a 500, without this
     return inputs
+
+
+# A list of texts stops at its first bad item: one error, not one per item of a huge array.
+Texts = Annotated[list[str], Field(fail_fast=True)]
 
 
 class ClassifyRequest(StrictModel):
     task: str | None = Field(None, pattern=TASK_NAME, examples=["sentiment"],
                              description="task name (at most 64 characters); or `tasks`")
     tasks: list[Annotated[str, Field(pattern=TASK_NAME)]] | None = Field(
-        None, min_length=1, max_length=MAX_FANOUT_TASKS, examples=[["moderation", "topic"]],
+        None, min_length=1, max_length=MAX_FANOUT_TASKS, fail_fast=True, examples=[["moderation", "topic"]],
         description="fan-out: every input under each of these tasks, in one mixed batch (max_fanout_tasks); "
                     "instead of `task`")
-    inputs: str | list[str] = Field(examples=[["I loved it", "terrible service"]],
+    inputs: str | Texts = Field(examples=[["I loved it", "terrible service"]],
                                     description="one text or a list (max_inputs_per_request, max_input_chars); "
                                                 "no empty text")
     raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
@@ -89,7 +132,7 @@ class ClassifyRequest(StrictModel):
 
 
 class EmbedRequest(StrictModel):
-    inputs: str | list[str] = Field(examples=[["a chess engine", "DNS server"]],
+    inputs: str | Texts = Field(examples=[["a chess engine", "DNS server"]],
                                     description="one text or a list (max_inputs_per_request, max_input_chars)")
     normalize: bool = Field(True, description="unit length (cosine similarity = dot product)")
 
@@ -153,9 +196,10 @@ class LabelledText(StrictModel):
 class TrainRequest(StrictModel):
     """A few-shot (IA)3 job: T-Few's recipe (fixed steps, lr 3e-3) on the frozen backbone."""
 
-    examples: list[LabelledText] = Field(min_length=2)
-    eval_examples: list[LabelledText] | None = Field(None, description="scored after training; default: the "
-                                                                          "training examples themselves")
+    examples: list[LabelledText] = Field(min_length=2, fail_fast=True)
+    eval_examples: list[LabelledText] | None = Field(None, fail_fast=True,
+                                                     description="scored after training; default: the training "
+                                                                 "examples themselves")
     steps: int = Field(300, ge=1, le=MAX_INT32, description="max_train_steps at most")
     batch_size: int = Field(16, ge=1, le=1024, description="max_train_batch_size at most")
     lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)
