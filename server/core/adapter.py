@@ -6,6 +6,7 @@ A task is a set of parts, one per registered tuner kind it uses (always a head),
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +15,13 @@ import torch
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.tuners import KINDS, KINDS_BY_NAME, READOUT, AdapterValidationError
 
-__all__ = ["AdapterValidationError", "TaskAdapter"]
+__all__ = ["MAX_ABS_WEIGHT", "AdapterValidationError", "TaskAdapter"]
+
+# No trained adapter holds a parameter this large: Adam moves a weight by about lr per step, so even the
+# server's own largest job (max_train_steps 2000 at lr ≤ 1) stays within ±2001 of its start, and
+# converted PEFT/AdapterHub adapters hold values of order 1–10. A larger value is a hostile or broken
+# file whose products overflow (3e38 in an (IA)3 vector made every score NaN): refused at upload, 422.
+MAX_ABS_WEIGHT = 1e4
 
 
 @dataclass
@@ -70,11 +77,13 @@ class TaskAdapter:
     def content_hash(self) -> str:
         """sha256 over tensors, labels and the settings that change the output."""
         digest = hashlib.sha256()
-        digest.update(";".join(f"{k}={v}" for k, v in sorted(self.settings().items())).encode())
-        digest.update(b"\x1e" + "\x1f".join(self.labels).encode())
+        # "surrogatepass": a string no validation refused (a lone surrogate) still hashes, never raises;
+        # for every valid string it is plain UTF-8, so existing hashes are unchanged.
+        digest.update(";".join(f"{k}={v}" for k, v in sorted(self.settings().items())).encode("utf-8", "surrogatepass"))
+        digest.update(b"\x1e" + "\x1f".join(self.labels).encode("utf-8", "surrogatepass"))
         for name, tensor in sorted(self.tensors().items()):
             data = tensor.detach().to("cpu", torch.float32).contiguous()
-            digest.update(name.encode())
+            digest.update(name.encode("utf-8", "surrogatepass"))
             digest.update(str(tuple(data.shape)).encode())
             digest.update(data.numpy().tobytes())
         return digest.hexdigest()
@@ -101,5 +110,17 @@ class TaskAdapter:
                         f"tensor {full} has shape {tuple(tensor.shape)}, expected {expected[name]} for this backbone")
                 if not tensor.is_floating_point():
                     raise AdapterValidationError(f"tensor {full} has dtype {tensor.dtype}; expected a float dtype")
-                if not torch.isfinite(tensor).all():
-                    raise AdapterValidationError(f"tensor {full} contains NaN or Inf")
+                _check_values(full, tensor)
+
+
+def _check_values(name: str, tensor: torch.Tensor) -> None:
+    """Finite and within ±MAX_ABS_WEIGHT: one pass over the tensor (aminmax; NaN propagates into it)."""
+    if tensor.numel() == 0:
+        return
+    low, high = (float(x) for x in torch.aminmax(tensor.detach()))
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise AdapterValidationError(f"tensor {name} contains NaN or Inf")
+    if max(-low, high) > MAX_ABS_WEIGHT:
+        raise AdapterValidationError(
+            f"tensor {name} holds a value of {max(-low, high):.3g} in absolute value; trained adapters stay far "
+            f"below {MAX_ABS_WEIGHT:g}, and values this large overflow the forward pass")

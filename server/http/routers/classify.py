@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from contextlib import ExitStack
 
 import numpy as np
@@ -28,6 +29,9 @@ from switchboard.server.runtime.builder import Runtime
 from switchboard.server.settings import Settings
 
 router = APIRouter(tags=["classification"])
+log = logging.getLogger(__name__)
+# the largest finite float32: a score past it (or NaN) cannot be sent as a JSON number (it became null)
+F32_MAX = float(torch.finfo(torch.float32).max)
 
 
 @router.get("/v1/backbone", response_model=BackboneInfo, responses=ERRORS)
@@ -69,7 +73,7 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
     if logits is None:
         return Response(status_code=499)  # type: ignore[return-value]
     results = [ClassifyResponse(task=name, version=record.version,
-                                predictions=_predictions(part, record.labels, body.raw_scores, body.top_k))
+                                predictions=_predictions(part, record.labels, body.raw_scores, body.top_k, name))
                for name, record, part in zip(names, records, torch.chunk(logits, len(names)))]
     return results[0] if body.tasks is None else FanOutResponse(results=results)
 
@@ -135,8 +139,17 @@ async def _client_gone(request: Request) -> None:
             return
 
 
-def _predictions(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None) -> list[list[Prediction]]:
-    scores = logits[:, : len(labels)]
+def _predictions(logits: torch.Tensor, labels: list[str], raw: bool, top_k: int | None,
+                 task: str = "") -> list[list[Prediction]]:
+    """Scores are always finite numbers, as the schema promises (never null): upload refuses weights
+    that overflow, but a reduced-precision forward pass still can. Logits are taken in float64, NaN
+    made the lowest score and ±inf clamped to ±float32's largest value (raw scores), and the softmax of
+    those is finite and sums to 1 (float64's range holds any difference of two clamped logits)."""
+    scores = logits[:, : len(labels)].to(torch.float64)
+    if not bool(torch.isfinite(scores).all()):
+        log.warning("task %r produced non-finite logits; answered with clamped scores", task)
+        scores = scores.nan_to_num(nan=-F32_MAX, posinf=F32_MAX, neginf=-F32_MAX)
+    scores = scores.clamp(-F32_MAX, F32_MAX)
     if not raw:
         scores = torch.softmax(scores, dim=-1)
     k = min(top_k or len(labels), len(labels))
