@@ -83,4 +83,8 @@ class Metrics:
                                     "runs inside the server process)", registry=r)
         self.engine_restarts = Counter("switchboard_engine_worker_restarts", "Engine workers restarted after dying "
                                        "or hanging", registry=r)
+        self.http_refused = Counter("switchboard_http_refused", "Connections or requests refused at the HTTP edge "
+                                    "(header_too_large, url_too_long, header_timeout, body_timeout, "
+                                    "too_many_connections) or before their body was read (unauthorized, "
+                                    "uploads_pending)", ["reason"], registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)

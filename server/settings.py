@@ -53,6 +53,22 @@ class Settings(BaseSettings):
 
     max_length: int | None = Field(None, description="truncate inputs to this many tokens; default: the model's limit")
 
+    # The HTTP edge (server/http/edge.py): enforced as bytes arrive, before the app sees the request.
+    max_header_bytes: int = Field(32 << 10, ge=1024, description="request line + headers of one request; past it "
+                                                                "→ 431 and the connection is closed")
+    max_url_bytes: int = Field(8 << 10, ge=256, description="the request target (path and query); past it → 414")
+    header_timeout_s: float = Field(10.0, gt=0, description="a request head must be complete this long after its "
+                                                            "first byte (or after the connection opened, for the "
+                                                            "first request); else 408 and close")
+    body_idle_timeout_s: float = Field(15.0, gt=0, description="longest pause between two chunks of a request body; "
+                                                               "past it → 408 and close")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
+    max_connections: int = Field(2048, ge=1, description="open connections; more are answered 503 and closed at "
+                                                         "once (lowered to the open-file limit less 256)")
+    tenant_max_pending_uploads: int = Field(2, ge=1, description="uploads of one tenant admitted at once (their "
+                                                                 "bodies being received or parsed); more → 429 "
+                                                                 "before the body is read")
+
     # Requests. Every client-supplied size has a bound here; see docs/limits.md.
     max_inputs_per_request: int = Field(64, description="texts per classify or embed request; with `tasks` "
                                                          "(fan-out), texts × tasks")
@@ -127,6 +143,10 @@ class Settings(BaseSettings):
     max_train_batch_size: int = 64
     max_train_body_bytes: int = 8 << 20
     max_queued_jobs: int = 8
+    tenant_max_queued_jobs: int = Field(4, ge=1, description="training jobs one tenant may have waiting (429 past "
+                                        "it); below max_queued_jobs, so one tenant cannot fill the queue")
+    tenant_keep_finished_jobs: int = Field(64, ge=1, description="finished jobs kept per tenant for GET /v1/jobs; "
+                                           "a tenant's older ones are forgotten, never another tenant's")
 
 
 # Checked before anything heavy is imported, so `serve` refuses at once.
@@ -136,6 +156,27 @@ def open_mode_refusal(host: str, has_admin_key: bool, allow_unauthenticated: boo
         return None
     return (f"refusing to serve without API keys on {host!r}, which is not a loopback address: set "
             "SWITCHBOARD_ADMIN_KEY (or --admin-key-file) for auth mode, or pass --allow-unauthenticated")
+
+
+# Every admin key shipped as an example in deploy/ (tests/test_first_contact.py greps deploy/ so a new one
+# cannot slip past): a server started with one is open to anyone who read the repository.
+PLACEHOLDER_ADMIN_KEYS = frozenset({"REPLACE-ME-with-a-long-random-admin-key"})
+MIN_ADMIN_KEY_CHARS = 32
+ADMIN_KEY_HINT = ("make a random key: python3 -c 'import secrets; print(secrets.token_urlsafe(32))' and pass it as "
+                  "SWITCHBOARD_ADMIN_KEY or in --admin-key-file")
+
+
+def admin_key_refusal(key: str | None) -> str | None:
+    """Why the server must not start with this admin key (checked before the model loads): a guessable
+    key guards every tenant's tasks and keys. `ADMIN_KEY_HINT` says how to make a good one."""
+    if key is None:
+        return None
+    if key.strip() in PLACEHOLDER_ADMIN_KEYS:
+        return "the admin key is the placeholder shipped in deploy/: anyone who read the repository knows it"
+    if len(key.strip()) < MIN_ADMIN_KEY_CHARS:
+        return (f"the admin key has {len(key.strip())} characters; at least {MIN_ADMIN_KEY_CHARS} are needed, so that "
+                "it cannot be guessed")
+    return None
 
 
 def is_loopback(host: str) -> bool:

@@ -22,6 +22,7 @@ from switchboard.clients.local_server import running_server as _running_server
 from switchboard.server.core.backbone import Backbone
 from switchboard.server.http.app import create_app
 from switchboard.server.http.deps import AppState
+from switchboard.server.http.edge import uvicorn_config
 from switchboard.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,11 +70,12 @@ def serving_in_thread(data_dir: Path, backbone, **settings) -> Iterator[tuple[st
     """The real app (uvicorn, HTTP on loopback) in a thread of this process, on a copy of `backbone`:
     start-up in milliseconds, for tests that need HTTP but no separate process. Yields (url, state)."""
     copy = Backbone(model=deepcopy(backbone.model), tokenizer=backbone.tokenizer, spec=backbone.spec)
-    app = create_app(Settings(data_dir=data_dir, **settings), backbone_factory=lambda: copy)
+    config = Settings(data_dir=data_dir, **settings)
+    app = create_app(config, backbone_factory=lambda: copy)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=30))
+    server = uvicorn.Server(uvicorn_config(app, config, log_level="warning", timeout_graceful_shutdown=30))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="uvicorn-test", daemon=True)
     thread.start()
     state: AppState = app.state.switchboard

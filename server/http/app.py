@@ -16,9 +16,10 @@ from switchboard.server.http.docs_ui import install_docs
 from switchboard.server.http.handlers import install_error_handlers
 from switchboard.server.http.middleware import (
     BodyLimitMiddleware,
+    GateMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
-    ThrottleMiddleware,
+    UploadPermits,
 )
 from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
 from switchboard.server.runtime.builder import BackboneFactory, build_runtime
@@ -65,7 +66,8 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     s = state.settings
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
                        max_train_body_bytes=s.max_train_body_bytes)
-    app.add_middleware(ThrottleMiddleware, state=state)
+    app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
+                       permits=UploadPermits(s.max_pending_uploads, s.tenant_max_pending_uploads))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
     install_error_handlers(app, state.metrics)

@@ -20,15 +20,17 @@ log = logging.getLogger("switchboard.audit")
 
 
 def audit(request: Request, principal: Principal | None, outcome: str, version: int | None = None,
-          target: str | None = None) -> None:
+          target: str | None = None, route_path: str | None = None, task: str | None = None) -> None:
+    """route_path/task: given by the header gate, which answers before the router has matched."""
     principal = principal or getattr(request.state, "principal", None)
     route = request.scope.get("route")
+    path = route_path or (route.path if route is not None else request.url.path[:200])
     entry = {
         "time": round(time.time(), 3),
         "tenant": principal.tenant if principal else None,
         "key_id": (principal.key_id or ("admin" if principal.admin else "open")) if principal else None,
-        "action": f"{request.method} {route.path if route is not None else request.url.path[:200]}",
-        "task": request.path_params.get("task"),
+        "action": f"{request.method} {path}",
+        "task": task or request.path_params.get("task"),
         "target": target,
         "version": version,
         "outcome": outcome,

@@ -31,6 +31,18 @@ def authenticate(request: Request, runtime: RuntimeDep,
     return principal
 
 
+def scope_denial(principal: Principal, scope: str, open_mode: bool) -> Forbidden | None:
+    """Why `principal` may not act with `scope`, if it may not (the header gate and the routes ask this)."""
+    if scope == "admin" and not principal.admin:
+        if open_mode:
+            return Forbidden("open mode has no keys or tenants: start the server with an admin key "
+                             "(SWITCHBOARD_ADMIN_KEY)")
+        return Forbidden("this needs the admin key")
+    if scope != "admin" and scope not in principal.scopes:
+        return Forbidden(f"this key lacks the {scope!r} scope")
+    return None
+
+
 def require(scope: str) -> Callable[..., Principal]:
     """A dependency that admits principals holding `scope` ("admin": the admin key only). Async although it
     never awaits: a key check is a hash and a dict lookup, cheaper than FastAPI's thread hop for a `def`."""
@@ -40,13 +52,9 @@ def require(scope: str) -> Callable[..., Principal]:
               x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
         try:
             principal = authenticate(request, runtime, authorization, x_switchboard_tenant)
-            if scope == "admin" and not principal.admin:
-                if runtime.tenancy.open_mode:
-                    raise Forbidden("open mode has no keys or tenants: start the server with an admin key "
-                                    "(SWITCHBOARD_ADMIN_KEY)")
-                raise Forbidden("this needs the admin key")
-            if scope != "admin" and scope not in principal.scopes:
-                raise Forbidden(f"this key lacks the {scope!r} scope")
+            denial = scope_denial(principal, scope, runtime.tenancy.open_mode)
+            if denial is not None:
+                raise denial
         except ApiError as exc:
             if scope != "classify" and request.method not in ("GET", "HEAD"):
                 audit(request, None, outcome=f"denied: {exc.type}")

@@ -1,5 +1,6 @@
-"""Pure ASGI middleware: request ids and unhandled errors, body size limits, per-request metrics
-(bounded labels: route templates)."""
+"""Pure ASGI middleware: request ids and unhandled errors, the header gate (auth, scopes, throttle,
+upload permits — before any body byte is read), body size limits, per-request metrics (bounded labels:
+route templates and a fixed set of methods)."""
 
 from __future__ import annotations
 
@@ -8,14 +9,20 @@ import logging
 import re
 import time
 import uuid
+from dataclasses import dataclass
 
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from switchboard.server.errors import ApiError
+from switchboard.server.http.audit import audit
+from switchboard.server.http.auth import scope_denial
 from switchboard.server.log_config import REQUEST_ID
 from switchboard.server.metrics import Metrics
 
 log = logging.getLogger(__name__)
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # metric label values
 _CLIENT_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
@@ -65,33 +72,123 @@ class RequestIdMiddleware:
                                   f"internal server error; quote request id {request_id} when reporting it")
 
 
-class ThrottleMiddleware:
-    """The fast path of a refusal: a classify request of a tenant refused a moment ago is answered 429
-    from its headers alone, before its body is read or parsed, so a flooding tenant costs the server
-    little CPU (and others' forward passes stay fast)."""
+# What a body-carrying request needs, decided from its method and path before a byte of its body is
+# read; the routes' own dependencies check the same again (auth.py) for every request.
+_CLASSIFY_PATHS = ("/v1/classify", "/v1/embed")
+_TASK_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)(?P<action>/train|/rollback)?$")
 
-    def __init__(self, app: ASGIApp, state: object, path: str = "/v1/classify") -> None:
+
+@dataclass(frozen=True)
+class BodyRoute:
+    scope: str  # classify, manage, admin
+    template: str  # the route's path template, for the audit line
+    task: str | None = None
+
+    @property
+    def is_upload(self) -> bool:
+        return self.template == "/v1/tasks/{task}"
+
+
+def body_route(method: str, path: str) -> BodyRoute | None:
+    """What a POST/PUT/PATCH needs, or None for requests without a body the gate must guard."""
+    if method not in ("POST", "PUT", "PATCH"):
+        return None
+    if path in _CLASSIFY_PATHS:
+        return BodyRoute("classify", path)
+    if (match := _TASK_PATH.match(path)) is not None:
+        return BodyRoute("manage", "/v1/tasks/{task}" + (match["action"] or ""), match["task"][:200])
+    if path == "/v1/keys":
+        return BodyRoute("admin", path)
+    if path.startswith("/v1/tenants/"):
+        return BodyRoute("admin", "/v1/tenants/{tenant}")
+    return None
+
+
+class UploadPermits:
+    """Uploads admitted at once, overall (`max_pending_uploads`) and per tenant (`tenant_max_pending_uploads`):
+    a permit is taken from the headers, before the body is received, and held until the answer is sent, so
+    the bodies spooled and parsed at once are bounded and no tenant takes every permit. Event loop only."""
+
+    def __init__(self, total: int, per_tenant: int) -> None:
+        self.total, self.per_tenant = total, per_tenant
+        self._held: dict[str, int] = {}
+
+    def refusal(self, tenant: str) -> str | None:
+        held = sum(self._held.values())
+        if held >= self.total:
+            return f"{held} uploads are already being received or parsed (max_pending_uploads {self.total})"
+        if self._held.get(tenant, 0) >= self.per_tenant:
+            return (f"this tenant already has {self._held[tenant]} uploads being received or parsed "
+                    f"(tenant_max_pending_uploads {self.per_tenant})")
+        return None
+
+    def take(self, tenant: str) -> None:
+        self._held[tenant] = self._held.get(tenant, 0) + 1
+
+    def give_back(self, tenant: str) -> None:
+        self._held[tenant] -= 1
+        if not self._held[tenant]:
+            del self._held[tenant]
+
+
+class GateMiddleware:
+    """Everything a request's headers decide, answered before its body is read: who it is (401), whether
+    its key may do this (403), whether its tenant was refused a moment ago (the classify fast path: 429
+    for a tenant over its share, so a flood costs little CPU) and whether an upload may start now (429:
+    `UploadPermits`). Unauthenticated bodies are never received, spooled or parsed."""
+
+    def __init__(self, app: ASGIApp, state: object, metrics: Metrics, permits: UploadPermits) -> None:
         self.app = app
         self.state = state
-        self.path = path
+        self.metrics = metrics
+        self.permits = permits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         runtime = getattr(self.state, "runtime", None)
-        if scope["type"] == "http" and runtime is not None and scope["path"] == self.path and scope["method"] == "POST":
-            headers = dict(scope.get("headers") or [])
-            try:
-                principal = runtime.tenancy.authenticate(headers.get(b"authorization", b"").decode("latin-1") or None,
-                                                         headers.get(b"x-switchboard-tenant", b"").decode("latin-1")
-                                                         or None)
-            except Exception:  # noqa: BLE001 - the full path answers auth errors properly
-                principal = None
-            if principal is not None:
-                scope.setdefault("state", {})["principal"] = principal  # the auth dependency reuses it
-            retry = runtime.batcher.throttled(principal.tenant) if principal is not None else None
+        path = scope.get("path", "")
+        if scope["type"] != "http" or runtime is None or not path.startswith("/v1/"):
+            await self.app(scope, receive, send)
+            return
+        route = body_route(scope["method"], path)
+        if route is None:  # no body to guard: the route's own dependencies answer
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        try:
+            principal = runtime.tenancy.authenticate(
+                headers.get(b"authorization", b"").decode("latin-1") or None,
+                headers.get(b"x-switchboard-tenant", b"").decode("latin-1") or None)
+            denial = scope_denial(principal, route.scope, runtime.tenancy.open_mode)
+        except ApiError as exc:  # 401: nothing of the body is read
+            principal, denial = None, exc
+        if denial is not None:
+            self.metrics.http_refused.labels(denial.type).inc()
+            if route.scope != "classify":
+                audit(Request(scope), principal, outcome=f"denied: {denial.type}", route_path=route.template,
+                      task=route.task)
+            await _send_error(send, denial.status, denial.type, denial.message, denial.headers)
+            return
+        assert principal is not None
+        scope.setdefault("state", {})["principal"] = principal  # the auth dependency reuses it
+        if path == "/v1/classify":
+            retry = runtime.batcher.throttled(principal.tenant)
             if retry is not None:
                 await _send_error(send, 429, "overloaded", f"this tenant is over its share now; retry in {retry} s",
                                   {"retry-after": str(retry)})
                 return
+        if route.is_upload:
+            refusal = self.permits.refusal(principal.tenant)
+            if refusal is not None:
+                self.metrics.http_refused.labels("uploads_pending").inc()
+                await _send_error(send, 429, "overloaded", f"{refusal}; retry in a few seconds",
+                                  {"retry-after": "2"})
+                return
+            self.permits.take(principal.tenant)
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                self.permits.give_back(principal.tenant)
+            return
         await self.app(scope, receive, send)
 
 
@@ -181,6 +278,7 @@ class MetricsMiddleware:
             await self.app(scope, receive, recording_send)
         finally:
             route = scope.get("route")
-            endpoint = f"{scope['method']} {route.path}" if route is not None else "other"
+            method = scope["method"] if scope["method"] in METHODS else "OTHER"  # a client can send any token
+            endpoint = f"{method} {route.path}" if route is not None else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.request_duration.labels(endpoint).observe(time.perf_counter() - start)

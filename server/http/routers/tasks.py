@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated
+from typing import Annotated, BinaryIO
 
 from fastapi import APIRouter, File, Form, Query, Request, Response, UploadFile
 
-from switchboard.adapter_store.limits import UploadLimits, check_labels
+from switchboard.adapter_store.limits import UploadLimits, check_labels, read_upload_file
 from switchboard.adapter_store.records import VersionRecord
 from switchboard.adapter_store.upload import parse_upload
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
+from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.engine import CapacityError
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.errors import (
@@ -58,15 +59,17 @@ async def put_task(task: TaskName, request: Request, runtime: RuntimeDep, settin
             raise InvalidAdapter(f"{len(files)} files; an adapter has at most {limits.max_files}")
         label_list = _parse_labels(labels, limits)
         checks = _parse_canary(canary, settings)
-        contents: dict[str, bytes] = {}
+        spooled: dict[str, BinaryIO] = {}
         for f in files:
             name = f.filename or ""
-            if name in contents:
+            if name in spooled:
                 raise InvalidAdapter(f"file {name[:80]!r} uploaded twice")
-            contents[name] = await f.read()
+            spooled[name] = f.file
         spec, quota = runtime.engine.spec, runtime.tenancy.quotas(principal.tenant).storage
         try:
-            adapter = await runtime.upload_pool.run(parse_upload, contents, spec, label_list, limits)
+            # read in the upload thread, one upload at a time, each file only once its header is checked:
+            # the bytes in memory at once are one upload's, never every pending upload's
+            adapter = await runtime.upload_pool.run(_read_and_parse, spooled, spec, label_list, limits)
             if checks:
                 await _run_canary(runtime, settings, principal.tenant, adapter, checks)
             record = await runtime.upload_pool.run(runtime.registry.put, (principal.tenant, task), adapter,
@@ -77,6 +80,12 @@ async def put_task(task: TaskName, request: Request, runtime: RuntimeDep, settin
             raise InsufficientCapacity(str(exc)) from exc
         made["version"] = record.version
         return _version(record)
+
+
+def _read_and_parse(spooled: dict[str, BinaryIO], spec: BackboneSpec, labels: list[str] | None,
+                    limits: UploadLimits) -> TaskAdapter:
+    contents = {name: read_upload_file(name, file, limits) for name, file in spooled.items()}
+    return parse_upload(contents, spec, labels, limits)
 
 
 def _parse_canary(canary: str | None, settings: Settings) -> list[tuple[str, str]]:
