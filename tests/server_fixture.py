@@ -35,9 +35,10 @@ def running_server(model_dir: Path | None, data_dir: Path, env: dict[str, str] |
     return _running_server(data_dir, model_dir, env, extra_args)
 
 
-def upload(url: str, task: str, adapter, fingerprint: str) -> httpx.Response:
+def upload(url: str, task: str, adapter, fingerprint: str, headers: dict[str, str] | None = None) -> httpx.Response:
     blob = native.dumps(adapter, fingerprint)
-    return httpx.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], timeout=30)
+    return httpx.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], timeout=30,
+                     headers=headers)
 
 
 def classify_concurrently(url: str, requests: list[tuple[str, list[str]]]) -> list[httpx.Response]:

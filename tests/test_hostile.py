@@ -272,3 +272,84 @@ def test_memory_comes_back_after_uploads_of_ever_new_shapes(server, tiny_dir):
     assert engine.pool_count <= pools  # (the slot budget may have evicted older tasks' pools too)
     keys = engine.batch_params(torch.tensor([1])).parts  # a forward still gathers only its own pools
     assert set(keys) <= {"ia3", "head"}
+
+
+def test_sixteen_concurrent_maximum_uploads_leave_the_front_memory_bounded(server, tiny_dir):
+    """Issue 20: 16 concurrent 200 MiB F16 uploads took +4.2 GB (each body read whole before the pending
+    gate, then converted to F32 before the size check). Now permits are taken from the headers (429
+    before the body), admitted bodies are spooled and read one at a time in the upload thread, and a
+    safetensors file whose float32 size passes max_task_bytes is refused from its header."""
+    url, _, fp = server
+    elements = 24 << 20  # 48 MiB as F16, 96 MiB as float32: over max_task_bytes (16 MiB) only once converted
+    blob = save({"ia3.k_out": torch.zeros(elements // 384, 384, dtype=torch.float16)},
+                metadata={"format": "switchboard", "format_version": "1", "kind": "ia3", "labels": "[]"})
+    assert len(blob) < LIMITS["max_upload_bytes"]
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = before
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, process.memory_info().rss)
+            stop.wait(0.01)
+
+    async def run() -> None:
+        async with httpx.AsyncClient(timeout=60) as client:
+            rs = await asyncio.gather(*[client.put(f"{url}/v1/tasks/big-{i}", files=[("files", ("a.safetensors", blob))])
+                                        for i in range(16)])
+            statuses.extend(r.status_code for r in rs)
+            for r in rs:
+                assert r.status_code != 422 or "max_task_bytes" in r.json()["error"]["message"], r.text
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    with HealthWatch(url) as watch:
+        asyncio.run(run())
+    stop.set()
+    sampler.join()
+    assert set(statuses) <= {422, 429} and 422 in statuses, statuses
+    # the client's own 16 copies of the body are in this process too (this test serves in a thread)
+    growth = peak - before - 16 * len(blob)
+    assert growth < 256 << 20, f"front grew {growth >> 20} MiB beyond the client's copies"
+    assert not watch.failures and watch.slowest < 1.0
+
+
+def test_a_tenant_flooding_at_every_per_request_maximum_does_not_get_another_refused(tiny_dir, tmp_path):
+    """Issue 20: A's concurrent 64 × maximum-length embed requests made B's one-text classify wait 10-23 s
+    and then refused B (429) — admission counted every tenant's in-flight tokens in B's wait. Now A's
+    requests run as chunks B's rows go between, and B's wait counts only what runs before it."""
+    admin = "hostile-fairness-admin-key-0123456789abc"
+    with serving_in_thread(tmp_path, tiny_dir[1], model=tiny_dir[0], admin_key=admin) as (url, state):
+        head = {"Authorization": f"Bearer {admin}"}
+        keys = {t: {"Authorization": "Bearer " + httpx.post(f"{url}/v1/keys", headers=head, json={
+            "tenant": t, "scopes": ["classify", "manage"]}).json()["key"]} for t in ("a", "b")}
+        fp = httpx.get(f"{url}/v1/backbone", headers=head).json()["fingerprint"]
+        assert upload(url, "t", random_adapter(tiny_dir[1].spec, seed=3), fp, headers=keys["b"]).status_code == 201
+        long_text = "lorem ipsum dolor sit amet " * 110  # 3,000 characters, past max_length: the most a row costs
+        b_statuses: list[int] = []
+        a_done: list[float] = []
+        b_done: list[float] = []
+
+        async def run() -> None:
+            async with httpx.AsyncClient(timeout=120) as client:
+                async def flood() -> None:
+                    rs = await asyncio.gather(*[client.post(f"{url}/v1/embed", headers=keys["a"],
+                                                            json={"inputs": [long_text] * 64}) for _ in range(32)])
+                    assert {r.status_code for r in rs} <= {200, 429}
+                    a_done.append(time.monotonic())
+
+                async def light() -> None:
+                    await asyncio.sleep(0.2)
+                    for _ in range(10):
+                        r = await client.post(f"{url}/v1/classify", headers=keys["b"], json={"task": "t", "inputs": "x"})
+                        b_statuses.append(r.status_code)
+                    b_done.append(time.monotonic())
+
+                await asyncio.gather(flood(), light())
+
+        asyncio.run(run())
+    assert b_statuses == [200] * 10, b_statuses  # never refused while A causes the backlog
+    assert b_done[0] < a_done[0], "B's ten requests should finish while A's flood is still being served"
