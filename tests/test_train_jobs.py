@@ -16,6 +16,9 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.clients import sdk
 from switchboard.server.core.engine import Engine
+from switchboard.server.errors import Overloaded
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.training.jobs import JobNotFound, JobRunner, JobSpec
 from switchboard.server.runtime.training.trainer import TrainConfig, train
 from tests.factories import TEXTS, tiny_backbone
 from tests.server_fixture import metric_samples, running_server, serving_in_thread, upload
@@ -159,3 +162,85 @@ def test_a_job_past_its_sandbox_fails_clearly_and_the_server_is_untouched(tiny_d
             assert client.classify("other", TEXTS[:2]).version == 1
             assert "boxed" not in {t.task for t in client.tasks()}
         assert state.runtime.batcher.running
+
+
+def test_queue_share_and_finished_records_are_per_tenant_in_the_runner():
+    """The runner on its own (its worker not started, so jobs stay queued): a tenant at its share is
+    refused while others are not; the overall cap is reached only by several tenants; each tenant keeps
+    its own last finished jobs, and past the overall allowance the tenant keeping most loses its oldest."""
+    runner = JobRunner(lambda *a: {}, Metrics(), None, None, max_queued=5, keep_finished=6, tenant_max_queued=2,
+                       tenant_keep_finished=4)
+    spec = JobSpec(examples=[("a", "x"), ("b", "y")])
+    a = [runner.submit("a", "t", spec) for _ in range(2)]
+    with pytest.raises(Overloaded, match="tenant_max_queued_jobs"):
+        runner.submit("a", "t", spec)
+    runner.submit("b", "t", spec)
+    runner.submit("b", "t", spec)
+    runner.submit("c", "t", spec)  # five queued: the overall cap, reached by three tenants
+    with pytest.raises(Overloaded, match="max_queued_jobs"):
+        runner.submit("d", "t", spec)
+    for job in a:
+        runner.cancel("a", job.id)
+    runner.submit("d", "t", spec)  # room again overall
+    kept_b, other_b = runner.list("b")
+    runner.cancel("b", kept_b.id)
+    runner.cancel("b", other_b.id)
+    for _ in range(50):  # a's churn: only a's own records go
+        runner.cancel("a", runner.submit("a", "t", spec).id)
+    assert len(runner.list("a")) == 4 and len(runner.list("b")) == 2
+    assert runner.get("b", kept_b.id).status == "cancelled"
+    with pytest.raises(JobNotFound):
+        runner.get("a", a[0].id)
+    for tenant in "efg":  # past 6 finished overall: the tenant keeping the most (a) gives way
+        runner.cancel(tenant, runner.submit(tenant, "t", spec).id)
+    assert [len(runner.list(t)) for t in "abefg"] == [1, 2, 1, 1, 1]
+    runner.cancel("h", runner.submit("h", "t", spec).id)  # now b keeps the most: b's oldest goes
+    assert runner.list("b") == [other_b] and len(runner.list("h")) == 1
+    assert len(runner.list("c")) == 1  # a queued job is never forgotten
+
+
+TENANT_ADMIN = "an-admin-key-long-enough-for-any-check-of-its-length"
+
+
+def test_one_tenant_can_neither_fill_the_job_queue_nor_evict_another_tenants_records(tiny_dir, tmp_path):
+    """On a real server: tenant a at its queue share (tenant_max_queued_jobs, default 4) is refused
+    while tenant b is not; a's 300 submit-and-cancel cycles leave b's finished job readable."""
+    body = {"examples": [{"text": t, "label": lb} for t, lb in synthetic(5, seed=2)], "steps": 2000}
+
+    def client(tenant: str) -> httpx.Client:
+        return httpx.Client(base_url=url, timeout=60, headers={"Authorization": f"Bearer {TENANT_ADMIN}",
+                                                                "X-Switchboard-Tenant": tenant})
+
+    with serving_in_thread(tmp_path, tiny_dir[1], model=tiny_dir[0], admin_key=TENANT_ADMIN) as (url, _):
+        with client("a") as a, client("b") as b:
+            first = a.post("/v1/tasks/long/train", json=body)  # keeps the one training slot busy
+            assert first.status_code == 202, first.text
+            statuses = [a.post("/v1/tasks/t/train", json=body).status_code for _ in range(6)]
+            assert statuses.count(429) >= 1 and set(statuses) <= {202, 429}
+            refused = a.post("/v1/tasks/t/train", json=body)
+            assert refused.status_code == 429 and "tenant_max_queued_jobs" in refused.json()["error"]["message"]
+            assert refused.headers["retry-after"]
+            queued = [j for j in a.get("/v1/jobs").json()["jobs"] if j["status"] == "queued"]
+            assert len(queued) == 4  # a's share of the 8 (max_queued_jobs)
+            others = b.post("/v1/tasks/t/train", json=body)
+            assert others.status_code == 202, others.text  # b is not refused for a's queue
+            kept = b.delete(f"/v1/jobs/{others.json()['id']}").json()
+            for job in queued:
+                a.delete(f"/v1/jobs/{job['id']}")
+            for _ in range(300):
+                job = a.post("/v1/tasks/t/train", json=body)
+                assert job.status_code == 202, job.text
+                a.delete(f"/v1/jobs/{job.json()['id']}")
+            mine = b.get(f"/v1/jobs/{kept['id']}")
+            assert mine.status_code == 200 and mine.json()["status"] == "cancelled"
+            assert len(a.get("/v1/jobs").json()["jobs"]) <= 64 + 1  # a's own last 64 finished, and its long job
+            assert a.get(f"/v1/jobs/{queued[0]['id']}").status_code == 404  # a's oldest went
+            a.delete(f"/v1/jobs/{first.json()['id']}")
+            _wait_http(a, first.json()["id"])
+
+
+def _wait_http(client: httpx.Client, job_id: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while client.get(f"/v1/jobs/{job_id}").json()["status"] not in ("succeeded", "failed", "cancelled"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

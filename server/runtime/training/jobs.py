@@ -3,9 +3,11 @@
 Training runs in its own process (spawned, `nice`d, limited to `train_threads` torch threads) so it can
 neither hold the serving process's GIL nor take more than its share of the cores: the kernel gives the
 serving process the CPU whenever both want it. One job trains at a time; the rest wait in a bounded
-queue. The trained file goes through the same `Registry.put` as an upload (validation, durable store,
-slot load, version switch). Job records live in memory only: a job running at a crash is lost (its
-examples were never stored), a version it registered is not.
+queue, of which one tenant may fill only its share (`tenant_max_queued_jobs`); each tenant keeps its
+own last finished jobs (`tenant_keep_finished_jobs`), so no tenant's traffic refuses or forgets
+another's. The trained file goes through the same `Registry.put` as an upload (validation, durable
+store, slot load, version switch). Job records live in memory only: a job running at a crash is lost
+(its examples were never stored), a version it registered is not.
 """
 
 from __future__ import annotations
@@ -139,7 +141,8 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
 class JobRunner:
     def __init__(self, register: Register, metrics: Metrics, model_path: Path | None, max_length: int | None,
                  threads: int = 1, nice: int = 19, sched_idle: bool = True, max_queued: int = 8,
-                 keep_finished: int = 256, max_memory_bytes: int = 6 << 30, max_seconds: float = 3600.0) -> None:
+                 keep_finished: int = 4096, max_memory_bytes: int = 6 << 30, max_seconds: float = 3600.0,
+                 tenant_max_queued: int = 4, tenant_keep_finished: int = 64) -> None:
         self._register = register
         self._metrics = metrics
         self._model_path = str(model_path) if model_path else None
@@ -147,8 +150,13 @@ class JobRunner:
         self._sandbox = Sandbox(threads, nice, sched_idle, max_memory_bytes)
         self._max_seconds = max_seconds
         self._max_queued = max_queued
+        # all tenants together (a finished record is ~1 KB, its examples dropped): past it, the tenant
+        # keeping the most loses its oldest, so tenants within their share keep theirs
         self._keep_finished = keep_finished
+        self._tenant_max_queued = tenant_max_queued
+        self._tenant_keep_finished = tenant_keep_finished
         self._jobs: collections.OrderedDict[str, Job] = collections.OrderedDict()
+        self._finished: dict[str, collections.deque[str]] = {}  # tenant → its finished job ids, oldest first
         self._queue: queue.Queue[Job | None] = queue.Queue()
         self._lock = threading.Lock()
         self._process: multiprocessing.process.BaseProcess | None = None
@@ -170,12 +178,17 @@ class JobRunner:
 
     def submit(self, tenant: str, task: str, spec: JobSpec) -> Job:
         with self._lock:
-            waiting = sum(job.status == QUEUED for job in self._jobs.values())
-            if self._stopping or waiting >= self._max_queued:
-                raise Overloaded(f"{waiting} training jobs already queued; retry later", {"Retry-After": "30"})
+            waiting = [job.tenant for job in self._jobs.values() if job.status == QUEUED]
+            mine = waiting.count(tenant)
+            if not self._stopping and mine >= self._tenant_max_queued:
+                raise Overloaded(f"{mine} training jobs of this tenant already queued; at most "
+                                 f"{self._tenant_max_queued} per tenant (tenant_max_queued_jobs); retry later",
+                                 {"Retry-After": "30"})
+            if self._stopping or len(waiting) >= self._max_queued:
+                raise Overloaded(f"{len(waiting)} training jobs already queued (max_queued_jobs); retry later",
+                                 {"Retry-After": "30"})
             job = Job(id=uuid.uuid4().hex, tenant=tenant, task=task, spec=spec, total_steps=spec.steps)
             self._jobs[job.id] = job
-            self._forget_old()
             self._count_active()
         self._queue.put(job)
         return job
@@ -201,13 +214,22 @@ class JobRunner:
                 job.cancel_requested = True
         return job
 
-    def _forget_old(self) -> None:
-        finished = [j.id for j in self._jobs.values() if j.status in FINISHED]
-        for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
-            del self._jobs[job_id]
+    def _forget_old(self, tenant: str) -> None:
+        """Forget the oldest finished jobs of `tenant` past its own allowance; past the overall one, those
+        of whichever tenant keeps the most: one tenant's churn never evicts another's few records."""
+        own = self._finished.get(tenant)
+        while own and len(own) > self._tenant_keep_finished:
+            del self._jobs[own.popleft()]
+        while sum(map(len, self._finished.values())) > self._keep_finished:
+            largest = max(self._finished.values(), key=len)
+            del self._jobs[largest.popleft()]
+        for name in [name for name, ids in self._finished.items() if not ids]:
+            del self._finished[name]
 
     def _finish(self, job: Job, status: str, result: dict | None = None, error: str | None = None) -> None:
         job.status, job.result, job.error, job.finished_at, job.spec = status, result, error, time.time(), None
+        self._finished.setdefault(job.tenant, collections.deque()).append(job.id)
+        self._forget_old(job.tenant)
         if status == FAILED:
             log.warning("training job %s for task %r failed: %s", job.id, job.task, error)
         else:
