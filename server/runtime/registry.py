@@ -15,6 +15,8 @@ event loop.
 from __future__ import annotations
 
 import collections
+import difflib
+import itertools
 import logging
 import threading
 import time
@@ -36,6 +38,7 @@ from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.lease import FixedSlot, Lease
 
 log = logging.getLogger(__name__)
+SUGGESTION_CANDIDATES = 1000  # names a 404's did-you-mean compares, at most (it runs on the event loop)
 
 
 class SlotEngine(Protocol):
@@ -112,7 +115,8 @@ class Registry:
         # parsed adapters by content hash, least recently used dropped past the byte budget
         self._host: LRUCache[str, TaskAdapter] = LRUCache(maxsize=max(1, host_cache_bytes),
                                                           getsizeof=lambda adapter: adapter.nbytes)
-        self._tasks: dict[TaskKey, _Entry] = {}
+        self._tasks: dict[TaskKey, _Entry] = {}  # change through _add/_remove: they keep _names in step
+        self._names: dict[str, set[str]] = {}  # tenant → its task names, for a 404's did-you-mean
         self._resident: collections.OrderedDict[int, _Version] = collections.OrderedDict()  # LRU by use
         self._to_unload: list[_Version] = []
         self._lock = threading.Lock()
@@ -130,7 +134,7 @@ class Registry:
                 states = [_Version(r, current=r.version == current[key]) for r in records]
                 by_number = {v.record.version: v for v in states}
                 if current[key] in by_number:
-                    self._tasks[key] = _Entry(current=by_number[current[key]], versions=states)
+                    self._add(key, _Entry(current=by_number[current[key]], versions=states))
         self._update_gauges()
         return len(self._tasks)
 
@@ -164,13 +168,13 @@ class Registry:
             if current is None or current not in by_number:
                 if entry is None:
                     return False
-                del self._tasks[key]
+                self._remove(key)
                 for v in entry.versions:
                     self._retire(v)
                 return True
             if entry is None:
                 states = [_Version(r, current=r.version == current) for r in records]
-                self._tasks[key] = _Entry(current=next(v for v in states if v.current), versions=states)
+                self._add(key, _Entry(current=next(v for v in states if v.current), versions=states))
                 return True
             known = {v.record.version: v for v in entry.versions}
             added = [_Version(r, current=False) for n, r in by_number.items() if n not in known]
@@ -228,7 +232,7 @@ class Registry:
         with self._lock:
             entry = self._tasks.get(key)
             if entry is None:
-                self._tasks[key] = _Entry(current=version, versions=[version])
+                self._add(key, _Entry(current=version, versions=[version]))
             else:
                 self._retire(entry.current)
                 entry.current = version
@@ -242,11 +246,12 @@ class Registry:
         with self._write_lock:
             with self._lock:
                 entry = self._tasks.get(key)
-                if entry is None:
-                    raise TaskNotFound(f"unknown task {key[1]!r}")
-                target = next((v for v in entry.versions if v.record.version == version), None)
-                if target is None:
-                    raise VersionNotFound(f"task {key[1]!r} has no version {version}")
+                target = None if entry is None else next(
+                    (v for v in entry.versions if v.record.version == version), None)
+            if entry is None:
+                raise self._unknown(key)
+            if target is None:
+                raise VersionNotFound(f"task {key[1]!r} has no version {version}")
             self._store.set_current(*key, version)
             with self._lock:
                 if target is not entry.current:
@@ -259,11 +264,12 @@ class Registry:
     def delete(self, key: TaskKey) -> None:
         with self._write_lock:
             with self._lock:
-                if key not in self._tasks:
-                    raise TaskNotFound(f"unknown task {key[1]!r}")
+                known = key in self._tasks
+            if not known:
+                raise self._unknown(key)
             self._store.delete(*key)  # outside `_lock`, as in rollback
             with self._lock:
-                entry = self._tasks.pop(key)
+                entry = self._remove(key)
                 for v in entry.versions:
                     self._retire(v)
             self.unload_released()
@@ -279,13 +285,13 @@ class Registry:
         None, call `ensure_resident` off the loop before using it."""
         with self._lock:
             entry = self._tasks.get(key)
-            if entry is None:
-                raise TaskNotFound(f"unknown task {key[1]!r}")
-            version = entry.current
-            version.pins += 1
-            if version.resident is not None:
-                self._resident.move_to_end(version.resident.slot)
-            return Lease(version, self._unpin)
+            if entry is not None:
+                version = entry.current
+                version.pins += 1
+                if version.resident is not None:
+                    self._resident.move_to_end(version.resident.slot)
+                return Lease(version, self._unpin)
+        raise self._unknown(key)
 
     def _unpin(self, version: _Version) -> None:
         """A lease's release (cheap: safe on the event loop). A retired version is unloaded later by
@@ -378,9 +384,36 @@ class Registry:
     def get(self, key: TaskKey) -> TaskView:
         with self._lock:
             entry = self._tasks.get(key)
-            if entry is None:
-                raise TaskNotFound(f"unknown task {key[1]!r}")
-            return TaskView(entry.current.record, [v.record for v in entry.versions])
+            if entry is not None:
+                return TaskView(entry.current.record, [v.record for v in entry.versions])
+        raise self._unknown(key)
+
+    def _unknown(self, key: TaskKey) -> TaskNotFound:
+        """The 404, with a did-you-mean drawn only from the caller's own tenant (another tenant's names
+        never show), among at most SUGGESTION_CANDIDATES names. Call without `_lock`."""
+        tenant, name = key
+        with self._lock:
+            names = list(self._names.get(tenant, ()))
+        # difflib's cutoff (ratio 2·matches/(a+b) ≥ 0.6) needs lengths within a factor of 7/3: no match is lost
+        close = difflib.get_close_matches(name, list(itertools.islice(
+            (n for n in names if 7 * len(n) >= 3 * len(name) and 7 * len(name) >= 3 * len(n)),
+            SUGGESTION_CANDIDATES)), n=1)
+        return TaskNotFound(f"unknown task {name!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+
+    def _add(self, key: TaskKey, entry: _Entry) -> None:
+        """Under `_lock`."""
+        self._tasks[key] = entry
+        self._names.setdefault(key[0], set()).add(key[1])
+
+    def _remove(self, key: TaskKey) -> _Entry:
+        """Under `_lock`."""
+        entry = self._tasks.pop(key)
+        names = self._names.get(key[0])
+        if names is not None:
+            names.discard(key[1])
+            if not names:
+                del self._names[key[0]]
+        return entry
 
     @property
     def registered_tasks(self) -> int:
