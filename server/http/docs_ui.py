@@ -4,11 +4,17 @@ FastAPI's default page loads Swagger UI from a CDN: on an air-gapped cluster it 
 the Swagger UI assets (npm swagger-ui-dist 5.35.0, Apache-2.0; `static/swagger-ui/LICENSE`) ship inside
 the wheel, the page names no host, and the validator badge (which would call validator.swagger.io) is
 off. ReDoc is not offered (it would need its own bundle).
+
+The OpenAPI document declares the API key as an HTTP bearer scheme on every operation that needs one, so
+"Authorize" in the page sends it with "Try it out" (the auth dependencies read the header themselves and
+keep it out of the generated schema).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from fastapi.responses import HTMLResponse
@@ -16,6 +22,10 @@ from fastapi.staticfiles import StaticFiles
 
 ASSETS = Path(__file__).parent / "static" / "swagger-ui"
 PREFIX = "/static/swagger-ui"
+SCHEME = "apiKey"
+SECURITY_SCHEME = {"type": "http", "scheme": "bearer",
+                   "description": "an API key (`Authorization: Bearer <key>`): a tenant's key, or the admin key "
+                                  "(X-Switchboard-Tenant picks the tenant it acts for). Open mode needs none."}
 
 PAGE = """<!doctype html>
 <html lang="en">
@@ -45,3 +55,24 @@ def install_docs(app: FastAPI) -> None:
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:
         return HTMLResponse(page)
+
+    app.openapi = _with_security(app.openapi)  # type: ignore[method-assign]
+
+
+def _with_security(generate: Callable[[], dict[str, Any]]) -> Callable[[], dict[str, Any]]:
+    """FastAPI's document plus the bearer scheme on every operation that can answer 401, i.e. every one
+    guarded by an auth dependency (their `responses=ERRORS` declares it); /health, /metrics and the
+    documents need no key and declare no 401."""
+
+    def openapi() -> dict[str, Any]:
+        doc = generate()
+        schemes = doc.setdefault("components", {}).setdefault("securitySchemes", {})
+        if SCHEME not in schemes:  # FastAPI caches the document: add to it once
+            schemes[SCHEME] = SECURITY_SCHEME
+            for item in doc.get("paths", {}).values():
+                for operation in item.values():
+                    if isinstance(operation, dict) and "401" in operation.get("responses", {}):
+                        operation.setdefault("security", [{SCHEME: []}])
+        return doc
+
+    return openapi
