@@ -10,7 +10,12 @@ from pathlib import Path
 
 
 class DataError(ValueError):
-    """The training data cannot be used; the message says why."""
+    """The training data cannot be used; the message says why. `found_columns`: the file's columns, when
+    the text or label column is missing (the CLI's hint names them beside --text-column/--label-column)."""
+
+    def __init__(self, message: str, found_columns: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.found_columns = found_columns
 
 
 def read_examples(path: Path, text_column: str = "text", label_column: str = "label",
@@ -37,7 +42,8 @@ def read_examples(path: Path, text_column: str = "text", label_column: str = "la
         raise DataError(f"{path}: no examples")
     missing = [c for c in (text_column, label_column) if c not in rows[0]]
     if missing:
-        raise DataError(f"{path}: missing column(s) {missing}; found {sorted(rows[0])}")
+        found = [str(c) for c in rows[0]]  # in the file's order: the header as the user wrote it
+        raise DataError(f"{path}: missing column(s) {missing}; found {found}", found_columns=found)
     examples = [(str(r[text_column]), str(r[label_column])) for r in rows]
     if len({label for _, label in examples}) < min_labels:
         count = "two" if min_labels == 2 else str(min_labels)
