@@ -11,6 +11,8 @@ from switchboard.clients.sdk import (
     InsufficientCapacity,
     InvalidAdapter,
     InvalidRequest,
+    InvalidTaskName,
+    InvalidURL,
     Job,
     JobNotFound,
     KeyNotFound,
@@ -19,6 +21,8 @@ from switchboard.clients.sdk import (
     Prediction,
     QuotaExceeded,
     ServerError,
+    ServerTimeout,
+    ServerUnreachable,
     SwitchboardError,
     Task,
     TaskNotFound,
@@ -26,10 +30,12 @@ from switchboard.clients.sdk import (
     TenantNotFound,
     Unauthorized,
     Unavailable,
+    VersionChanged,
     VersionNotFound,
 )
 
 __all__ = ["ApiKey", "AsyncClient", "CanaryFailed", "ClassifyResult", "Client", "Forbidden", "InsufficientCapacity",
-           "InvalidAdapter", "InvalidRequest", "Job", "JobNotFound", "KeyNotFound", "Overloaded", "PayloadTooLarge",
-           "Prediction", "QuotaExceeded", "ServerError", "SwitchboardError", "Task", "TaskNotFound", "TaskVersion",
-           "TenantNotFound", "Unauthorized", "Unavailable", "VersionNotFound"]
+           "InvalidAdapter", "InvalidRequest", "InvalidTaskName", "InvalidURL", "Job", "JobNotFound", "KeyNotFound",
+           "Overloaded", "PayloadTooLarge", "Prediction", "QuotaExceeded", "ServerError", "ServerTimeout",
+           "ServerUnreachable", "SwitchboardError", "Task", "TaskNotFound", "TaskVersion", "TenantNotFound",
+           "Unauthorized", "Unavailable", "VersionChanged", "VersionNotFound"]

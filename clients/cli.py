@@ -12,9 +12,10 @@
     switchboard backbone | convert DIR | --version
 
 Client commands talk to --url (SWITCHBOARD_URL, default http://127.0.0.1:8000) with --api-key
-(SWITCHBOARD_API_KEY). Output is for people; --json prints the API's JSON for scripts. An error is one
-line on stderr with a hint; exit codes: 0 ok, 1 the server refused (4xx/5xx), 2 bad usage or a local
-file problem, 3 the server could not be reached.
+(SWITCHBOARD_API_KEY, else SWITCHBOARD_ADMIN_KEY; the admin key acts for --tenant). These options go
+before or after the command. Output is for people; --json prints the API's JSON for scripts. An error is
+one line on stderr with a hint; exit codes: 0 ok, 1 the server refused (4xx/5xx) or `serve` could not
+start, 2 bad usage or a local file problem, 3 the server could not be reached.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import signal
 
     from switchboard.server.log_config import configure_logging, logging_config
-    from switchboard.server.settings import Settings, open_mode_refusal
+    from switchboard.server.settings import ADMIN_KEY_HINT, Settings, admin_key_refusal, open_mode_refusal
 
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
                                    "data_dir": args.data_dir, "store": args.store, "dtype": args.dtype,
@@ -62,6 +63,13 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     if refusal:
         log.error(refusal)
         print(f"error: {refusal}", file=sys.stderr)
+        return 1
+    # Refusals that need no model: before anything heavy loads, so they come at once.
+    problem = _admin_key_problem(settings, admin_key_refusal, ADMIN_KEY_HINT) or _port_problem(settings.host,
+                                                                                               settings.port)
+    if problem:
+        log.error(problem[0])
+        print(f"error: {problem[0]}\nhint: {problem[1]}", file=sys.stderr)
         return 1
     mode = "auth mode" if has_key else (
         "OPEN MODE: no API keys, anyone who can reach this address acts as tenant 'default'")
@@ -92,6 +100,49 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 
 
+def _admin_key_problem(settings, refusal, hint: str) -> tuple[str, str] | None:  # noqa: ANN001
+    """(error, hint) for an admin key the server must not start with: too short, a shipped placeholder,
+    or an admin key file it cannot read."""
+    key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    if settings.admin_key_file is not None:
+        try:
+            key = Path(settings.admin_key_file).read_text().strip()
+        except OSError as exc:
+            return (f"cannot read the admin key file {settings.admin_key_file}: {exc.strerror or exc}",
+                    "--admin-key-file (SWITCHBOARD_ADMIN_KEY_FILE) names a readable file holding the key")
+    reason = refusal(key)
+    return (f"refusing to start: {reason}", hint) if reason else None
+
+
+def _port_problem(host: str, port: int) -> tuple[str, str] | None:
+    """(error, hint) if the server could not listen on host:port: found by binding a probe socket (as
+    uvicorn will: SO_REUSEADDR) before the model loads, instead of failing after it."""
+    import errno
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host.strip("[]"), port))
+        except socket.gaierror as exc:
+            return (f"cannot resolve the host {host!r}: {exc.strerror}",
+                    "--host (SWITCHBOARD_HOST) takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return (f"port {port} on {host} is already in use",
+                        f"is a server running there already? Stop it, or pick another port: --port {port + 1} "
+                        "(or SWITCHBOARD_PORT)")
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return (f"{host} is not an address of this machine",
+                        "--host (SWITCHBOARD_HOST) takes an address of this machine, e.g. 127.0.0.1 or 0.0.0.0")
+            if exc.errno == errno.EACCES:
+                return (f"not allowed to listen on port {port} on {host}",
+                        "ports below 1024 need privileges: pick --port 8000 or another above 1023")
+            return f"cannot listen on {host}:{port}: {exc.strerror or exc}", "check --host and --port"
+    return None
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -103,7 +154,8 @@ def _version() -> str:
 
 
 HINTS = {
-    "unauthorized": "pass --api-key or set SWITCHBOARD_API_KEY (an admin creates keys: switchboard keys create)",
+    "unauthorized": "pass --api-key or set SWITCHBOARD_API_KEY (an admin creates keys: switchboard keys create; "
+                    "the admin key itself works too, with --tenant for another tenant than 'default')",
     "forbidden": "this key lacks the scope; a key with 'manage' uploads, lists and trains",
     "task_not_found": "list your tasks with: switchboard tasks",
     "version_not_found": "list the versions with: switchboard task TASK",
@@ -117,32 +169,54 @@ HINTS = {
 }
 
 
+def _api_key(args: argparse.Namespace) -> str | None:
+    """--api-key, else SWITCHBOARD_API_KEY, else SWITCHBOARD_ADMIN_KEY (the keys commands: the admin key first)."""
+    if args.api_key is not None:
+        return args.api_key
+    names = ["SWITCHBOARD_API_KEY", "SWITCHBOARD_ADMIN_KEY"]
+    if getattr(args, "admin", False):
+        names.reverse()
+    return next((os.environ[name] for name in names if os.environ.get(name)), None)
+
+
 def _run_client(args: argparse.Namespace, call: Callable[[object], object],
                 show: Callable[[object], None]) -> int:
     """Open the SDK client, run `call`, print its result (JSON with --json); errors become CliErrors."""
     import httpx
 
-    from switchboard.clients.sdk import Client, SwitchboardError
+    from switchboard.clients.sdk import (
+        Client,
+        InvalidTaskName,
+        InvalidURL,
+        ServerTimeout,
+        ServerUnreachable,
+        SwitchboardError,
+    )
 
-    key = args.api_key
-    if key is None and getattr(args, "admin", False):  # keys commands: the admin key first
-        key = os.environ.get("SWITCHBOARD_ADMIN_KEY")
-    if key is None:
-        key = os.environ.get("SWITCHBOARD_API_KEY")
     try:
-        with Client(args.url, timeout=args.timeout, api_key=key, tenant=getattr(args, "tenant", None)) as client:
-            result = call(client)
-    except SwitchboardError as exc:
-        raise CliError(f"{exc.message} ({exc.status} {exc.type})", HINTS.get(exc.type)) from exc
-    except httpx.ConnectError as exc:
-        raise CliError(f"cannot reach the Switchboard server at {args.url}",
-                       "is `switchboard serve` running? Point --url or SWITCHBOARD_URL at it",
-                       EXIT_UNREACHABLE) from exc
-    except httpx.TimeoutException as exc:
-        raise CliError(f"the server at {args.url} did not answer within {args.timeout:g} s",
+        client = Client(args.url, timeout=args.timeout, api_key=_api_key(args), tenant=args.tenant)
+    except InvalidURL as exc:
+        raise CliError(exc.message, f"for example --url {DEFAULT_URL} (or set SWITCHBOARD_URL)", EXIT_USAGE) from exc
+    url = client.url
+    try:
+        with client:
+            try:
+                result = call(client)
+            except (ServerUnreachable, InvalidTaskName):
+                raise
+            except SwitchboardError as exc:  # the hint may ask the server (which backbone it runs)
+                raise CliError(f"{exc.message} ({exc.status} {exc.type})", _hint(exc, client)) from exc
+    except InvalidTaskName as exc:
+        raise CliError(exc.message, f"for example {_safe_name(exc.name)!r}", EXIT_USAGE) from exc
+    except ServerTimeout as exc:
+        raise CliError(f"the server at {url} did not answer within {args.timeout:g} s",
                        "raise --timeout, or check the server's load", EXIT_UNREACHABLE) from exc
-    except httpx.HTTPError as exc:
-        raise CliError(f"talking to {args.url} failed: {exc}", "check --url", EXIT_UNREACHABLE) from exc
+    except ServerUnreachable as exc:
+        if isinstance(exc.__cause__, httpx.ConnectError | httpx.ConnectTimeout):
+            raise CliError(f"cannot reach the Switchboard server at {url}",
+                           "is `switchboard serve` running? Point --url or SWITCHBOARD_URL at it",
+                           EXIT_UNREACHABLE) from exc
+        raise CliError(exc.message, "check --url", EXIT_UNREACHABLE) from exc
     except (FileNotFoundError, IsADirectoryError, PermissionError) as exc:
         raise CliError(str(exc), code=EXIT_USAGE) from exc
     if args.json:
@@ -150,6 +224,26 @@ def _run_client(args: argparse.Namespace, call: Callable[[object], object],
     else:
         show(result)
     return 0
+
+
+def _hint(exc, client) -> str | None:  # noqa: ANN001
+    """The hint for a server error; an adapter for another backbone gets the command that retrains it."""
+    if exc.type == "invalid_adapter" and "backbone" in exc.message and "trained" in exc.message:
+        try:
+            name = client.backbone()["name"]
+        except Exception:  # the hint is best effort: the error itself is what matters
+            name = "the server's model (see: switchboard backbone)"
+        return (f"an adapter works only on the backbone it was trained on; this server runs {name}: retrain on it "
+                "with switchboard train --model DIR --data FILE --kind KIND --out OUT, DIR holding that model "
+                "(without --model: the embedded all-MiniLM-L6-v2)")
+    return HINTS.get(exc.type)
+
+
+def _safe_name(name: str) -> str:
+    """A valid task name close to `name`: what the hint suggests."""
+    import re
+
+    return (re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._") or "my-task")[:64]
 
 
 def _plain(value: object) -> object:
@@ -179,28 +273,49 @@ def _show_version(v) -> None:  # noqa: ANN001
 
 def _cmd_backbone(args: argparse.Namespace) -> int:
     if args.model is not None:  # on this machine, without a server
-        from switchboard.server.core.backbone import load_backbone
-
-        info = load_backbone(args.model).spec.as_dict()
+        info = _load_backbone(args.model).spec.as_dict()
         print(json.dumps(info, indent=2) if args.json else "\n".join(f"{k}: {v}" for k, v in info.items()))
         return 0
     return _run_client(args, lambda c: c.backbone(),
                        lambda info: print("\n".join(f"{k}: {v}" for k, v in info.items())))
 
 
+def _load_backbone(path: str | None):  # noqa: ANN202
+    """The model of --model (default: the embedded MiniLM); a wrong directory is one line, not a traceback."""
+    from switchboard.server.core.backbone import UnsupportedBackboneError, load_backbone
+
+    try:
+        return load_backbone(path)
+    except (UnsupportedBackboneError, OSError) as exc:
+        raise CliError(str(exc), "--model takes a local model directory (config.json, tokenizer and weights); "
+                                 "without it: the embedded all-MiniLM-L6-v2", EXIT_USAGE) from exc
+
+
 def _read_pairs(path: str, text_column: str = "text", label_column: str = "label",
-                min_labels: int = 2) -> list[tuple[str, str]]:
-    """(text, label) rows of a .csv or .jsonl file (canaries, remote training)."""
+                min_labels: int = 2, column_flags: bool = True) -> list[tuple[str, str]]:
+    """(text, label) rows of a .csv or .jsonl file (canaries, training); column_flags: the command has
+    --text-column/--label-column to name other columns."""
     from switchboard.server.runtime.training.data import DataError, read_examples
 
     try:
         return read_examples(Path(path), text_column, label_column, min_labels)
-    except (DataError, OSError) as exc:
+    except DataError as exc:
+        raise CliError(str(exc), _data_hint(exc, column_flags), EXIT_USAGE) from exc
+    except OSError as exc:
         raise CliError(str(exc), code=EXIT_USAGE) from exc
 
 
+def _data_hint(exc, column_flags: bool) -> str | None:  # noqa: ANN001
+    found = getattr(exc, "found_columns", None)
+    if found is None:
+        return None
+    if not column_flags:
+        return f"the file needs a text and a label column (it has: {', '.join(found)})"
+    return f"name the columns that hold them: --text-column COLUMN --label-column COLUMN (found: {', '.join(found)})"
+
+
 def _cmd_upload(args: argparse.Namespace) -> int:
-    canary = _read_pairs(args.canary, min_labels=1) if args.canary else None
+    canary = _read_pairs(args.canary, min_labels=1, column_flags=False) if args.canary else None
     return _run_client(args, lambda c: c.upload(args.task, *args.paths, labels=args.labels, canary=canary),
                        _show_version)
 
@@ -343,15 +458,10 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _train_local(args: argparse.Namespace) -> int:
     from switchboard.adapter_store.formats import native
-    from switchboard.server.core.backbone import load_backbone
-    from switchboard.server.runtime.training.data import DataError, read_examples
     from switchboard.server.runtime.training.trainer import TrainConfig, train
 
-    try:
-        examples = read_examples(Path(args.data), args.text_column, args.label_column)
-        eval_examples = read_examples(Path(args.eval), args.text_column, args.label_column) if args.eval else None
-    except (DataError, OSError) as exc:
-        raise CliError(str(exc), code=EXIT_USAGE) from exc
+    examples = _read_pairs(args.data, args.text_column, args.label_column)
+    eval_examples = _read_pairs(args.eval, args.text_column, args.label_column) if args.eval else None
     if args.threads:
         import torch
 
@@ -360,11 +470,12 @@ def _train_local(args: argparse.Namespace) -> int:
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_length=args.max_length, precision=args.precision, head_lr=args.head_lr,
                       head_init=args.head_init)
-    backbone = load_backbone(args.model)
+    backbone = _load_backbone(args.model)
     adapter, report = train(backbone, examples, cfg, eval_examples)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "adapter.safetensors").write_bytes(native.dumps(adapter, backbone.spec.fingerprint))
+    (out / "adapter.safetensors").write_bytes(native.dumps(adapter, backbone.spec.fingerprint,
+                                                           backbone_name=backbone.spec.name))
     (out / "report.json").write_text(json.dumps(report, indent=2))
     plotted = _plot_report(report, out / "report.png")
     print(f"eval accuracy {report['accuracy']:.4f}, macro-F1 {report['macro_f1']:.4f} on {report['eval_examples']} "
@@ -456,15 +567,29 @@ class _DefaultsFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action) or text
 
 
+def _client_options(parser: argparse.ArgumentParser, defaults: bool) -> None:
+    """Options of every command that talks to a server. They are on the main parser too (with the
+    defaults), so they work before the command; the commands' copies default to SUPPRESS, so an option
+    given before the command is not reset by the command's parser."""
+    def default(value: object) -> object:
+        return value if defaults else argparse.SUPPRESS
+
+    parser.add_argument("--url", default=default(DEFAULT_URL),
+                        help="the server (default: SWITCHBOARD_URL, else http://127.0.0.1:8000); http:// may be "
+                             "left out")
+    parser.add_argument("--api-key", default=default(None),
+                        help="API key (default: SWITCHBOARD_API_KEY, else SWITCHBOARD_ADMIN_KEY)")
+    parser.add_argument("--tenant", default=default(None),
+                        help="with the admin key: the tenant to act for (X-Switchboard-Tenant; default: 'default')")
+    parser.add_argument("--timeout", type=float, default=default(60.0),
+                        help="seconds to wait for an answer (default 60)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the API's JSON (for scripts)")
+
+
 def _client_parent() -> argparse.ArgumentParser:
-    """Options of every command that talks to a server."""
     parent = argparse.ArgumentParser(add_help=False)
-    parent.add_argument("--url", default=DEFAULT_URL,
-                        help="the server (default: SWITCHBOARD_URL, else http://127.0.0.1:8000)")
-    parent.add_argument("--api-key", default=None, help="API key (default: SWITCHBOARD_API_KEY)")
-    parent.add_argument("--tenant", default=None, help="with the admin key: the tenant to act for")
-    parent.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for an answer (default 60)")
-    parent.add_argument("--json", action="store_true", help="print the API's JSON (for scripts)")
+    _client_options(parent, defaults=False)
     return parent
 
 
@@ -472,6 +597,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="switchboard", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"switchboard {_version()}")
+    _client_options(parser, defaults=True)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     client = _client_parent()
 

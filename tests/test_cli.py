@@ -131,3 +131,28 @@ def test_every_option_has_help_text():
 
     walk(parser, "switchboard")
     assert not missing, missing
+
+
+def test_client_options_work_before_and_after_the_command(served, capsys):
+    """The reported stumble: `switchboard --url URL tasks` was a usage error."""
+    for argv in (["--url", served, "tasks", "--json"], ["--url", served, "--json", "tasks"],
+                 ["tasks", "--url", served, "--json"], ["--json", "tasks", "--url", served],
+                 ["--url", "http://127.0.0.1:9", "tasks", "--url", served, "--json"]):  # after the command wins
+        assert main(argv) == 0, (argv, capsys.readouterr().err)
+        assert "tasks" in json.loads(capsys.readouterr().out), argv
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    assert main(["--url", nowhere, "--timeout", "5", "keys", "list"]) == 3  # reaches nested commands too
+    assert capsys.readouterr().err.startswith(f"error: cannot reach the Switchboard server at {nowhere}")
+    parser = build_parser()
+    before = parser.parse_args(["--timeout", "5", "--api-key", "k", "--tenant", "acme", "classify", "t", "x"])
+    after = parser.parse_args(["classify", "t", "x", "--timeout", "5", "--api-key", "k", "--tenant", "acme"])
+    default = parser.parse_args(["classify", "t", "x"])
+    for name in ("timeout", "api_key", "tenant", "url", "json"):
+        assert getattr(before, name) == getattr(after, name), name
+    assert (default.timeout, default.api_key, default.tenant, default.json) == (60.0, None, None, False)
+
+
+def test_many_texts_on_the_command_line_are_split_for_the_server(served, adapter_file, capsys):
+    run_json(capsys, "upload", "many", str(adapter_file(7)), "--url", served)
+    out = run_json(capsys, "classify", "many", *[f"text {i}" for i in range(100)], "--url", served)
+    assert len(out["predictions"]) == 100

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 
 import pytest
 
@@ -11,7 +12,7 @@ from switchboard.adapter_store.formats import native
 from switchboard.clients import sdk
 from switchboard.clients.cli import main
 from tests.factories import TEXTS
-from tests.server_fixture import serving_in_thread
+from tests.server_fixture import free_port, serving_in_thread
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +49,8 @@ def test_sync_client_covers_every_endpoint(server, adapters, tmp_path):
         with pytest.raises(sdk.InvalidAdapter) as bad:
             client.upload("sdk-task", adapter_dir / "notes.bin")
         assert bad.value.status == 422 and "convert" in bad.value.message
-        with pytest.raises(sdk.PayloadTooLarge):
-            client.classify("sdk-task", ["x"] * 100)
+        with sdk.Client(server, max_batch=100) as unsplit, pytest.raises(sdk.PayloadTooLarge):
+            unsplit.classify("sdk-task", ["x"] * 100)  # past the server's 64: its 413 comes through
         with pytest.raises(sdk.InvalidRequest):
             client.classify("sdk-task", "x", top_k=0)
         client.delete("sdk-task")
@@ -101,3 +102,86 @@ def test_cli_upload_classify_tasks(server, adapters, tmp_path, capsys):
     assert main(["classify", "missing", "x", "--url", server]) == 1
     err = capsys.readouterr().err
     assert "task_not_found" in err and "switchboard tasks" in err
+
+
+def _close(a: sdk.ClassifyResult, b: sdk.ClassifyResult) -> bool:
+    """Same task, version and ranking; scores equal up to batching's float rounding."""
+    return (a.task, a.version, len(a.predictions)) == (b.task, b.version, len(b.predictions)) and all(
+        [p.label for p in x] == [q.label for q in y] and max(abs(p.score - q.score) for p, q in zip(x, y)) <= 1e-4
+        for x, y in zip(a.predictions, b.predictions))
+
+
+def test_long_input_lists_are_split_into_requests_the_server_allows(server, adapters, tmp_path):
+    """The reported stumble: 150 texts were a 413. Now one result, in order, equal to each text alone."""
+    texts = [f"{TEXTS[i % len(TEXTS)]} #{i}" for i in range(150)]
+    with sdk.Client(server) as client:
+        fp = client.backbone()["fingerprint"]
+        for task, adapter in (("split-a", adapters["task-0"]), ("split-b", adapters["task-1"])):
+            (tmp_path / f"{task}.safetensors").write_bytes(native.dumps(adapter, fp))
+            client.upload(task, tmp_path / f"{task}.safetensors")
+        whole = client.classify("split-a", texts, raw_scores=True)
+        alone = [client.classify("split-a", t, raw_scores=True) for t in texts]
+        assert len(whole.predictions) == 150
+        assert _close(whole, sdk.ClassifyResult("split-a", alone[0].version, [a.predictions[0] for a in alone]))
+        fan = client.classify_many(["split-a", "split-b"], texts, raw_scores=True)  # 300 rows: 64 per request
+        assert [r.task for r in fan] == ["split-a", "split-b"] and _close(fan[0], whole)
+        assert _close(fan[1], client.classify("split-b", texts, raw_scores=True))
+        vectors = client.embed(texts)
+        assert len(vectors) == 150
+        for i in (0, 63, 64, 149):
+            assert max(abs(a - b) for a, b in zip(vectors[i], client.embed(texts[i])[0])) <= 1e-4
+    with sdk.Client(server, max_batch=7) as small:  # a smaller limit: more, smaller requests, same answer
+        assert _close(small.classify("split-a", texts, raw_scores=True), whole)
+
+    async def run():
+        async with sdk.AsyncClient(server) as client:
+            return (await client.classify("split-a", texts, raw_scores=True),
+                    await client.classify_many(["split-a", "split-b"], texts, raw_scores=True),
+                    await client.embed(texts))
+
+    a_whole, a_fan, a_vectors = asyncio.run(run())
+    assert _close(a_whole, whole) and _close(a_fan[1], fan[1]) and len(a_vectors) == 150
+    with pytest.raises(ValueError, match="max_batch"):
+        sdk.Client(server, max_batch=0)
+
+
+def test_a_server_that_is_down_is_a_typed_error_naming_the_url():
+    url = f"http://127.0.0.1:{free_port()}"
+    with sdk.Client(url) as client:
+        with pytest.raises(sdk.ServerUnreachable) as down:
+            client.tasks()
+        assert not client.health()  # a poll loop needs no try
+    assert isinstance(down.value, sdk.SwitchboardError) and down.value.url == url
+    assert str(down.value).startswith(f"cannot reach the Switchboard server at {url}")
+
+    async def run():
+        async with sdk.AsyncClient(url) as client:
+            assert not await client.health()
+            await client.classify("t", "x")
+
+    with pytest.raises(sdk.ServerUnreachable, match=url):
+        asyncio.run(run())
+    from switchboard.clients import ServerTimeout, ServerUnreachable  # exported from the package
+
+    assert ServerUnreachable is sdk.ServerUnreachable
+    with socket.socket() as silent:  # accepts connections (the kernel's backlog) and never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        slow = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        with sdk.Client(slow, timeout=0.3) as client, pytest.raises(ServerTimeout) as late:
+            client.backbone()
+    assert isinstance(late.value, sdk.ServerUnreachable) and slow in str(late.value)
+
+
+def test_names_and_urls_are_checked_before_anything_is_sent(server):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with sdk.Client(nowhere) as client:
+        for call in (lambda: client.classify("a/b", "x"), lambda: client.upload("a b", "."),
+                     lambda: client.classify_many(["ok", "x/y"], "x"), lambda: client.delete("../keys")):
+            with pytest.raises(sdk.InvalidTaskName, match="letters, digits, '.', '_' and '-'"):
+                call()  # refused here: not a ServerUnreachable
+    port = server.rsplit(":", 1)[1]
+    with sdk.Client(f"127.0.0.1:{port}") as client:  # no scheme: http:// is meant
+        assert client.url == f"http://127.0.0.1:{port}" and client.health()
+    with pytest.raises(sdk.InvalidURL, match="http://HOST:PORT"):
+        sdk.Client(f"ftp://127.0.0.1:{port}")
