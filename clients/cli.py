@@ -722,7 +722,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
     tr.set_defaults(func=_cmd_train)
 
-    keys = sub.add_parser("keys", help="API keys (the admin key: --api-key or SWITCHBOARD_ADMIN_KEY)")
+    keys = sub.add_parser("keys", parents=[client], help="API keys (the admin key: --api-key or SWITCHBOARD_ADMIN_KEY)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="create|list|revoke")
     create = keys_sub.add_parser("create", parents=[client], help="a new key for TENANT; prints its secret once")
     create.add_argument("tenant_name", metavar="TENANT")

@@ -206,7 +206,8 @@ def _unreachable(url: str, timeout: object, exc: httpx.TransportError) -> Server
     if isinstance(exc, httpx.ConnectError | httpx.ConnectTimeout):
         return ServerUnreachable(url, f"cannot reach the Switchboard server at {url} ({exc or type(exc).__name__})")
     if isinstance(exc, httpx.TimeoutException):
-        return ServerTimeout(url, f"the server at {url} did not answer within the timeout ({timeout})")
+        within = f"{timeout:g} s" if isinstance(timeout, int | float) else f"its timeout ({timeout})"
+        return ServerTimeout(url, f"the server at {url} did not answer within {within}")
     return ServerUnreachable(url, f"the connection to {url} failed: {exc or type(exc).__name__}")
 
 

@@ -156,3 +156,10 @@ def test_many_texts_on_the_command_line_are_split_for_the_server(served, adapter
     run_json(capsys, "upload", "many", str(adapter_file(7)), "--url", served)
     out = run_json(capsys, "classify", "many", *[f"text {i}" for i in range(100)], "--url", served)
     assert len(out["predictions"]) == 100
+
+
+def test_keys_take_the_client_options_at_every_level(capsys):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for argv in (["--url", nowhere, "keys", "list"], ["keys", "--url", nowhere, "list"], ["keys", "list", "--url", nowhere]):
+        assert main(argv) == 3, argv
+        assert nowhere in capsys.readouterr().err

@@ -6,6 +6,7 @@ import asyncio
 import json
 import socket
 
+import httpx
 import pytest
 
 from switchboard.adapter_store.formats import native
@@ -185,3 +186,27 @@ def test_names_and_urls_are_checked_before_anything_is_sent(server):
         assert client.url == f"http://127.0.0.1:{port}" and client.health()
     with pytest.raises(sdk.InvalidURL, match="http://HOST:PORT"):
         sdk.Client(f"ftp://127.0.0.1:{port}")
+
+
+def test_a_split_request_answered_by_two_versions_is_asked_again():
+    """A new version (or a rollback) between the parts of a split request: the parts answered by the older
+    one are asked again, so the one result has one version; if it keeps changing, VersionChanged."""
+    sent: list[int] = []
+
+    def server(version_of):  # noqa: ANN001, ANN202
+        def handle(request):  # noqa: ANN001, ANN202
+            inputs = json.loads(request.content)["inputs"]
+            sent.append(len(inputs))
+            version = version_of(len(sent))
+            return httpx.Response(200, json={"task": "t", "version": version, "predictions": [
+                [{"label": f"v{version}:{text}", "score": 1.0}] for text in inputs]})
+        return httpx.MockTransport(handle)
+
+    texts = [str(i) for i in range(10)]
+    with sdk.Client("http://sb.test", max_batch=4, transport=server(lambda n: 1 if n == 1 else 2)) as client:
+        result = client.classify("t", texts)
+    assert sent == [4, 4, 2, 4] and result.version == 2  # the first part was asked again
+    assert [row[0].label for row in result.predictions] == [f"v2:{t}" for t in texts]
+    with sdk.Client("http://sb.test", max_batch=4, transport=server(lambda n: n)) as client:
+        with pytest.raises(sdk.VersionChanged):
+            client.classify("t", texts)
