@@ -103,7 +103,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 def _admin_key_problem(settings, refusal, hint: str) -> tuple[str, str] | None:  # noqa: ANN001
     """(error, hint) for an admin key the server must not start with: too short, a shipped placeholder,
     or an admin key file it cannot read."""
-    key = settings.admin_key.get_secret_value() if settings.admin_key else None
+    key = settings.admin_key.get_secret_value() if settings.admin_key is not None else None  # "" is a key too
     if settings.admin_key_file is not None:
         try:
             key = Path(settings.admin_key_file).read_text().strip()

@@ -229,6 +229,9 @@ def test_serve_refuses_a_short_or_placeholder_admin_key_before_loading_the_model
         assert "secrets.token_urlsafe(32)" in lines[error + 1]
         assert "no-such-model" not in r.stderr
     assert "3 characters" in _serve("--port", str(free_port()), env={"SWITCHBOARD_ADMIN_KEY": "abc"}).stderr
+    # an empty variable used to log "auth mode" and serve in open mode (even off loopback): refused too
+    empty = _serve("--host", "0.0.0.0", "--port", str(free_port()), env={"SWITCHBOARD_ADMIN_KEY": ""})
+    assert empty.returncode == 1 and "0 characters" in empty.stderr
 
 
 def test_admin_key_rules():
