@@ -105,7 +105,7 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
                 "upload one native .safetensors file, or a PEFT directory (adapter_config.json + "
                 "adapter_model.safetensors)")
         check_safetensors_header(weights[0], files[weights[0]], limits)
-        adapter = native.loads(files[weights[0]], spec.fingerprint)
+        adapter = native.loads(files[weights[0]], spec.fingerprint, backbone_name=spec.name)
     if labels is not None:
         if len(labels) != adapter.num_labels:
             raise AdapterValidationError(f"{len(labels)} labels given for a head with {adapter.num_labels} outputs")

@@ -29,7 +29,7 @@ from switchboard.adapter_store.formats import native
 from switchboard.clients.local_server import free_port, running_process
 from switchboard.server.core.backbone import load_backbone
 
-ADMIN = "auth-cost-bench-admin-key"
+ADMIN = "auth-cost-bench-admin-key-0123456789abcdef"
 TASKS = [f"task-{i}" for i in range(10)]
 
 

@@ -31,7 +31,7 @@ from switchboard.adapter_store.formats import native
 from switchboard.clients.local_server import free_port, running_process
 from switchboard.server.core.backbone import load_backbone
 
-ADMIN = "fairness-bench-admin-key"
+ADMIN = "fairness-bench-admin-key-0123456789abcdefg"
 
 
 def engine_counters(url: str) -> tuple[float, float, float]:

@@ -9,6 +9,18 @@ wrong answers, statuses of the hostile requests, the slowest /health, and the RS
 
     python -m bench.soak --minutes 2     # quick
     python -m bench.soak --minutes 10
+    python -m bench.soak --phases flood,connections   # issue 20's phases alone (below)
+
+Two more phases (issue 20), each against a fresh server on the defaults (real MiniLM, its full 512
+tokens, the default layout and precision), in auth mode with tenants A and B:
+- flood: B sends one short text per classify request (open loop, 4 req/s) alone, then while A sends
+  requests at every per-request maximum (64 texts of 3,000 characters: 64 × 512 tokens) to /v1/embed
+  at 2 concurrent and to /v1/classify at 32 concurrent, from a process of its own (closed loops; a
+  429 waits its Retry-After). Reported: B's p50/p99 and refusals in each phase, p99 ÷ alone, A's
+  statuses; the same with chunking off (max_chunk_tokens huge, fair_batch_ms 0) for comparison.
+- connections: 3,000 connections that never send a byte (past max_connections 2,048), then 2,000
+  that trickle a header byte every second: /health's slowest answer meanwhile, how many of 100 new
+  clients were served, what the surplus connections were told, and how long the idle ones lived.
 """
 
 from __future__ import annotations
@@ -102,10 +114,168 @@ class Ledger:
             return self.weights.get((task, version))
 
 
+ADMIN = "soak-bench-admin-key-0123456789abcdefghijkl"
+CHUNKING_OFF = {"SWITCHBOARD_MAX_CHUNK_TOKENS": str(1 << 30), "SWITCHBOARD_FAIR_BATCH_MS": "0"}
+
+
+async def max_size_closed_loop(url: str, path: str, body: dict, concurrency: int, duration: float,
+                               headers: dict[str, str]) -> dict:
+    """`concurrency` clients sending `body` back to back; a 429 waits its Retry-After (at most 1 s)."""
+    statuses: collections.Counter[int] = collections.Counter()
+    stop = time.monotonic() + duration
+    pool = ConnectionPool(url, concurrency, headers)
+
+    async def client() -> None:
+        while time.monotonic() < stop:
+            try:
+                status, _ = await pool.post_json(path, body)
+            except (OSError, asyncio.IncompleteReadError):
+                status = -1
+            statuses[status] += 1
+            if status == 429:
+                await asyncio.sleep(1.0)
+
+    await asyncio.gather(*[client() for _ in range(concurrency)])
+    await pool.close()
+    return dict(statuses)
+
+
+def flooder(url: str, path: str, body: dict, concurrency: int, duration: float, headers: dict[str, str]) -> dict:
+    """A's closed loop in a process of its own: its client work must not delay B's sends."""
+    return asyncio.run(max_size_closed_loop(url, path, body, concurrency, duration, headers))
+
+
+def flood_vs_victim(duration: float, env: dict[str, str]) -> dict:
+    import multiprocessing
+
+    from bench.overload import long_texts, open_loop
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as data:
+        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
+               "--log-level", "warning"]
+        with running_process(cmd, url, Path(data) / "server.log", env={"SWITCHBOARD_ADMIN_KEY": ADMIN, **env}):
+            admin = {"Authorization": f"Bearer {ADMIN}"}
+            fp = httpx.get(f"{url}/v1/backbone", headers=admin).json()["fingerprint"]
+            keys = {}
+            for tenant in ("A", "B"):
+                r = httpx.post(f"{url}/v1/keys", headers=admin, json={"tenant": tenant, "scopes": ["classify", "manage"]})
+                keys[tenant] = {"Authorization": f"Bearer {r.json()['key']}"}
+                blob = native.dumps(bench_adapter(load_backbone().spec, "ia3", seed=len(keys)), fp)
+                httpx.put(f"{url}/v1/tasks/t", headers=keys[tenant], files=[("files", ("a.safetensors", blob))],
+                          timeout=60).raise_for_status()
+            short = sample_texts(200, seed=7, short=True)
+            longest = long_texts(64)
+            rate = 4.0
+            asyncio.run(open_loop(url, ["t"], short, rate, 3.0, seed=0, headers=keys["B"]))  # warm-up
+            alone = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=1, headers=keys["B"]))
+            out["b_alone"] = {k: alone[k] for k in ("p50_ms", "p99_ms", "statuses")}
+            phases = [("embed_x2", "/v1/embed", {"inputs": longest}, 2),
+                      ("classify_x32", "/v1/classify", {"task": "t", "inputs": longest}, 32)]
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                pool.apply(abs, (1,))  # the flooding process is up before the clock starts
+                for name, path, body, concurrency in phases:
+                    flooding = pool.apply_async(flooder, (url, path, body, concurrency, duration + 2, keys["A"]))
+                    time.sleep(2.0)  # A's backlog is there before B's first request
+                    b = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=2, headers=keys["B"]))
+                    a = flooding.get(timeout=duration + 300)
+                    out[name] = {"b_p50_ms": b["p50_ms"], "b_p99_ms": b["p99_ms"], "b_statuses": b["statuses"],
+                                 "b_p99_vs_alone": b["p99_ms"] / alone["p99_ms"], "a_statuses": a}
+                    print(json.dumps({name: out[name]}), flush=True)
+                    time.sleep(3.0)  # A's last requests drain
+    return out
+
+
+def connection_exhaustion() -> dict:
+    """Idle and trickling connections past max_connections, with /health and new clients measured."""
+    import socket
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as data:
+        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
+               "--log-level", "warning"]
+        with running_process(cmd, url, Path(data) / "server.log"):
+            for name, count, trickle in (("idle", 3000, False), ("slowloris", 2000, True)):
+                socks, refused_at_connect = [], 0
+                for _ in range(count):
+                    try:
+                        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                    except OSError:
+                        refused_at_connect += 1
+                        continue
+                    sock.setblocking(False)
+                    socks.append((sock, time.monotonic()))
+                    if trickle:
+                        try:
+                            sock.send(b"GET /health HTTP/1.1\r\n")
+                        except OSError:
+                            pass
+                slowest, served, answers = 0.0, 0, collections.Counter()
+                lifetimes: list[float] = []
+                start = time.monotonic()
+                with httpx.Client(timeout=10) as client:
+                    while time.monotonic() - start < 15 and (len(lifetimes) < len(socks) or served < 100):
+                        t = time.monotonic()
+                        try:
+                            ok = client.get(f"{url}/health", headers={"connection": "close"}).status_code == 200
+                        except httpx.HTTPError:
+                            ok = False
+                        slowest = max(slowest, time.monotonic() - t)
+                        served += ok and served < 100
+                        for sock, opened in socks:
+                            if sock.fileno() < 0:
+                                continue
+                            try:
+                                data = sock.recv(4096)
+                            except BlockingIOError:
+                                if trickle:
+                                    try:
+                                        sock.send(b"x")
+                                    except OSError:
+                                        pass
+                                continue
+                            except OSError:
+                                data = b""
+                            status = data.split(b" ")[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+                            answers[status] += 1
+                            lifetimes.append(time.monotonic() - opened)
+                            sock.close()
+                        time.sleep(0.2 if trickle else 0.05)
+                for sock, _ in socks:
+                    if sock.fileno() >= 0:
+                        sock.close()
+                out[name] = {"connections": count, "refused_at_connect": refused_at_connect,
+                             "answers": dict(answers), "still_open_after_15_s": len(socks) - len(lifetimes),
+                             "longest_life_s": round(max(lifetimes, default=0.0), 2),
+                             "health_slowest_s": round(slowest, 3), "new_clients_served_of_100": served}
+                print(json.dumps({name: out[name]}), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
+    parser.add_argument("--phases", default="soak,flood,connections",
+                        help="comma-separated: soak (the mixed load above), flood, connections")
+    parser.add_argument("--flood-seconds", type=float, default=30.0)
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if "flood" in phases:
+        result = {"defaults": flood_vs_victim(args.flood_seconds, {}),
+                  "chunking_off": flood_vs_victim(args.flood_seconds, CHUNKING_OFF)}
+        print(json.dumps({"flood_vs_victim": result}))
+    if "connections" in phases:
+        print(json.dumps({"connection_exhaustion": connection_exhaustion()}))
+    if "soak" in phases:
+        soak(args.minutes)
+
+
+def soak(minutes: float) -> None:
+    args = argparse.Namespace(minutes=minutes)
     duration = args.minutes * 60
     torch.set_num_threads(1)
     backbone = load_backbone(max_length=128)

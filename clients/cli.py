@@ -80,6 +80,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn  # the heavy imports (torch, transformers) only once the settings are known to be usable
 
     from switchboard.server.http.app import create_app
+    from switchboard.server.http.edge import uvicorn_config
 
     server: uvicorn.Server | None = None
 
@@ -88,9 +89,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
             server.should_exit = True
 
     app = create_app(settings, on_startup_failure=stop)
-    server = uvicorn.Server(uvicorn.Config(app, host=settings.host, port=settings.port,
-                                           log_config=logging_config(settings.log_level, settings.log_format),
-                                           timeout_graceful_shutdown=int(settings.request_timeout_s)))
+    server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level, settings.log_format)))
     server.run()
     error = app.state.switchboard.startup_error
     if error:

@@ -97,11 +97,12 @@ class Settings(BaseSettings):
     # request never holds an engine worker for long while another tenant waits.
     max_chunk_tokens: int = Field(512, ge=1, description="padded tokens (rows × length) per scheduled chunk of a "
                                                          "request; one row at least")
-    fair_batch_ms: float = Field(100.0, ge=0, description="while two or more tenants have sent work in the last "
-                                                          "fair_window_s, a batch is capped at this much compute on one "
-                                                          "engine worker (at its peak rate); 0 = off")
-    fair_window_s: float = Field(2.0, ge=0, description="how recently another tenant must have sent work for "
-                                                        "fair_batch_ms to apply")
+    fair_batch_ms: float = Field(100.0, ge=0, description="while two or more tenants are active (work waiting, or "
+                                                          "sent in the last fair_window_s), a batch is capped at this "
+                                                          "much compute on one engine worker (at its peak rate); 0 = "
+                                                          "off")
+    fair_window_s: float = Field(10.0, ge=0, description="how recently another tenant must have sent work (or "
+                                                         "still have some waiting) for fair_batch_ms to apply")
     # Admission: the queue is bounded in tokens (rows × length); past either bound a request gets 429
     # at once, with Retry-After from the measured drain rate, instead of a 503 after waiting.
     max_queue_rows: int = 2048

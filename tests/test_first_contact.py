@@ -119,8 +119,6 @@ def test_an_unknown_route_answers_the_json_error_shape(auth_server):
     assert isinstance(r.json()["error"]["message"], str)
 
 
-@pytest.mark.xfail(strict=True, reason="needs server/http/handlers.py (not this change's file): the 404 of an "
-                                       "unknown route says 'Not Found' without the route or /docs")
 def test_an_unknown_route_is_named_and_points_to_the_docs(auth_server):
     url, _ = auth_server
     message = httpx.post(f"{url}/v1/clasify", json={}).json()["error"]["message"]

@@ -25,7 +25,7 @@ from switchboard.server.core.adapter import AdapterValidationError
 from tests.factories import random_adapter
 from tests.server_fixture import running_server
 
-ADMIN = "fuzz-admin-key"
+ADMIN = "fuzz-admin-key-0123456789abcdefghijklmnop"
 FIXTURES = Path(__file__).parent / "fixtures" / "adapterhub"
 
 

@@ -54,7 +54,11 @@ def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         headers = dict(getattr(exc, "headers", None) or {})
         if exc.status_code == 405:  # Starlette names only the first matching route's methods
             headers["Allow"] = ", ".join(allowed_methods(request))
-        return error(exc.status_code, kind, str(exc.detail), headers or None)
+        message = str(exc.detail)
+        if exc.status_code == 404 and exc.detail == "Not Found":  # no route matched
+            message = (f"no route {request.method} {request.url.path[:200]!r}; the API's routes are listed at /docs "
+                       "(and /openapi.json)")
+        return error(exc.status_code, kind, message, headers or None)
 
 
 def explain(request: Request, errors: Sequence[Any], body: object) -> tuple[int, str, str]:

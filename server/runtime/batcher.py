@@ -283,11 +283,15 @@ class Batcher:
 
     # ----- worker thread -----------------------------------------------------------------------------
     def _contended(self, now: float) -> bool:
-        """Two or more tenants sent work within `fair_window_s` (called with the condition held)."""
+        """Two or more tenants have work waiting or sent some within `fair_window_s` (a flooder's one huge
+        request may have been sent long ago; a light tenant's last one a moment ago). Called with the
+        condition held."""
         horizon = now - self._settings.fair_window_s
         while self._active and next(iter(self._active.values())) < horizon:
             self._active.popitem(last=False)
-        return len(self._active) > 1
+        if len(self._active) > 1:
+            return True
+        return len(set(self._active).union(self._queues.backlogged)) > 1
 
     def _take(self) -> list[Chunk]:
         """Collect one batch in the scheduler's order (called with no lock held)."""
@@ -299,6 +303,7 @@ class Batcher:
                 self._cond.wait()
             contended = self._contended(time.monotonic())
             max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads), contended)
+            log.debug("taking a batch: contended %s, at most %d tokens", contended, max_tokens)
             max_rows = s.max_batch_rows
             if len(self._threads) > 1:
                 # several engine workers: take an even share of what waits now, so a burst is computed by
@@ -427,6 +432,9 @@ class Batcher:
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
         # with N engine workers busy side by side the queue drains N batches per batch time
         self.admission.drain.observe(sum(c.tokens for c in batch) * len(self._threads), elapsed)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug("batch: %d chunks of %s, %d rows × %d, %.3f s", len(batch),
+                      sorted({c.tenant for c in batch}), rows, width, elapsed)
         m = self._metrics
         m.batches.inc()
         m.inference_duration.observe(elapsed)

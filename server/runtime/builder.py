@@ -143,6 +143,7 @@ def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: Backbo
 
     jobs = JobRunner(register, metrics, s.model, s.max_length, threads=s.train_threads, nice=s.train_nice,
                      sched_idle=s.train_sched_idle, max_queued=s.max_queued_jobs,
+                     tenant_max_queued=s.tenant_max_queued_jobs, tenant_keep_finished=s.tenant_keep_finished_jobs,
                      max_memory_bytes=s.train_max_memory_bytes, max_seconds=s.train_max_seconds)
     jobs.start()
     spec = engine.spec
@@ -172,5 +173,5 @@ def admin_key(settings: Settings) -> str | None:
         if not key:
             raise ValueError(f"admin key file {settings.admin_key_file} is empty")
         return key
-    return settings.admin_key.get_secret_value() if settings.admin_key else None
+    return settings.admin_key.get_secret_value() if settings.admin_key is not None else None
 

@@ -13,7 +13,7 @@ from switchboard.adapter_store.upload import parse_upload
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.engine import CapacityError
-from switchboard.server.core.tokenize import tokenize
+from switchboard.server.core.tokenize import check_text, tokenize
 from switchboard.server.errors import (
     CanaryFailed,
     InsufficientCapacity,
@@ -103,6 +103,8 @@ def _parse_canary(canary: str | None, settings: Settings) -> list[tuple[str, str
         raise PayloadTooLarge(f"{len(value)} canary texts; at most {settings.max_canary_texts} (max_canary_texts)")
     if any(len(x["text"]) > settings.max_input_chars for x in value):
         raise PayloadTooLarge(f"a canary text over {settings.max_input_chars} characters (max_input_chars)")
+    check_text([x["text"] for x in value], "canary[{}].text")
+    check_text([x["label"] for x in value], "canary[{}].label")
     return [(x["text"], x["label"]) for x in value]
 
 
@@ -177,6 +179,7 @@ def _parse_labels(labels: str | None, limits: UploadLimits) -> list[str] | None:
         raise InvalidRequest("labels must be a JSON array of strings") from exc
     if not isinstance(value, list) or not all(isinstance(x, str) and x for x in value):
         raise InvalidRequest("labels must be a JSON array of non-empty strings")
+    check_text(value, "labels")
     try:
         return check_labels(value, limits)
     except AdapterValidationError as exc:
