@@ -99,8 +99,9 @@ class Settings(BaseSettings):
                                                          "request; one row at least")
     fair_batch_ms: float = Field(100.0, ge=0, description="while two or more tenants are active (work waiting, or "
                                                           "sent in the last fair_window_s), a batch is capped at this "
-                                                          "much compute on one engine worker (at its peak rate); 0 = "
-                                                          "off")
+                                                          "much compute on one engine worker (at its peak rate) and "
+                                                          "the workers' batches start spread over a batch's length; "
+                                                          "0 = off")
     fair_window_s: float = Field(10.0, ge=0, description="how recently another tenant must have sent work (or "
                                                          "still have some waiting) for fair_batch_ms to apply")
     # Admission: the queue is bounded in tokens (rows × length); past either bound a request gets 429

@@ -451,3 +451,27 @@ def test_while_several_tenants_are_active_a_batch_is_capped_at_fair_batch_ms(tmp
     queues = TenantQueues("vtc")
     assert admission.batch_token_limit(queues, workers=2, contended=False) == 8192  # one tenant: plain bound
     assert admission.batch_token_limit(queues, workers=2, contended=True) == 250  # 50 ms of one worker's share
+
+
+def test_workers_stagger_long_batches_so_one_is_soon_free_and_short_chunks_need_no_wait(tiny, tmp_path):
+    """With two workers and another tenant active, a worker holds off a long chunk until half its length
+    after the other worker's batch started (then one of them frees up every half batch, not every whole
+    one); a one-text chunk is taken at once."""
+    import time as clock
+
+    from switchboard.server.runtime.batcher import Chunk, WorkItem
+
+    engine = FakeEngine(tiny.spec)
+    engine.parallelism = 2
+    batcher = Batcher(engine, Settings(data_dir=tmp_path), Metrics())  # not started: _stagger is pure here
+    batcher.drain.assume(2000.0)  # 1,000 tokens/s per worker
+    item = WorkItem("A", np.zeros(1, dtype=np.int64), [], *rows(0, length=500), None, None, 0.0, 1e9)
+    batcher._queues.push(Chunk(item, 0, 0, 1, 500, 500))
+    now = clock.monotonic()
+    assert batcher._stagger(0, now) == 0.0  # nothing else in flight
+    batcher._started[1] = now - 0.05
+    assert batcher._stagger(0, now) == pytest.approx(0.25 - 0.05)  # 0.5 s chunk ÷ 2 workers, 0.05 s already gone
+    batcher._queues.pop(batcher._queues.peek())
+    short = WorkItem("B", np.zeros(1, dtype=np.int64), [], *rows(1, length=4), None, None, 0.0, 1e9)
+    batcher._queues.push(Chunk(short, 0, 0, 1, 4, 4))
+    assert batcher._stagger(0, now) == 0.0  # 4 ms ÷ 2 is already past

@@ -54,8 +54,9 @@ def test_a_cold_load_is_charged_and_a_dropped_request_is_not():
     cold, dropped = Item("A", cost=100 + 256), Item("B")
     q.push(cold)
     q.push(dropped)
-    q.pop(q.peek())  # A first (equal counters, earlier arrival)
+    assert q.peek() is dropped  # equal counters: the cheaper one finishes first
     q.pop(q.peek(), charge=False)  # B's request was dropped (client gone): no service, no charge
+    q.pop(q.peek())
     assert q.counters == {"A": 356.0, "B": 0.0} and not q
 
 
@@ -93,3 +94,12 @@ def test_what_runs_before_a_light_tenant_is_not_a_flooders_whole_backlog():
     for tenant in "AAB":
         fcfs.push(Item(tenant))
     assert fcfs.ahead_of("B") == 300
+
+
+def test_at_equal_counters_a_light_tenants_short_request_goes_before_a_long_one():
+    q = TenantQueues("vtc")
+    for _ in range(5):
+        q.push(Item("A", tokens=512, cost=512))
+    q.pop(q.peek())
+    q.push(Item("B", tokens=16, cost=16))  # lifted to A's counter; A's head arrived earlier but costs more
+    assert drain(q, 2) == ["B", "A"]

@@ -174,6 +174,12 @@ class Admission:
                     self.drain.tokens_per_s * interval, queues.total_rows)
         return self._overloaded
 
+    def worker_rate(self, workers: int) -> float:
+        """Tokens per second one of `workers` engine workers computes at the engine's peak (0 before any)."""
+        if not self.drain.tokens_per_s:
+            return 0.0
+        return max(self.drain.peak, self.drain.tokens_per_s) / max(1, workers)
+
     def batch_token_limit(self, queues: TenantQueues, workers: int = 1, contended: bool = False) -> int:
         """max_batch_tokens; while several tenants are active (`contended`) also `fair_batch_ms`, and under
         overload `max_batch_ms`, of compute at one worker's share of the engine's peak drain rate (the
@@ -185,7 +191,7 @@ class Admission:
         limit = s.max_batch_tokens
         if not self.drain.tokens_per_s:
             return limit
-        rate = max(self.drain.peak, self.drain.tokens_per_s) / workers
+        rate = self.worker_rate(workers)
         if contended and s.fair_batch_ms > 0:
             limit = min(limit, int(rate * s.fair_batch_ms / 1000))
         if s.max_batch_ms > 0 and self.overloaded(queues):

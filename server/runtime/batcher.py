@@ -162,8 +162,9 @@ class Batcher:
         self._stopping = False
         # one worker thread per batch the engine can run at once: each takes the next batch when its
         # engine worker is free, so N worker processes compute N batches side by side
-        self._threads = [threading.Thread(target=self._run, name=f"switchboard-inference-{i}", daemon=True)
-                         for i in range(parallelism(engine))]
+        self._threads = [threading.Thread(target=self._run, args=(i,), name=f"switchboard-inference-{i}",
+                                          daemon=True) for i in range(parallelism(engine))]
+        self._started: dict[int, float] = {}  # worker index → when its batch in flight started
         self.pad_id = int(engine.pad_id)
 
     @property
@@ -293,15 +294,35 @@ class Batcher:
             return True
         return len(set(self._active).union(self._queues.backlogged)) > 1
 
-    def _take(self) -> list[Chunk]:
+    def _stagger(self, index: int, now: float) -> float:
+        """How long worker `index` should hold off before taking the next chunk, so that the workers' batches
+        start spread over a batch's length rather than together: then one of them is always about to be
+        free, and a light tenant's request waits at most a share of a batch, not a whole one. While it holds
+        off, a short chunk (another tenant's one text) needs no spread and is taken at once. Called with
+        the condition held, only while several tenants are active."""
+        head, workers = self._queues.peek(), len(self._threads)
+        rate = self.admission.worker_rate(workers)
+        others = [at for i, at in self._started.items() if i != index]
+        if head is None or not rate or not others:
+            return 0.0
+        spread = head.tokens / rate / workers
+        return max(0.0, max(others) + spread - now)
+
+    def _take(self, index: int = 0) -> list[Chunk]:
         """Collect one batch in the scheduler's order (called with no lock held)."""
         s = self._settings
         batch: list[Chunk] = []
         rows = width = 0
         with self._cond:
-            while not self._queues and not self._stopping:
-                self._cond.wait()
-            contended = self._contended(time.monotonic())
+            while True:
+                while not self._queues and not self._stopping:
+                    self._cond.wait()
+                contended = self._contended(time.monotonic())
+                spread = contended and s.fair_batch_ms > 0 and not self._stopping
+                hold = self._stagger(index, time.monotonic()) if spread else 0.0
+                if hold <= 0:
+                    break
+                self._cond.wait(hold)  # a new arrival wakes this worker early: it may be a short chunk
             max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads), contended)
             log.debug("taking a batch: contended %s, at most %d tokens", contended, max_tokens)
             max_rows = s.max_batch_rows
@@ -336,6 +357,8 @@ class Batcher:
                         else:
                             kept.append(chunk)
                     self.admission.inflight_tokens += sum(chunk.tokens for chunk in kept)
+                    if kept:
+                        self._started[index] = time.monotonic()
                     for tenant in {chunk.tenant for chunk in kept}:
                         self._metrics.tenant_vtc.labels(tenant).set(self._queues.counters.get(tenant, 0.0))
                     return kept
@@ -377,12 +400,12 @@ class Batcher:
             _resolve(item, result=parts[0] if len(parts) == 1 else torch.cat(parts))  # type: ignore[arg-type]
         item.parts = []
 
-    def _run(self) -> None:
+    def _run(self, index: int = 0) -> None:
         while True:
             with self._cond:
                 if self._stopping and not self._queues:
                     return
-            batch = self._take()
+            batch = self._take(index)
             if not batch:
                 continue
             outcome: list[torch.Tensor] | BaseException
@@ -393,6 +416,7 @@ class Batcher:
                               len(batch), sum(c.rows for c in batch))
                 outcome = exc
             with self._cond:
+                self._started.pop(index, None)
                 tokens = sum(chunk.tokens for chunk in batch)
                 self.admission.inflight_tokens -= tokens
                 self.admission.completed(tokens)

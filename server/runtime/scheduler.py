@@ -1,11 +1,12 @@
 """Which waiting request runs next: one FIFO per tenant, tenants chosen by Virtual Token Counter.
 
 VTC (Sheng et al., "Fairness in Serving Large Language Models", OSDI '24): every tenant has a counter
-of the tokens it has been served. The next request comes from the backlogged tenant with the lowest
-counter, and is charged its padded tokens (rows × length) plus a charge for a cold adapter load when
-it is dispatched. A tenant that becomes backlogged is lifted to the lowest counter among the
-backlogged, so idling earns no credit. Work-conserving: with one tenant backlogged, it gets
-everything. `fcfs` (arrival order) is kept for comparison (bench/fairness.py).
+of the tokens it has been served. The next request (a chunk of one, batcher.py) comes from the
+backlogged tenant with the lowest counter after it would be served (counter + cost: at equal
+counters the shorter one first), and is charged its padded tokens (rows × length) plus a charge for
+a cold adapter load when it is dispatched. A tenant that becomes backlogged is lifted to the lowest
+counter among the backlogged, so idling earns no credit. Work-conserving: with one tenant
+backlogged, it gets everything. `fcfs` (arrival order) is kept for comparison (bench/fairness.py).
 
 A plain data structure: the batcher holds its lock around every call.
 """
@@ -87,7 +88,9 @@ class TenantQueues:
             return None
         if self.policy == "fcfs":
             return min(heads, key=lambda item: item.seq)
-        return min(heads, key=lambda item: (self.counters[item.tenant], item.seq))
+        # by virtual finish (counter + cost): between tenants at the same counter — a light tenant just
+        # lifted to a flooder's — the shorter chunk goes first, so one text never waits for a 512-token row
+        return min(heads, key=lambda item: (self.counters[item.tenant] + item.cost, item.seq))
 
     def pop(self, item: Queued, charge: bool = True) -> None:
         """Remove the head `item` of its tenant's queue; charge its cost unless it was dropped."""
