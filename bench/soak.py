@@ -141,7 +141,11 @@ async def max_size_closed_loop(url: str, path: str, body: dict, concurrency: int
 
 
 def flooder(url: str, path: str, body: dict, concurrency: int, duration: float, headers: dict[str, str]) -> dict:
-    """A's closed loop in a process of its own: its client work must not delay B's sends."""
+    """A's closed loop in a process of its own, at nice 10: a flooding client is another program on
+    another host in production, so its own CPU must not delay B's sends or the server here."""
+    import os
+
+    os.nice(10)
     return asyncio.run(max_size_closed_loop(url, path, body, concurrency, duration, headers))
 
 
@@ -262,11 +266,15 @@ def main() -> None:
     parser.add_argument("--phases", default="soak,flood,connections",
                         help="comma-separated: soak (the mixed load above), flood, connections")
     parser.add_argument("--flood-seconds", type=float, default=30.0)
+    parser.add_argument("--flood-configs", default="defaults,chunking_off",
+                        help="comma-separated: defaults, chunking_off")
+    parser.add_argument("--flood-env", action="append", default=[], help="KEY=VALUE settings for the flood servers")
     args = parser.parse_args()
     phases = set(args.phases.split(","))
     if "flood" in phases:
-        result = {"defaults": flood_vs_victim(args.flood_seconds, {}),
-                  "chunking_off": flood_vs_victim(args.flood_seconds, CHUNKING_OFF)}
+        extra = dict(kv.split("=", 1) for kv in args.flood_env)
+        configs = {"defaults": extra, "chunking_off": {**extra, **CHUNKING_OFF}}
+        result = {name: flood_vs_victim(args.flood_seconds, configs[name]) for name in args.flood_configs.split(",")}
         print(json.dumps({"flood_vs_victim": result}))
     if "connections" in phases:
         print(json.dumps({"connection_exhaustion": connection_exhaustion()}))

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
                                        "batches; 0 = the engine runs in a thread of the server process; default: "
                                        "one on a GPU, else min(cores, 2)")
     threads: int = Field(0, ge=0, description="torch threads per engine (per worker); 0 = cores ÷ workers")
+    engine_nice: int = Field(5, ge=0, le=19, description="niceness added to engine worker processes: the front's "
+                                                         "short bursts (HTTP, tokenizing) preempt their batches, so "
+                                                         "a request is not queued behind a busy core")
     engine_timeout_s: float = Field(60.0, gt=0, description="a worker that computes one batch longer than this is "
                                                             "killed and restarted; its batch fails with 503")
     # Tenants and keys (docs/security.md). No admin key: open mode, one tenant `default`, loopback only.
@@ -42,7 +45,7 @@ class Settings(BaseSettings):
     tenant_max_queued_rows: int = Field(512, ge=1, description="rows a tenant may have waiting; past it → 429")
     scheduler: Literal["vtc", "fcfs"] = Field("vtc", description="vtc: fair across tenants by virtual token "
                                                                  "counters; fcfs: arrival order")
-    throttle_window_ms: float = Field(50.0, ge=0, description="after a tenant is refused for its own demand, its "
+    throttle_window_ms: float = Field(1000.0, ge=0, description="after a tenant is refused for its own demand, its "
                                                               "classify requests are refused before their bodies "
                                                               "are read for up to this long")
     vtc_load_charge_tokens: int = Field(256, ge=0, description="what a request that needed a cold adapter load "

@@ -475,3 +475,28 @@ def test_workers_stagger_long_batches_so_one_is_soon_free_and_short_chunks_need_
     short = WorkItem("B", np.zeros(1, dtype=np.int64), [], *rows(1, length=4), None, None, 0.0, 1e9)
     batcher._queues.push(Chunk(short, 0, 0, 1, 4, 4))
     assert batcher._stagger(0, now) == 0.0  # 4 ms ÷ 2 is already past
+
+
+def test_precheck_refuses_a_request_that_cannot_fit_before_it_is_tokenized(make):
+    """A flooder's 64 long texts, which its own queue leaves no room for, is refused from a lower bound of
+    its size (the classify route passes words + 2 per text), before a tokenizer call; another tenant's
+    request of the same size, and the flooder's small one, pass."""
+    batcher, engine, metrics = make(batch_wait_ms=0, overload_factor=1e9, max_queue_rows=2048, max_queue_tokens=65536)
+    engine.gate = threading.Event()
+    pin = Pin(1)
+
+    async def fire():
+        busy = batcher.submit(pin.lease(), *rows(0, length=512), 30, tenant="A", max_queued_rows=512)
+        await asyncio.sleep(0.1)
+        backlog = batcher.submit(pin.lease(), *rows(1, n=16, length=512), 30, tenant="A", max_queued_rows=512)
+        with pytest.raises(Overloaded) as refused:  # 8,192 tokens queued + at least 25,600: past A's 16,384
+            batcher.precheck("A", 512, rows=64, min_tokens=64 * 400)
+        batcher.precheck("A", 512)  # nothing known of the size: not refused here (submit judges it)
+        batcher.precheck("B", 512, rows=64, min_tokens=64 * 400)  # B's queue is empty
+        engine.gate.set()
+        await asyncio.gather(batcher.result(busy), batcher.result(backlog))
+        return refused.value
+
+    refused = asyncio.run(fire())
+    assert refused.status == 429 and "max_queued_rows 512" in refused.message
+    assert pin.count == 0

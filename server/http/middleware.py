@@ -170,7 +170,7 @@ class GateMiddleware:
             return
         assert principal is not None
         scope.setdefault("state", {})["principal"] = principal  # the auth dependency reuses it
-        if path == "/v1/classify":
+        if route.scope == "classify":  # classify and embed
             retry = runtime.batcher.throttled(principal.tenant)
             if retry is not None:
                 await _send_error(send, 429, "overloaded", f"this tenant is over its share now; retry in {retry} s",

@@ -198,11 +198,12 @@ class Batcher:
             thread.join(max(0.0, end - time.monotonic()))
 
     # ----- admission (event loop) ---------------------------------------------------------------------
-    def precheck(self, tenant: str, max_queued_rows: int) -> None:
-        """Refuse now (429) if even the smallest request of this tenant would be refused. Called before
-        a request is tokenized, so shed work costs almost nothing."""
+    def precheck(self, tenant: str, max_queued_rows: int, rows: int = 0, min_tokens: int = 0) -> None:
+        """Refuse now (429) if the request would be refused even at its least possible size (`rows`, and
+        `min_tokens` padded tokens: a lower bound from the texts). Called before a request is tokenized,
+        so shed work — a flooder's 64 long texts — costs almost nothing."""
         with self._cond:
-            refusal = self.admission.refusal(self._queues, tenant, 0, 0, max_queued_rows)
+            refusal = self.admission.refusal(self._queues, tenant, rows, min_tokens, max_queued_rows)
         if refusal is not None:
             self._refuse(tenant, refusal)
 

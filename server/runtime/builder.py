@@ -94,7 +94,8 @@ def build_engine(settings: Settings, metrics: Metrics, store: Store,
     engine = ProcessEngine(str(s.model or default_model_path()), store.read_blob, metrics, max_length=s.max_length,
                            precision=precision, device=device, max_adapter_bytes=s.max_adapter_bytes,
                            chunk_rows=s.chunk_rows, workers=workers, threads=threads,
-                           timeout_s=s.engine_timeout_s, log_level=s.log_level, log_format=s.log_format)
+                           timeout_s=s.engine_timeout_s, log_level=s.log_level, log_format=s.log_format,
+                           nice=s.engine_nice)
     engine.launch()
     try:
         backbone = default_backbone_factory(s)()

@@ -51,6 +51,7 @@ class WorkerConfig:
     index: int
     log_level: str = "info"
     log_format: str = "text"
+    nice: int = 0  # added to the worker's niceness: the front's short bursts of work preempt its batches
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -115,6 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     fd, config_json = (argv or sys.argv[1:])[:2]
     config = WorkerConfig(**json.loads(config_json))
     configure_logging(config.log_level, config.log_format)  # type: ignore[arg-type]
+    if config.nice:
+        os.nice(config.nice)
     sock = socket.socket(fileno=int(fd))
     try:
         return serve(sock, config)

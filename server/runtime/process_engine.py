@@ -227,7 +227,7 @@ class ProcessEngine(SlotBudget):
                  max_length: int | None = None, precision: Precision | str = Precision.FP32,
                  device: torch.device | str = "cpu", max_adapter_bytes: int = 1 << 30, chunk_rows: int = 8,
                  workers: int = 1, threads: int = 2, timeout_s: float = 60.0, log_level: str = "info",
-                 log_format: str = "text") -> None:
+                 log_format: str = "text", nice: int = 0) -> None:
         """The books are usable once `start(backbone)` has run; `launch()` before it lets the workers load
         the model while the front loads its own copy."""
         self.precision = Precision(precision)
@@ -244,7 +244,8 @@ class ProcessEngine(SlotBudget):
         self._next_task = 1
         config = WorkerConfig(model=model_path, max_length=max_length, precision=str(self.precision),
                               device=str(self.device), threads=threads, chunk_rows=chunk_rows,
-                              max_adapter_bytes=max_adapter_bytes, index=0, log_level=log_level, log_format=log_format)
+                              max_adapter_bytes=max_adapter_bytes, index=0, log_level=log_level, log_format=log_format,
+                              nice=nice)
         self.workers = [EngineWorker(replace(config, index=i), self._attach, metrics) for i in range(workers)]
         self._idle: queue.SimpleQueue[EngineWorker] = queue.SimpleQueue()
 

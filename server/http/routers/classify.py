@@ -52,7 +52,9 @@ async def classify(body: ClassifyRequest, request: Request, runtime: RuntimeDep,
         raise PayloadTooLarge(f"{len(texts)} inputs × {len(names)} tasks = {len(texts) * len(names)} rows; at most "
                               f"{settings.max_inputs_per_request} per request (max_inputs_per_request)")
     tenant, queued_rows = principal.tenant, runtime.tenancy.quotas(principal.tenant).max_queued_rows
-    runtime.batcher.precheck(tenant, queued_rows)  # overloaded: refuse before spending a tokenizer call
+    # refuse before spending a tokenizer call (overloaded, or this tenant's own queue is full)
+    runtime.batcher.precheck(tenant, queued_rows, len(names) * len(texts),
+                             len(names) * _token_floor(texts, runtime.engine.spec.max_length, settings))
     with ExitStack() as held:  # every lease is released here unless handed to the batcher
         leases = [held.enter_context(runtime.registry.acquire((tenant, name))) for name in names]
         records = [lease.record for lease in leases]
@@ -85,7 +87,8 @@ async def embed(body: EmbedRequest, request: Request, runtime: RuntimeDep, setti
     the same batches as classification traffic."""
     texts = _texts(body.inputs, settings, runtime)
     tenant, queued_rows = principal.tenant, runtime.tenancy.quotas(principal.tenant).max_queued_rows
-    runtime.batcher.precheck(tenant, queued_rows)
+    runtime.batcher.precheck(tenant, queued_rows, len(texts), _token_floor(texts, runtime.engine.spec.max_length,
+                                                                           settings))
     ids, mask = await _tokenize(runtime, settings, texts)
     item = runtime.batcher.submit(runtime.embedding.lease(), ids, mask, settings.request_timeout_s, tenant=tenant,
                                   max_queued_rows=queued_rows)
@@ -108,6 +111,15 @@ def _texts(inputs: str | list[str], settings: Settings, runtime: Runtime) -> lis
         raise PayloadTooLarge(f"an input of {longest} characters; at most {settings.max_input_chars} "
                               f"(inputs are truncated to {runtime.engine.spec.max_length} tokens anyway)")
     return texts
+
+
+def _token_floor(texts: list[str], max_length: int, settings: Settings) -> int:
+    """Fewest padded tokens the texts can take: subword tokenizers split on whitespace first, so each word
+    is at least one token (plus the two special tokens), up to max_length. Worked out for large requests
+    only — a small one is tokenized on the loop at once anyway."""
+    if sum(map(len, texts)) <= settings.inline_tokenize_chars:
+        return 0
+    return len(texts) * min(max_length, max(len(text.split()) for text in texts) + 2)
 
 
 async def _tokenize(runtime: Runtime, settings: Settings, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
