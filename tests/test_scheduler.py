@@ -103,3 +103,21 @@ def test_at_equal_counters_a_light_tenants_short_request_goes_before_a_long_one(
     q.pop(q.peek())
     q.push(Item("B", tokens=16, cost=16))  # lifted to A's counter; A's head arrived earlier but costs more
     assert drain(q, 2) == ["B", "A"]
+
+
+def test_a_tenant_idle_or_throttled_while_another_was_served_comes_back_without_credit():
+    """With nobody backlogged, a returning tenant rejoins at the counter service has reached (VTC's lift
+    needs a reference when the queue ran dry): else a flooder throttled for a second while B was served
+    returns far below B's counter, and its burst runs ahead of B's next requests."""
+    q = TenantQueues("vtc")
+    for _ in range(10):
+        q.push(Item("A"))
+    drain(q, 10)
+    for _ in range(50):  # A throttled: B alone, one request at a time
+        q.push(Item("B"))
+        drain(q, 1)
+    for _ in range(20):
+        q.push(Item("A"))  # A's burst after its throttle window
+    q.push(Item("B"))
+    assert "B" in drain(q, 3)  # A rejoins one request behind B, not 49
+    assert q.ahead_of("B") <= 200

@@ -5,7 +5,8 @@ of the tokens it has been served. The next request (a chunk of one, batcher.py) 
 backlogged tenant with the lowest counter after it would be served (counter + cost: at equal
 counters the shorter one first), and is charged its padded tokens (rows × length) plus a charge for
 a cold adapter load when it is dispatched. A tenant that becomes backlogged is lifted to the lowest
-counter among the backlogged, so idling earns no credit. Work-conserving: with one tenant
+counter among the backlogged (with none backlogged, to the counter service has reached), so idling
+— or being throttled while another tenant is served — earns no credit. Work-conserving: with one tenant
 backlogged, it gets everything. `fcfs` (arrival order) is kept for comparison (bench/fairness.py).
 
 A plain data structure: the batcher holds its lock around every call.
@@ -37,6 +38,7 @@ class TenantQueues:
     rows: collections.Counter[str] = field(default_factory=collections.Counter)
     tokens: collections.Counter[str] = field(default_factory=collections.Counter)
     _seq: itertools.count = field(default_factory=itertools.count)
+    vtime: float = 0.0  # the highest counter a dispatched chunk started from: where an idle tenant rejoins
 
     @property
     def total_rows(self) -> int:
@@ -56,14 +58,18 @@ class TenantQueues:
     def push(self, item: Queued) -> None:
         queue = self._queues.setdefault(item.tenant, collections.deque())
         if not queue:  # becoming backlogged: no credit for the time it was idle
-            others = [self.counters.get(t, 0.0) for t in self.backlogged]
-            if others:
-                self.counters[item.tenant] = max(self.counters.get(item.tenant, 0.0), min(others))
-            self.counters.setdefault(item.tenant, 0.0)
+            self.counters[item.tenant] = self._rejoin(item.tenant)
         item.seq = next(self._seq)
         queue.append(item)
         self.rows[item.tenant] += item.rows
         self.tokens[item.tenant] += item.tokens
+
+    def _rejoin(self, tenant: str) -> float:
+        """The counter a tenant becoming backlogged starts from: its own, lifted to the lowest backlogged
+        counter — or, with nobody backlogged, to where service has reached (`vtime`): a tenant that was
+        throttled or idle while another was served must not come back with credit to spend ahead of it."""
+        others = [self.counters.get(t, 0.0) for t in self.backlogged if t != tenant]
+        return max(self.counters.get(tenant, 0.0), min(others) if others else self.vtime)
 
     def ahead_of(self, tenant: str) -> int:
         """Tokens that would run before a new request of `tenant` starts: everything under FCFS; under
@@ -73,10 +79,7 @@ class TenantQueues:
         if self.policy == "fcfs":
             return self.total_tokens
         own = self.tokens[tenant]
-        counter = self.counters.get(tenant, 0.0)
-        if not own:  # not backlogged: it would be lifted to the lowest backlogged counter
-            lowest = [self.counters.get(t, 0.0) for t in self.backlogged]
-            counter = max(counter, min(lowest)) if lowest else counter
+        counter = self.counters.get(tenant, 0.0) if own else self._rejoin(tenant)  # as push would lift it
         reach = counter + own
         return own + sum(min(self.tokens[t], max(0, int(reach - self.counters.get(t, 0.0))))
                          for t in self.backlogged if t != tenant)
@@ -100,6 +103,7 @@ class TenantQueues:
         self.rows[item.tenant] -= item.rows
         self.tokens[item.tenant] -= item.tokens
         if charge:
+            self.vtime = max(self.vtime, self.counters.get(item.tenant, 0.0))
             self.counters[item.tenant] = self.counters.get(item.tenant, 0.0) + item.cost
         if not queue:
             del self._queues[item.tenant]
