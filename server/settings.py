@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     keep_alive_timeout_s: float = Field(5.0, gt=0, description="an idle keep-alive connection is closed after this")
     max_connections: int = Field(2048, ge=1, description="open connections; more are answered 503 and closed at "
                                                          "once (lowered to the open-file limit less 256)")
-    tenant_max_pending_uploads: int = Field(2, ge=1, description="uploads of one tenant admitted at once (their "
+    tenant_max_pending_uploads: int = Field(4, ge=1, description="uploads of one tenant admitted at once (their "
                                                                  "bodies being received or parsed); more → 429 "
                                                                  "before the body is read")
 
