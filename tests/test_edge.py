@@ -149,16 +149,40 @@ def test_a_stalled_body_is_closed_with_408_and_its_upload_permit_comes_back(serv
     assert after == before + 1
 
 
-def test_connections_past_max_connections_get_503_and_idle_ones_are_reclaimed(server):
+def test_at_max_connections_a_new_client_evicts_the_oldest_idle_connection(server):
+    """20,000 idle connections locked every client out. Now past max_connections the connection that has
+    waited longest without a request head is closed (408) to make room, so a client that sends its
+    request at once is served; the rest of the idle ones go at the header timeout."""
     url, _ = server
     idle = [connect(url) for _ in range(EDGE["max_connections"])]
+    time.sleep(0.1)
+    fresh = connect(url)
+    fresh.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    assert read_response(fresh)[0] == 200
+    fresh.close()
+    status, body = read_response(idle[0])
+    assert status == 408 and "make room" in body["error"]["message"]
+    for sock in idle:
+        sock.close()
+    assert healthy(url)
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_503(server):
+    """Connections whose requests are in progress are never evicted: past the cap a new one is refused."""
+    url, keys = server
+    busy = []
+    for _ in range(EDGE["max_connections"]):
+        sock = connect(url)
+        sock.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Authorization: Bearer " + keys["a"].encode() + b"\r\nContent-Length: 100\r\n\r\n{")
+        busy.append(sock)
     time.sleep(0.1)
     extra = connect(url)
     status, body = read_response(extra)
     assert status == 503 and body["error"]["type"] == "too_many_connections"
     assert "max_connections" in body["error"]["message"]
     extra.close()
-    for sock in idle:  # each is answered 408 at the header timeout, and the slots are free again
+    for sock in busy:  # their bodies stall: each is answered 408 and the slots come back
         assert read_response(sock, timeout=10)[0] == 408
         sock.close()
     assert healthy(url)

@@ -71,6 +71,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     settings: Settings
     refusals: RefusalLog
+    waiting: dict[EdgeProtocol, None]  # shared by one server's connections: those awaiting a request head
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -86,15 +87,41 @@ class EdgeProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         limit = self.settings.max_connections
         if len(self.connections) > limit:
-            self.refusals("too_many_connections", f"{len(self.connections) - 1} open, max_connections {limit}")
-            self._answer_and_close(503, "too_many_connections",
-                                   f"the server has {limit} connections open (max_connections); retry shortly")
-            return
+            # make room by closing the connection that has waited longest without a complete request
+            # head (never sent one, or trickling it): a flood of idle connections then cannot lock
+            # out a client that sends its request at once
+            victim = next(iter(self.waiting), None)
+            if victim is not None:
+                victim._waiting(False)
+                self.refusals("evicted_idle", f"max_connections {limit} reached: closed the connection waiting "
+                              "longest for a request head")
+                victim._answer_and_close(408, "request_timeout", "closed to make room for a new connection: no "
+                                         "complete request head was sent (max_connections)")
+            else:
+                self.refusals("too_many_connections", f"{len(self.connections) - 1} open, max_connections {limit}")
+                self._answer_and_close(503, "too_many_connections", f"the server has {limit} connections busy "
+                                       "(max_connections); retry shortly")
+                return
+        self._waiting(True)
         self._arm("head", self.settings.header_timeout_s)  # the first request's head: no idle connections
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        self._waiting(False)
         super().connection_lost(exc)
+
+    def _waiting(self, waiting: bool) -> None:
+        """Keep `waiting` (connections awaiting a complete request head, oldest first) up to date."""
+        if waiting:
+            self.waiting.setdefault(self, None)
+        else:
+            self.waiting.pop(self, None)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self.timeout_keep_alive_task is not None:  # idle on keep-alive: evictable, newest last
+            self._waiting(False)
+            self._waiting(True)
 
     def _answer_and_close(self, status: int, type_: str, message: str) -> None:
         """Answer with a JSON error and close; if the app already answered part of a response, just close."""
@@ -186,6 +213,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        if self not in self.waiting:  # a pipelined or keep-alive request: waiting again
+            self._waiting(True)
         self._in_head = True
         if self._timer is None or self._timer_kind != "head":
             self._arm("head", self.settings.header_timeout_s)
@@ -200,6 +229,7 @@ class EdgeProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._waiting(False)
         self._head_bytes = 0
         self._disarm()
         super().on_headers_complete()
@@ -219,7 +249,8 @@ class EdgeProtocol(HttpToolsProtocol):
 
 def edge_protocol(settings: Settings, metrics: Metrics | None) -> type[EdgeProtocol]:
     """EdgeProtocol bound to one server's settings and metrics (uvicorn builds one per connection)."""
-    return type("SwitchboardEdgeProtocol", (EdgeProtocol,), {"settings": settings, "refusals": RefusalLog(metrics)})
+    return type("SwitchboardEdgeProtocol", (EdgeProtocol,), {"settings": settings, "refusals": RefusalLog(metrics),
+                                                             "waiting": {}})
 
 
 def connection_limit(settings: Settings) -> int:
