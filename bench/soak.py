@@ -35,6 +35,8 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -150,46 +152,53 @@ def flooder(url: str, path: str, body: dict, concurrency: int, duration: float, 
     return asyncio.run(max_size_closed_loop(url, path, body, concurrency, duration, headers))
 
 
+@contextmanager
+def default_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """`switchboard serve` on the defaults (real MiniLM, full length, default layout): (url, port)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data:
+        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
+               "--log-level", "warning"]
+        with running_process(cmd, url, Path(data) / "server.log", env=env):
+            yield url, port
+
+
 def flood_vs_victim(duration: float, env: dict[str, str]) -> dict:
     import multiprocessing
 
     from bench.overload import long_texts, open_loop
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     out: dict = {}
-    with tempfile.TemporaryDirectory() as data:
-        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
-               "--log-level", "warning"]
-        with running_process(cmd, url, Path(data) / "server.log", env={"SWITCHBOARD_ADMIN_KEY": ADMIN, **env}):
-            admin = {"Authorization": f"Bearer {ADMIN}"}
-            fp = httpx.get(f"{url}/v1/backbone", headers=admin).json()["fingerprint"]
-            keys = {}
-            for tenant in ("A", "B"):
-                r = httpx.post(f"{url}/v1/keys", headers=admin, json={"tenant": tenant, "scopes": ["classify", "manage"]})
-                keys[tenant] = {"Authorization": f"Bearer {r.json()['key']}"}
-                blob = native.dumps(bench_adapter(load_backbone().spec, "ia3", seed=len(keys)), fp)
-                httpx.put(f"{url}/v1/tasks/t", headers=keys[tenant], files=[("files", ("a.safetensors", blob))],
-                          timeout=60).raise_for_status()
-            short = sample_texts(200, seed=7, short=True)
-            longest = long_texts(64)
-            rate = 4.0
-            asyncio.run(open_loop(url, ["t"], short, rate, 3.0, seed=0, headers=keys["B"]))  # warm-up
-            alone = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=1, headers=keys["B"]))
-            out["b_alone"] = {k: alone[k] for k in ("p50_ms", "p99_ms", "statuses")}
-            phases = [("embed_x2", "/v1/embed", {"inputs": longest}, 2),
-                      ("classify_x32", "/v1/classify", {"task": "t", "inputs": longest}, 32)]
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                pool.apply(abs, (1,))  # the flooding process is up before the clock starts
-                for name, path, body, concurrency in phases:
-                    flooding = pool.apply_async(flooder, (url, path, body, concurrency, duration + 2, keys["A"]))
-                    time.sleep(2.0)  # A's backlog is there before B's first request
-                    b = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=2, headers=keys["B"]))
-                    a = flooding.get(timeout=duration + 300)
-                    out[name] = {"b_p50_ms": b["p50_ms"], "b_p99_ms": b["p99_ms"], "b_statuses": b["statuses"],
-                                 "b_p99_vs_alone": b["p99_ms"] / alone["p99_ms"], "a_statuses": a}
-                    print(json.dumps({name: out[name]}), flush=True)
-                    time.sleep(3.0)  # A's last requests drain
+    with default_server({"SWITCHBOARD_ADMIN_KEY": ADMIN, **env}) as (url, _):
+        admin = {"Authorization": f"Bearer {ADMIN}"}
+        fp = httpx.get(f"{url}/v1/backbone", headers=admin).json()["fingerprint"]
+        keys = {}
+        for tenant in ("A", "B"):
+            r = httpx.post(f"{url}/v1/keys", headers=admin, json={"tenant": tenant, "scopes": ["classify", "manage"]})
+            keys[tenant] = {"Authorization": f"Bearer {r.json()['key']}"}
+            blob = native.dumps(bench_adapter(load_backbone().spec, "ia3", seed=len(keys)), fp)
+            httpx.put(f"{url}/v1/tasks/t", headers=keys[tenant], files=[("files", ("a.safetensors", blob))],
+                      timeout=60).raise_for_status()
+        short = sample_texts(200, seed=7, short=True)
+        longest = long_texts(64)
+        rate = 4.0
+        asyncio.run(open_loop(url, ["t"], short, rate, 3.0, seed=0, headers=keys["B"]))  # warm-up
+        alone = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=1, headers=keys["B"]))
+        out["b_alone"] = {k: alone[k] for k in ("p50_ms", "p99_ms", "statuses")}
+        phases = [("embed_x2", "/v1/embed", {"inputs": longest}, 2),
+                  ("classify_x32", "/v1/classify", {"task": "t", "inputs": longest}, 32)]
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            pool.apply(abs, (1,))  # the flooding process is up before the clock starts
+            for name, path, body, concurrency in phases:
+                flooding = pool.apply_async(flooder, (url, path, body, concurrency, duration + 2, keys["A"]))
+                time.sleep(2.0)  # A's backlog is there before B's first request
+                b = asyncio.run(open_loop(url, ["t"], short, rate, duration, seed=2, headers=keys["B"]))
+                a = flooding.get(timeout=duration + 300)
+                out[name] = {"b_p50_ms": b["p50_ms"], "b_p99_ms": b["p99_ms"], "b_statuses": b["statuses"],
+                             "b_p99_vs_alone": b["p99_ms"] / alone["p99_ms"], "a_statuses": a}
+                print(json.dumps({name: out[name]}), flush=True)
+                time.sleep(3.0)  # A's last requests drain
     return out
 
 
@@ -197,68 +206,63 @@ def connection_exhaustion() -> dict:
     """Idle and trickling connections past max_connections, with /health and new clients measured."""
     import socket
 
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     out: dict = {}
-    with tempfile.TemporaryDirectory() as data:
-        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
-               "--log-level", "warning"]
-        with running_process(cmd, url, Path(data) / "server.log"):
-            for name, count, trickle in (("idle", 3000, False), ("slowloris", 2000, True)):
-                socks, refused_at_connect = [], 0
-                for _ in range(count):
+    with default_server() as (url, port):
+        for name, count, trickle in (("idle", 3000, False), ("slowloris", 2000, True)):
+            socks, refused_at_connect = [], 0
+            for _ in range(count):
+                try:
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                except OSError:
+                    refused_at_connect += 1
+                    continue
+                sock.setblocking(False)
+                socks.append((sock, time.monotonic()))
+                if trickle:
                     try:
-                        sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                        sock.send(b"GET /health HTTP/1.1\r\n")
                     except OSError:
-                        refused_at_connect += 1
-                        continue
-                    sock.setblocking(False)
-                    socks.append((sock, time.monotonic()))
-                    if trickle:
+                        pass
+            slowest, served, tried, answers = 0.0, 0, 0, collections.Counter()
+            lifetimes: list[float] = []
+            start = time.monotonic()
+            with httpx.Client(timeout=10) as client:
+                while time.monotonic() - start < 15 and len(lifetimes) < len(socks):
+                    t = time.monotonic()
+                    try:
+                        ok = client.get(f"{url}/health", headers={"connection": "close"}).status_code == 200
+                    except httpx.HTTPError:
+                        ok = False
+                    slowest = max(slowest, time.monotonic() - t)
+                    served, tried = served + ok, tried + 1
+                    for sock, opened in socks:
+                        if sock.fileno() < 0:
+                            continue
                         try:
-                            sock.send(b"GET /health HTTP/1.1\r\n")
+                            data = sock.recv(4096)
+                        except BlockingIOError:
+                            if trickle:
+                                try:
+                                    sock.send(b"x")
+                                except OSError:
+                                    pass
+                            continue
                         except OSError:
-                            pass
-                slowest, served, tried, answers = 0.0, 0, 0, collections.Counter()
-                lifetimes: list[float] = []
-                start = time.monotonic()
-                with httpx.Client(timeout=10) as client:
-                    while time.monotonic() - start < 15 and len(lifetimes) < len(socks):
-                        t = time.monotonic()
-                        try:
-                            ok = client.get(f"{url}/health", headers={"connection": "close"}).status_code == 200
-                        except httpx.HTTPError:
-                            ok = False
-                        slowest = max(slowest, time.monotonic() - t)
-                        served, tried = served + ok, tried + 1
-                        for sock, opened in socks:
-                            if sock.fileno() < 0:
-                                continue
-                            try:
-                                data = sock.recv(4096)
-                            except BlockingIOError:
-                                if trickle:
-                                    try:
-                                        sock.send(b"x")
-                                    except OSError:
-                                        pass
-                                continue
-                            except OSError:
-                                data = b""
-                            status = data.split(b" ")[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
-                            answers[status] += 1
-                            lifetimes.append(time.monotonic() - opened)
-                            sock.close()
-                        time.sleep(0.2 if trickle else 0.05)
-                for sock, _ in socks:
-                    if sock.fileno() >= 0:
+                            data = b""
+                        status = data.split(b" ")[1].decode() if data.startswith(b"HTTP/1.1 ") else "closed"
+                        answers[status] += 1
+                        lifetimes.append(time.monotonic() - opened)
                         sock.close()
-                out[name] = {"connections": count, "refused_at_connect": refused_at_connect,
-                             "answers": dict(answers), "still_open_after_15_s": len(socks) - len(lifetimes),
-                             "longest_life_s": round(max(lifetimes, default=0.0), 2),
-                             "health_slowest_s": round(slowest, 3), "new_clients_tried": tried,
-                             "new_clients_served": served}
-                print(json.dumps({name: out[name]}), flush=True)
+                    time.sleep(0.2 if trickle else 0.05)
+            for sock, _ in socks:
+                if sock.fileno() >= 0:
+                    sock.close()
+            out[name] = {"connections": count, "refused_at_connect": refused_at_connect,
+                         "answers": dict(answers), "still_open_after_15_s": len(socks) - len(lifetimes),
+                         "longest_life_s": round(max(lifetimes, default=0.0), 2),
+                         "health_slowest_s": round(slowest, 3), "new_clients_tried": tried,
+                         "new_clients_served": served}
+            print(json.dumps({name: out[name]}), flush=True)
     return out
 
 
