@@ -129,6 +129,7 @@ def test_stopping_the_engine_ends_its_workers(shared):
             os.kill(pid, 0)
 
 
+@pytest.mark.slow  # 16 s of worker restarts: in `pytest -m slow` (CI runs it)
 def test_a_killed_or_hung_worker_fails_its_batch_with_503_then_comes_back_with_every_task(tiny_dir):
     blobs = Blobs()
     metrics = Metrics()

@@ -142,6 +142,7 @@ def test_postgres_restart_keeps_resident_tasks_served_and_replicas_reconnect(tin
         assert logits(a, "new").status_code == 200
 
 
+@pytest.mark.slow  # a subprocess server waiting out its connect timeout: in `pytest -m slow` (CI runs it)
 @pytest.mark.parametrize("bad", ["postgresql://postgres@127.0.0.1:1/none"])
 def test_an_unreachable_store_at_start_is_a_clear_startup_error(tiny_dir, tmp_path, bad):
     import os
