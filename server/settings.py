@@ -45,7 +45,7 @@ class Settings(BaseSettings):
     tenant_max_queued_rows: int = Field(512, ge=1, description="rows a tenant may have waiting; past it → 429")
     scheduler: Literal["vtc", "fcfs"] = Field("vtc", description="vtc: fair across tenants by virtual token "
                                                                  "counters; fcfs: arrival order")
-    throttle_window_ms: float = Field(1000.0, ge=0, description="after a tenant is refused for its own demand, its "
+    throttle_window_ms: float = Field(50.0, ge=0, description="after a tenant is refused for its own demand, its "
                                                               "classify requests are refused before their bodies "
                                                               "are read for up to this long")
     vtc_load_charge_tokens: int = Field(256, ge=0, description="what a request that needed a cold adapter load "

@@ -299,15 +299,18 @@ class Batcher:
         """How long worker `index` should hold off before taking the next chunk, so that the workers' batches
         start spread over a batch's length rather than together: then one of them is always about to be
         free, and a light tenant's request waits at most a share of a batch, not a whole one. While it holds
-        off, a short chunk (another tenant's one text) needs no spread and is taken at once. Called with
-        the condition held, only while several tenants are active."""
+        off, a short chunk (another tenant's one text) needs no spread and is taken at once; batches
+        shorter than a quarter of `fair_batch_ms` are never held (holding them would cost throughput for
+        little). Called with the condition held, only while several tenants are active."""
         head, workers = self._queues.peek(), len(self._threads)
         rate = self.admission.worker_rate(workers)
         others = [at for i, at in self._started.items() if i != index]
         if head is None or not rate or not others:
             return 0.0
-        spread = head.tokens / rate / workers
-        return max(0.0, max(others) + spread - now)
+        length = head.tokens / rate
+        if length < self._settings.fair_batch_ms / 4000:  # a short batch: waiting for one costs little anyway
+            return 0.0
+        return max(0.0, max(others) + length / workers - now)
 
     def _take(self, index: int = 0) -> list[Chunk]:
         """Collect one batch in the scheduler's order (called with no lock held)."""
