@@ -90,6 +90,19 @@ def test_a_huge_header_is_refused_with_431_after_the_limit_not_after_the_whole_v
     assert metric_samples(url)['switchboard_http_refused_total{"reason": "header_too_large"}'] >= 1
 
 
+def test_a_huge_second_head_on_a_keep_alive_connection_is_refused_too(server):
+    url, _ = server
+    sock = connect(url)
+    sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+    time.sleep(0.1)
+    first = sock.recv(65536)
+    assert first.startswith(b"HTTP/1.1 200")
+    send_slowly(sock, b"GET /health HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * (4 << 20))
+    status, body = read_response(sock)
+    assert status == 431 and body["error"]["type"] == "header_too_large"
+    sock.close()
+
+
 def test_a_huge_url_is_refused_with_414(server):
     url, _ = server
     sock = connect(url)

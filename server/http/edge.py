@@ -244,6 +244,7 @@ class EdgeProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._timer_kind == "body":
             self._disarm()
+        self._in_head, self._head_bytes = True, 0  # what follows on this connection is the next head
         super().on_message_complete()
 
 
