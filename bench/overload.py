@@ -16,20 +16,16 @@ import argparse
 import asyncio
 import collections
 import json
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np
 
 from bench.adapters import bench_adapter
 from bench.http_load import ConnectionPool
-from bench.serve import closed_loop
+from bench.serve import closed_loop, default_server
 from bench.texts import debian_descriptions
 from switchboard.adapter_store.formats import native
-from switchboard.clients.local_server import free_port, running_process
 from switchboard.server.core.backbone import load_backbone
 
 ROW_BOUNDED = {"SWITCHBOARD_MAX_QUEUE_TOKENS": str(10**12), "SWITCHBOARD_MAX_QUEUE_DELAY_S": str(10**9),
@@ -82,23 +78,18 @@ async def open_loop(url: str, tasks: list[str], texts: list[str], rate: float, d
 
 
 def measure(name: str, env: dict[str, str], texts: list[str], duration: float) -> dict:
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
-               "--log-level", "warning"]
-        with running_process(cmd, url, Path(data) / "server.log", env=env):
-            spec = load_backbone().spec
-            fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
-            with httpx.Client(timeout=60) as client:
-                for i in range(10):
-                    blob = native.dumps(bench_adapter(spec, "ia3", seed=i), fp)
-                    client.put(f"{url}/v1/tasks/task-{i}", files=[("files", ("a.safetensors", blob))]).raise_for_status()
-            tasks = [f"task-{i}" for i in range(10)]
-            asyncio.run(closed_loop(url, tasks, texts, 8, 5.0))  # warm-up
-            sat = asyncio.run(closed_loop(url, tasks, texts, 8, duration))
-            unloaded = asyncio.run(open_loop(url, tasks, texts, 0.2 * sat["rps"], duration, seed=1))
-            over = asyncio.run(open_loop(url, tasks, texts, 5.0 * sat["rps"], duration, seed=2))
+    with default_server(env) as (url, _):
+        spec = load_backbone().spec
+        fp = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
+        with httpx.Client(timeout=60) as client:
+            for i in range(10):
+                blob = native.dumps(bench_adapter(spec, "ia3", seed=i), fp)
+                client.put(f"{url}/v1/tasks/task-{i}", files=[("files", ("a.safetensors", blob))]).raise_for_status()
+        tasks = [f"task-{i}" for i in range(10)]
+        asyncio.run(closed_loop(url, tasks, texts, 8, 5.0))  # warm-up
+        sat = asyncio.run(closed_loop(url, tasks, texts, 8, duration))
+        unloaded = asyncio.run(open_loop(url, tasks, texts, 0.2 * sat["rps"], duration, seed=1))
+        over = asyncio.run(open_loop(url, tasks, texts, 5.0 * sat["rps"], duration, seed=2))
     s = over["statuses"]
     rejected = sum(n for code, n in s.items() if code != 200)
     row = {"config": name, "saturation_rps": sat["rps"], "unloaded_p50_ms": unloaded["p50_ms"],

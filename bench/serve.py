@@ -20,6 +20,7 @@ import random
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -47,6 +48,18 @@ def server_process(cmd: list[str], url: str, env: dict[str, str] | None = None):
     with tempfile.TemporaryDirectory() as logs:
         with running_process(cmd, url, Path(logs) / "server.log", env=env) as (proc, ready_s):
             yield proc, ready_s
+
+
+@contextmanager
+def default_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
+    """`switchboard serve` on the defaults (real MiniLM, full length, default layout): (url, port)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryDirectory() as data:
+        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
+               "--log-level", "warning"]
+        with running_process(cmd, url, Path(data) / "server.log", env=env):
+            yield url, port
 
 
 async def closed_loop(url: str, tasks: list[str], texts: list[str], concurrency: int, duration: float,

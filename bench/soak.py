@@ -35,8 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -47,7 +45,7 @@ from safetensors.torch import save
 
 from bench.adapters import bench_adapter
 from bench.http_load import ConnectionPool
-from bench.serve import closed_loop
+from bench.serve import closed_loop, default_server
 from bench.texts import sample_texts
 from switchboard.adapter_store.formats import native
 from switchboard.clients.local_server import free_port, running_process
@@ -150,18 +148,6 @@ def flooder(url: str, path: str, body: dict, concurrency: int, duration: float, 
 
     os.nice(10)
     return asyncio.run(max_size_closed_loop(url, path, body, concurrency, duration, headers))
-
-
-@contextmanager
-def default_server(env: dict[str, str] | None = None) -> Iterator[tuple[str, int]]:
-    """`switchboard serve` on the defaults (real MiniLM, full length, default layout): (url, port)."""
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    with tempfile.TemporaryDirectory() as data:
-        cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--data-dir", data,
-               "--log-level", "warning"]
-        with running_process(cmd, url, Path(data) / "server.log", env=env):
-            yield url, port
 
 
 def flood_vs_victim(duration: float, env: dict[str, str]) -> dict:

@@ -69,8 +69,6 @@ class WorkItem:
     loop: asyncio.AbstractEventLoop
     enqueued: float
     deadline: float
-    cost: int = 0  # what the scheduler charges the tenant: tokens, plus a cold load's charge
-    seq: int = field(default=0)
     pending: int = 0  # chunks queued or in flight
     parts: list[torch.Tensor | None] = field(default_factory=list)  # each chunk's logits, in row order
     error: BaseException | None = None  # set at the first failure or drop: the other chunks are dropped
@@ -123,13 +121,10 @@ def cut(item: WorkItem, max_chunk_tokens: int, load_charge: int = 0) -> list[Chu
     least), each trimmed to its longest row. A cold load's charge goes on the first chunk."""
     per_chunk = max(1, max_chunk_tokens // max(1, item.length))
     starts = np.arange(0, item.rows, per_chunk)
-    lengths = np.maximum.reduceat(item.attention_mask.sum(axis=1), starts) if item.rows else starts
+    lengths = np.maximum.reduceat(item.attention_mask.sum(axis=1), starts)
     stops = [*starts[1:].tolist(), item.rows]
-    chunks = [Chunk(item, i, int(a), int(b), max(1, int(n)), 0)
+    chunks = [Chunk(item, i, a, b, max(1, n), (b - a) * max(1, n) + (load_charge if i == 0 else 0))
               for i, (a, b, n) in enumerate(zip(starts.tolist(), stops, lengths.tolist()))]
-    for chunk in chunks:
-        chunk.cost = chunk.tokens
-    chunks[0].cost += load_charge
     item.pending, item.parts = len(chunks), [None] * len(chunks)
     return chunks
 
@@ -244,7 +239,6 @@ class Batcher:
         item = WorkItem(tenant, np.repeat(np.array(slots, dtype=np.int64), per_lease), leases, input_ids,
                         attention_mask, loop.create_future(), loop, now, now + timeout_s)
         load_charge = self._settings.vtc_load_charge_tokens if cold_load else 0
-        item.cost = item.tokens + load_charge
         chunks = cut(item, self._settings.max_chunk_tokens, load_charge)
         tokens = sum(chunk.tokens for chunk in chunks)
         with self._cond:
