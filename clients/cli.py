@@ -50,6 +50,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     overrides = {k: v for k, v in {"host": args.host, "port": args.port, "model": args.model,
                                    "data_dir": args.data_dir, "store": args.store, "dtype": args.dtype,
                                    "threads": args.threads, "engine_workers": args.engine_workers,
+                                   "fronts": args.fronts,
                                    "max_length": args.max_length, "log_level": args.log_level,
                                    "log_format": args.log_format, "admin_key_file": args.admin_key_file,
                                    "allow_unauthenticated": args.allow_unauthenticated or None}.items()
@@ -81,6 +82,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     from switchboard.server.http.app import create_app
     from switchboard.server.http.edge import uvicorn_config
+    from switchboard.server.http.fronts import Fronts, default_fronts, listening_socket
+    from switchboard.server.metrics import Metrics
 
     server: uvicorn.Server | None = None
 
@@ -88,9 +91,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, on_startup_failure=stop)
-    server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level, settings.log_format)))
-    server.run()
+    count = settings.fronts or default_fronts()
+    if count == 1:
+        app = create_app(settings, on_startup_failure=stop)
+        server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level,
+                                                                             settings.log_format)))
+        server.run()
+    else:  # front 0 here, with the scheduler; fronts 1 … count−1 accept on the same socket
+        fronts = Fronts(settings, count, listening_socket(settings.host, settings.port), metrics=Metrics())
+        app = create_app(settings, on_startup_failure=stop, fronts=fronts, metrics=fronts.metrics)
+        server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level,
+                                                                             settings.log_format)))
+        server.run(sockets=[fronts.listener, fronts.http_socket])
     error = app.state.switchboard.startup_error
     if error:
         print(f"error: {error}", file=sys.stderr)
@@ -611,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--dtype", choices=["auto", "fp32", "bf16", "bf16-full", "int8"], default=None,
                        help="encoder precision (default auto: bf16-full where the hardware runs bf16 natively, else "
                             "fp32; SWITCHBOARD_DTYPE; docs/precision.md)")
+    serve.add_argument("--fronts", type=int, default=None,
+                       help="HTTP front processes on the one port (HTTP, auth, tokenizing) in front of the one "
+                            "scheduler; default: one per 4 cores, at most 8 (1: a single process)")
     serve.add_argument("--engine-workers", type=int, default=None,
                        help="engine worker processes (default: 1 on a GPU, else min(cores, 2); 0 = the engine "
                             "runs inside the server process; SWITCHBOARD_ENGINE_WORKERS)")

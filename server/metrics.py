@@ -3,7 +3,11 @@ process collector's process_* and python_info families."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, PlatformCollector, ProcessCollector
+from prometheus_client.metrics_core import Metric
+from prometheus_client.parser import text_string_to_metric_families
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0, 30.0)
 
@@ -87,4 +91,44 @@ class Metrics:
                                     "(header_too_large, url_too_long, header_timeout, body_timeout, "
                                     "too_many_connections) or before their body was read (unauthorized, "
                                     "uploads_pending)", ["reason"], registry=r)
+        self.fronts = Gauge("switchboard_front_processes", "HTTP front processes running besides the scheduler's own",
+                            registry=r)
+        self.front_restarts = Counter("switchboard_front_restarts", "Front processes restarted after dying",
+                                      registry=r)
         self.ready = Gauge("switchboard_ready", "1 once the backbone is loaded and the batcher runs", registry=r)
+
+
+class MergedRegistry:
+    """This process's metrics plus the front processes' (their Prometheus text): samples with the same
+    name and labels are summed — counters and histograms add up across processes — so one scrape of
+    /metrics sees the whole server. From the fronts only `switchboard_*` families are taken (process_*
+    and python_info describe the scheduler's process); `_created` samples stay this process's."""
+
+    def __init__(self, own: CollectorRegistry, fronts: Iterable[bytes]) -> None:
+        self._own = own
+        self._fronts = list(fronts)
+
+    def collect(self) -> Iterator[Metric]:
+        families: dict[str, Metric] = {}
+        values: dict[str, dict[tuple, float]] = {}
+        for family in self._own.collect():
+            families[family.name] = family
+            values[family.name] = {(x.name, tuple(sorted(x.labels.items()))): x.value for x in family.samples}
+        for text in self._fronts:
+            for family in text_string_to_metric_families(text.decode("utf-8")):
+                if not family.name.startswith("switchboard_"):
+                    continue
+                if family.name not in families:
+                    families[family.name] = Metric(family.name, family.documentation, family.type, family.unit)
+                    values[family.name] = {}
+                merged = values[family.name]
+                for x in family.samples:
+                    if x.name.endswith("_created"):
+                        continue
+                    key = (x.name, tuple(sorted(x.labels.items())))
+                    merged[key] = merged.get(key, 0.0) + x.value
+        for name, family in families.items():
+            out = Metric(family.name, family.documentation, family.type, family.unit)
+            for (sample, labels), value in values[name].items():
+                out.add_sample(sample, dict(labels), value)
+            yield out

@@ -29,6 +29,11 @@ class Settings(BaseSettings):
     engine_workers: int | None = Field(None, ge=0, description="engine worker processes, each running whole "
                                        "batches; 0 = the engine runs in a thread of the server process; default: "
                                        "one on a GPU, else min(cores, 2)")
+    fronts: int | None = Field(None, ge=1, le=64, description="HTTP front processes on the one port (HTTP, auth, "
+                               "tokenizing, JSON) in front of the one scheduler; 1 = the scheduler's process "
+                               "serves HTTP alone; default: by cores — docs/engine.md#fronts")
+    front_auth_cache_s: float = Field(1.0, ge=0, description="how long a front process caches a key's check (the "
+                                                             "scheduler checks every job's key again)")
     threads: int = Field(0, ge=0, description="torch threads per engine (per worker); 0 = cores ÷ workers")
     engine_nice: int = Field(5, ge=0, le=19, description="niceness added to engine worker processes: the front's "
                                                          "short bursts (HTTP, tokenizing) preempt their batches, so "

@@ -11,9 +11,11 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from switchboard.server import __version__
+from switchboard.server.core.tokenize import TextEncoder
 from switchboard.server.http.deps import AppState
 from switchboard.server.http.docs_ui import install_docs
-from switchboard.server.http.handlers import install_error_handlers
+from switchboard.server.http.fronts import Fronts
+from switchboard.server.http.handlers import api_error_renderer, install_error_handlers
 from switchboard.server.http.middleware import (
     BodyLimitMiddleware,
     GateMiddleware,
@@ -21,17 +23,24 @@ from switchboard.server.http.middleware import (
     RequestIdMiddleware,
     UploadPermits,
 )
+from switchboard.server.http.pipeline import FastPath, Pipeline
 from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
-from switchboard.server.runtime.builder import BackboneFactory, build_runtime
+from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.builder import BackboneFactory, EngineFactory, build_runtime
+from switchboard.server.runtime.serving import LocalServing
 from switchboard.server.settings import Settings
 
 log = logging.getLogger(__name__)
 
 
 def _start_runtime(state: AppState, backbone_factory: BackboneFactory | None,
-                   on_failure: Callable[[], None] | None) -> None:
+                   on_failure: Callable[[], None] | None, engine_factory: EngineFactory | None = None) -> None:
     try:
-        state.runtime = build_runtime(state.settings, state.metrics, backbone_factory)
+        runtime = build_runtime(state.settings, state.metrics, backbone_factory, engine_factory)
+        serving = LocalServing(runtime)
+        encoder = TextEncoder(runtime.engine.backbone.tokenizer, serving.spec.max_length)
+        state.pipeline = Pipeline(serving, state.settings, encoder, runtime.request_pool)
+        state.runtime, state.serving = runtime, serving
         state.metrics.ready.set(1)
     except Exception as exc:  # reported by /health and every request as 503
         log.exception("start-up failed")
@@ -41,18 +50,24 @@ def _start_runtime(state: AppState, backbone_factory: BackboneFactory | None,
 
 
 def create_app(settings: Settings | None = None, backbone_factory: BackboneFactory | None = None,
-               on_startup_failure: Callable[[], None] | None = None) -> FastAPI:
+               on_startup_failure: Callable[[], None] | None = None,
+               engine_factory: EngineFactory | None = None, fronts: Fronts | None = None,
+               metrics: Metrics | None = None) -> FastAPI:
     """`on_startup_failure` runs when loading fails (the CLI stops the server: fail fast, let the
     supervisor see it); without it the app stays up and answers 503 with the reason."""
-    state = AppState(settings=settings or Settings())
+    state = AppState(settings=settings or Settings(), metrics=metrics or Metrics())
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         # Load in the background so /health answers 503 (not a refused connection) while loading.
-        loader = threading.Thread(target=_start_runtime, args=(state, backbone_factory, on_startup_failure),
-                                  name="switchboard-startup", daemon=True)
+        loader = threading.Thread(target=_start_runtime, name="switchboard-startup", daemon=True,
+                                  args=(state, backbone_factory, on_startup_failure, engine_factory))
         loader.start()
+        if fronts is not None:
+            fronts.start(lambda: state.serving)
         yield
+        if fronts is not None:  # their requests in flight still reach this process's scheduler
+            await fronts.stop(state.settings.request_timeout_s)
         await asyncio.to_thread(loader.join)
         if state.runtime is not None:
             state.metrics.ready.set(0)
@@ -63,13 +78,16 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
                   description="Multi-tenant text classification: one frozen encoder, many (IA)3 / Houlsby tasks, "
                               "mixed in one forward pass.")
     app.state.switchboard = state
+    state.fronts = fronts
     s = state.settings
+    app.add_middleware(FastPath, state=state, render_error=api_error_renderer(state.metrics))  # innermost
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
                        max_train_body_bytes=s.max_train_body_bytes)
     app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
                        permits=UploadPermits(s.max_pending_uploads, s.tenant_max_pending_uploads))
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(RequestIdMiddleware, metrics=state.metrics)  # outermost
+    app.add_middleware(RequestIdMiddleware, metrics=state.metrics,  # outermost
+                       front=0 if fronts is not None else None)
     install_error_handlers(app, state.metrics)
     install_docs(app)  # Swagger UI from the package: works offline
     # classify first: routes are matched router by router, and it carries nearly all the traffic

@@ -15,18 +15,18 @@ from fastapi import Depends, Header, Request
 
 from switchboard.server.errors import ApiError, Forbidden
 from switchboard.server.http.audit import audit
-from switchboard.server.http.deps import RuntimeDep
+from switchboard.server.http.deps import ServingDep
 from switchboard.server.runtime.tenancy import Principal
 
 
-def authenticate(request: Request, runtime: RuntimeDep,
+async def authenticate(request: Request, serving: ServingDep,
                  authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
                  x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None,
                  ) -> Principal:
     """The caller; already known when the throttle middleware authenticated this request (once per request)."""
     principal = getattr(request.state, "principal", None)
     if principal is None:
-        principal = runtime.tenancy.authenticate(authorization, x_switchboard_tenant)
+        principal = await serving.authenticate(authorization, x_switchboard_tenant)
         request.state.principal = principal
     return principal
 
@@ -47,12 +47,12 @@ def require(scope: str) -> Callable[..., Principal]:
     """A dependency that admits principals holding `scope` ("admin": the admin key only). Async although it
     never awaits: a key check is a hash and a dict lookup, cheaper than FastAPI's thread hop for a `def`."""
 
-    async def check(request: Request, runtime: RuntimeDep,
+    async def check(request: Request, serving: ServingDep,
               authorization: Annotated[str | None, Header(include_in_schema=False)] = None,
               x_switchboard_tenant: Annotated[str | None, Header(include_in_schema=False)] = None) -> Principal:
         try:
-            principal = authenticate(request, runtime, authorization, x_switchboard_tenant)
-            denial = scope_denial(principal, scope, runtime.tenancy.open_mode)
+            principal = await authenticate(request, serving, authorization, x_switchboard_tenant)
+            denial = scope_denial(principal, scope, serving.open_mode)
             if denial is not None:
                 raise denial
         except ApiError as exc:

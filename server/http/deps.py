@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Path, Request
 
@@ -11,6 +11,7 @@ from switchboard.server.errors import NotReady
 from switchboard.server.http.schemas import TASK_NAME, ErrorResponse
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import Runtime
+from switchboard.server.runtime.serving import LocalServing
 from switchboard.server.settings import Settings
 
 # Every error a /v1 route may answer, with the types behind each status (docs/limits.md, security.md).
@@ -45,8 +46,12 @@ ERRORS = {code: {"model": ErrorResponse, "content": {"application/json": {"examp
 class AppState:
     settings: Settings
     metrics: Metrics = field(default_factory=Metrics)
-    runtime: Runtime | None = None
+    runtime: Runtime | None = None  # None in a front process: the runtime lives in the scheduler's
+    serving: Any = None  # LocalServing, or front_link.RemoteServing in a front process; None while loading
+    pipeline: Any = None  # pipeline.Pipeline over `serving`
     startup_error: str | None = None
+    front_index: int = 0
+    fronts: Any = None  # fronts.Fronts in the scheduler's process when it runs several
 
 
 # The dependencies are `async def` although they never await: FastAPI runs a plain `def` dependency in
@@ -67,7 +72,21 @@ async def get_runtime(state: Annotated[AppState, Depends(get_state)]) -> Runtime
     return state.runtime
 
 
+async def get_serving(state: Annotated[AppState, Depends(get_state)]) -> LocalServing:
+    if state.serving is None:
+        raise NotReady(state.startup_error or "the backbone is still loading", {"Retry-After": "1"})
+    return state.serving
+
+
+async def get_pipeline(state: Annotated[AppState, Depends(get_state)]) -> Any:
+    if state.pipeline is None:
+        raise NotReady(state.startup_error or "the backbone is still loading", {"Retry-After": "1"})
+    return state.pipeline
+
+
 StateDep = Annotated[AppState, Depends(get_state)]
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ServingDep = Annotated[LocalServing, Depends(get_serving)]  # or RemoteServing: the same calls
+PipelineDep = Annotated[Any, Depends(get_pipeline)]
 TaskName = Annotated[str, Path(pattern=TASK_NAME, description="task name", examples=["sentiment"])]

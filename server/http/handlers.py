@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import typing
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
+import orjson
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
@@ -19,36 +20,51 @@ from switchboard.server.http.schemas import unknown_fields_message
 from switchboard.server.metrics import Metrics
 
 
+def error_body(type_: str, message: str) -> bytes:
+    """The one error shape. A message may quote client text holding a lone surrogate, which UTF-8 cannot
+    encode: escaped (`\\ud800`) so the answer stays the 4xx it is instead of a 500 while rendering it."""
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return orjson.dumps({"error": {"type": type_, "message": message}})
+
+
+def api_error_renderer(metrics: Metrics) -> Callable[[ApiError], tuple[int, dict[str, str], bytes]]:
+    """(status, headers, body) for an ApiError, counted by type: what the fast path sends."""
+
+    def render(exc: ApiError) -> tuple[int, dict[str, str], bytes]:
+        metrics.failures.labels(exc.type).inc()
+        return exc.status, dict(exc.headers), error_body(exc.type, exc.message)
+
+    return render
+
+
 def install_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     """Unhandled exceptions are the outermost middleware's job (logged with the request id)."""
 
-    def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    def error(status: int, type_: str, message: str, headers: dict[str, str] | None = None) -> Response:
         metrics.failures.labels(type_).inc()
-        # A message may quote client text holding a lone surrogate, which UTF-8 cannot encode: escaped
-        # (`\ud800`) so the answer stays the 4xx it is instead of a 500 while rendering it.
-        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
-        return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
+        return Response(error_body(type_, message), status_code=status, headers=headers,
+                        media_type="application/json")
 
     @app.exception_handler(ApiError)
-    async def api_error(request: Request, exc: ApiError) -> JSONResponse:
+    async def api_error(request: Request, exc: ApiError) -> Response:
         return error(exc.status, exc.type, exc.message, exc.headers)
 
     @app.exception_handler(StoreUnavailable)
-    async def store_unavailable(request: Request, exc: StoreUnavailable) -> JSONResponse:
+    async def store_unavailable(request: Request, exc: StoreUnavailable) -> Response:
         return error(503, "store_unavailable", str(exc), {"Retry-After": "1"})
 
     @app.exception_handler(InvalidText)
-    async def invalid_text(request: Request, exc: InvalidText) -> JSONResponse:
+    async def invalid_text(request: Request, exc: InvalidText) -> Response:
         """Text that reached the tokenizer unchecked by a schema (e.g. an upload's canary): still a 422."""
         return error(422, "validation_error", str(exc))
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
         status, type_, message = explain(request, exc.errors(), getattr(exc, "body", None))
         return error(status, type_, message)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = {404: "not_found", 405: "method_not_allowed", 413: "payload_too_large"}.get(exc.status_code,
                                                                                            "http_error")
         headers = dict(getattr(exc, "headers", None) or {})

@@ -40,9 +40,11 @@ class RequestIdMiddleware:
     else a new one), echoes it, and turns an unhandled exception into a logged traceback and a generic
     500 body that quotes the id — the exception text never reaches the client."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, front: int | None = None) -> None:
+        """front: this process's front index, sent as X-Switchboard-Front when the server runs several."""
         self.app = app
         self.metrics = metrics
+        self._front = [(b"x-switchboard-front", str(front).encode())] if front is not None else []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -58,7 +60,7 @@ class RequestIdMiddleware:
             if message["type"] == "http.response.start":
                 started = True
                 message = {**message, "headers": [*message.get("headers", []),
-                                                  (b"x-request-id", request_id.encode())]}
+                                                  (b"x-request-id", request_id.encode()), *self._front]}
             await send(message)
 
         try:
@@ -144,9 +146,9 @@ class GateMiddleware:
         self.permits = permits
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        runtime = getattr(self.state, "runtime", None)
+        serving = getattr(self.state, "serving", None)
         path = scope.get("path", "")
-        if scope["type"] != "http" or runtime is None or not path.startswith("/v1/"):
+        if scope["type"] != "http" or serving is None or not path.startswith("/v1/"):
             await self.app(scope, receive, send)
             return
         route = body_route(scope["method"], path)
@@ -155,10 +157,10 @@ class GateMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         try:
-            principal = runtime.tenancy.authenticate(
+            principal = await serving.authenticate(
                 headers.get(b"authorization", b"").decode("latin-1") or None,
                 headers.get(b"x-switchboard-tenant", b"").decode("latin-1") or None)
-            denial = scope_denial(principal, route.scope, runtime.tenancy.open_mode)
+            denial = scope_denial(principal, route.scope, serving.open_mode)
         except ApiError as exc:  # 401: nothing of the body is read
             principal, denial = None, exc
         if denial is not None:
@@ -171,7 +173,7 @@ class GateMiddleware:
         assert principal is not None
         scope.setdefault("state", {})["principal"] = principal  # the auth dependency reuses it
         if route.scope == "classify":  # classify and embed
-            retry = runtime.batcher.throttled(principal.tenant)
+            retry = serving.throttled(principal.tenant)
             if retry is not None:
                 await _send_error(send, 429, "overloaded", f"this tenant is over its share now; retry in {retry} s",
                                   {"retry-after": str(retry)})

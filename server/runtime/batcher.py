@@ -212,6 +212,10 @@ class Batcher:
             return retry
         return None
 
+    def throttle_window(self, tenant: str) -> float:
+        """Seconds left in this tenant's throttle (0: none); counts nothing (another front applies it)."""
+        return max(0.0, self._throttled.get(tenant, (0.0, 0))[0] - time.monotonic())
+
     def _refuse(self, tenant: str, refusal: Refusal) -> None:
         self._metrics.dropped.labels(refusal.reason).inc()
         self._metrics.tenant_throttled.labels(tenant).inc()

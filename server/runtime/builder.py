@@ -30,6 +30,7 @@ from switchboard.server.settings import Settings
 log = logging.getLogger(__name__)
 
 BackboneFactory = Callable[[], Backbone]
+EngineFactory = Callable[[Backbone, Settings], Engine]  # benches: a stand-in engine (bench/front.py)
 
 
 @dataclass
@@ -74,8 +75,8 @@ def default_workers(device: torch.device) -> int:
     return 1 if device.type == "cuda" else min(os.cpu_count() or 1, 2)
 
 
-def build_engine(settings: Settings, metrics: Metrics, store: Store,
-                 backbone_factory: BackboneFactory | None) -> tuple[Backbone, Engine | ProcessEngine]:
+def build_engine(settings: Settings, metrics: Metrics, store: Store, backbone_factory: BackboneFactory | None,
+                 engine_factory: EngineFactory | None = None) -> tuple[Backbone, Engine | ProcessEngine]:
     """The backbone, and the engine in `engine_workers` worker processes — launched first, so they load
     the model while this process loads its own copy — or in this process (`engine_workers` 0, or a
     backbone handed over as an object, which a worker process could not load)."""
@@ -85,6 +86,9 @@ def build_engine(settings: Settings, metrics: Metrics, store: Store,
     workers = 0 if backbone_factory is not None else default_workers(device) if s.engine_workers is None \
         else s.engine_workers
     threads = s.threads or max(1, (os.cpu_count() or 1) // max(1, workers))
+    if engine_factory is not None:
+        backbone = (backbone_factory or default_backbone_factory(s))()
+        return backbone, engine_factory(backbone, s)
     if workers == 0:
         torch.set_num_threads(threads)
         backbone = (backbone_factory or default_backbone_factory(s))()
@@ -106,13 +110,14 @@ def build_engine(settings: Settings, metrics: Metrics, store: Store,
     return backbone, engine
 
 
-def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None) -> Runtime:
+def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None,
+                  engine_factory: EngineFactory | None = None) -> Runtime:
     """Blocking (loads the model): run it off the event loop."""
     s = settings
     memory.limit_arenas(2)  # before the pools' threads allocate
     store = open_store(s.store, s.data_dir, s.store_connect_timeout_s)
     try:
-        backbone, engine = build_engine(s, metrics, store, backbone_factory)
+        backbone, engine = build_engine(s, metrics, store, backbone_factory, engine_factory)
     except BaseException:
         store.close()
         raise

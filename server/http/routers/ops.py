@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from switchboard.server.http.deps import RuntimeDep, StateDep
 from switchboard.server.http.schemas import ErrorResponse, Health
+from switchboard.server.metrics import MergedRegistry
 
 router = APIRouter(tags=["operations"])
 
@@ -20,7 +21,11 @@ def health(runtime: RuntimeDep) -> Health:
 
 
 @router.get("/metrics", response_class=Response)
-def metrics(state: StateDep) -> Response:
+async def metrics(state: StateDep) -> Response:
+    """One exposition for the whole server: with front processes, theirs are fetched and summed in."""
     if state.runtime is not None:
         state.metrics.store_up.set(1 if state.runtime.store.healthy() else 0)
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    registry = state.metrics.registry
+    if state.fronts is not None and state.fronts.endpoint is not None:
+        registry = MergedRegistry(registry, await state.fronts.endpoint.front_metrics(state.fronts.identities))
+    return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,264 @@
+"""Classify and embed as named stages: decode → resolve → tokenize → schedule → forward → encode.
+
+`decode` (here) turns a body into the request model; `Pipeline.classify` / `Pipeline.embed` check the
+request's size, tokenize it (the `TextEncoder`, on the loop for small requests), hand the scheduler a
+`Job` — which resolves the task versions, schedules the rows and waits for their forward pass
+(`serving.LocalServing.run`, in this process or over the front link) — and `encode` the answer as JSON
+bytes (orjson). The FastAPI routes (routers/classify.py) and the fast path (`FastPath`, below) are two
+thin callers of the same stages: the fast path takes well-formed JSON bodies without FastAPI's
+per-request machinery; anything its decode refuses goes to the routes, whose pydantic validation
+words the error. Both decode with the same pydantic model, so both accept exactly the same bodies.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import orjson
+from pydantic import ValidationError
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.tokenize import TextEncoder
+from switchboard.server.errors import ApiError, PayloadTooLarge
+from switchboard.server.http.schemas import ClassifyRequest, EmbedRequest
+from switchboard.server.runtime.executors import BoundedExecutor
+from switchboard.server.runtime.serving import Answer, Job
+from switchboard.server.runtime.tenancy import Principal
+from switchboard.server.settings import Settings
+
+F32_MAX = float(np.finfo(np.float32).max)  # a score past it (or NaN) cannot be sent as a JSON number
+
+
+class Serving(Protocol):
+    """What the stages need from the scheduler: `LocalServing` or `front_link.RemoteServing`."""
+
+    spec: BackboneSpec | None
+    embedding_dim: int
+
+    def precheck(self, tenant: str, rows: int, min_tokens: int) -> None: ...
+
+    async def run(self, job: Job) -> Answer: ...
+
+
+class ClientGone(Exception):
+    """The client closed its connection before the answer: nothing is sent (logged as 499)."""
+
+
+@dataclass(frozen=True)
+class Call:
+    """One request as the stages see it: who asks, how to notice the client leaving."""
+
+    principal: Principal
+    authorization: str | None
+    tenant_header: str | None
+    disconnected: Callable[[], Awaitable[None]]
+
+
+class Pipeline:
+    def __init__(self, serving: Serving, settings: Settings, encoder: TextEncoder, pool: BoundedExecutor) -> None:
+        self.serving = serving
+        self.settings = settings
+        self.encoder = encoder
+        self.pool = pool  # tokenizing large requests off the loop
+
+    # ----- the two requests --------------------------------------------------------------------------
+    async def classify(self, body: ClassifyRequest, call: Call) -> bytes:
+        s = self.settings
+        texts = self._texts(body.inputs)
+        names = body.tasks if body.tasks is not None else [body.task]
+        if len(names) > s.max_fanout_tasks:
+            raise PayloadTooLarge(f"{len(names)} tasks; at most {s.max_fanout_tasks} per request (max_fanout_tasks)")
+        if len(names) * len(texts) > s.max_inputs_per_request:
+            raise PayloadTooLarge(f"{len(texts)} inputs × {len(names)} tasks = {len(texts) * len(names)} rows; at most "
+                                  f"{s.max_inputs_per_request} per request (max_inputs_per_request)")
+        tenant = call.principal.tenant
+        # refuse before spending a tokenizer call (overloaded, or this tenant's own queue is full)
+        self.serving.precheck(tenant, len(names) * len(texts), len(names) * self._token_floor(texts))
+        ids, mask = await self.tokenize(texts)
+        answer = await self.forward(Job(tenant, list(names), ids, mask, s.request_timeout_s, call.authorization,
+                                        call.tenant_header), call)
+        return encode_classify(names, answer, body.raw_scores, body.top_k, fan_out=body.tasks is not None)
+
+    async def embed(self, body: EmbedRequest, call: Call) -> bytes:
+        texts = self._texts(body.inputs)
+        tenant = call.principal.tenant
+        self.serving.precheck(tenant, len(texts), self._token_floor(texts))
+        ids, mask = await self.tokenize(texts)
+        answer = await self.forward(Job(tenant, [], ids, mask, self.settings.request_timeout_s, call.authorization,
+                                        call.tenant_header), call)
+        return encode_embeddings(answer, self.serving.embedding_dim, body.normalize)
+
+    # ----- stages ------------------------------------------------------------------------------------
+    async def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        if sum(map(len, texts)) <= self.settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
+            return self.encoder(texts)
+        return await self.pool.run(self.encoder, texts)
+
+    async def forward(self, job: Job, call: Call) -> Answer:
+        """resolve → schedule → forward, by the scheduler; ClientGone if the client leaves first (the job is
+        then cancelled: its rows are dropped unless their forward pass already started)."""
+        answer = asyncio.ensure_future(self.serving.run(job))
+        watch = asyncio.ensure_future(call.disconnected())
+        try:
+            await asyncio.wait({answer, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            watch.cancel()
+        if not answer.done():
+            answer.cancel()
+            raise ClientGone
+        return answer.result()
+
+    def _texts(self, inputs: str | list[str]) -> list[str]:
+        s = self.settings
+        texts = [inputs] if isinstance(inputs, str) else list(inputs)
+        if len(texts) > s.max_inputs_per_request:
+            raise PayloadTooLarge(f"{len(texts)} inputs; at most {s.max_inputs_per_request} per request")
+        longest = max(map(len, texts))
+        if longest > s.max_input_chars:
+            raise PayloadTooLarge(f"an input of {longest} characters; at most {s.max_input_chars} "
+                                  f"(inputs are truncated to {self.encoder.max_length} tokens anyway)")
+        return texts
+
+    def _token_floor(self, texts: list[str]) -> int:
+        """Fewest padded tokens the texts can take: subword tokenizers split on whitespace first, so each word
+        is at least one token (plus the two special tokens), up to max_length. Worked out for large requests
+        only — a small one is tokenized on the loop at once anyway."""
+        if sum(map(len, texts)) <= self.settings.inline_tokenize_chars:
+            return 0
+        return len(texts) * min(self.encoder.max_length, max(len(text.split()) for text in texts) + 2)
+
+
+# ----- encode ------------------------------------------------------------------------------------------
+def predictions(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None) -> list[list[dict[str, Any]]]:
+    """Scores are always finite numbers, as the schema promises (never null): logits in float64, NaN made
+    the lowest score and ±inf clamped to ±float32's largest value (raw scores); the softmax of those is
+    finite and sums to 1 (float64's range holds any difference of two clamped logits)."""
+    scores = np.nan_to_num(logits[:, : len(labels)].astype(np.float64), nan=-F32_MAX, posinf=F32_MAX,
+                           neginf=-F32_MAX).clip(-F32_MAX, F32_MAX)
+    if not raw:
+        scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+        scores /= scores.sum(axis=-1, keepdims=True)
+    k = min(top_k or len(labels), len(labels))
+    order = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+    best = np.take_along_axis(scores, order, axis=-1).tolist()
+    return [[{"label": labels[i], "score": v} for v, i in zip(vals, idx, strict=True)]
+            for vals, idx in zip(best, order.tolist(), strict=True)]
+
+
+def encode_classify(names: list[str], answer: Answer, raw: bool, top_k: int | None, fan_out: bool) -> bytes:
+    parts = np.split(answer.logits, len(names))
+    results = [{"task": name, "version": task.version, "predictions": predictions(part, task.labels, raw, top_k)}
+               for name, task, part in zip(names, answer.tasks, parts, strict=True)]
+    return orjson.dumps({"results": results} if fan_out else results[0])
+
+
+def encode_embeddings(answer: Answer, dim: int, normalize: bool) -> bytes:
+    vectors = answer.logits[:, :dim].astype(np.float64)
+    if normalize:
+        norms = np.linalg.norm(vectors, axis=-1, keepdims=True)
+        vectors = vectors / np.maximum(norms, 1e-12)
+    return orjson.dumps({"embeddings": vectors, "dim": dim}, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+# ----- the fast path -----------------------------------------------------------------------------------
+_FAST = {"/v1/classify": ClassifyRequest, "/v1/embed": EmbedRequest}
+
+
+@dataclass(frozen=True)
+class _Route:
+    path: str  # what the metrics middleware labels the request with
+
+
+def decode(model: type[ClassifyRequest] | type[EmbedRequest], body: bytes) -> ClassifyRequest | EmbedRequest | None:
+    """The request, or None when pydantic refuses it (the route then words the error)."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError:
+        return None
+
+
+class FastPath:
+    """POST /v1/classify and /v1/embed with a JSON body, served straight from the stages; everything else
+    (and any body decode refuses) goes on to FastAPI. Sits inside the gate and the body limit, so the
+    request is authenticated, throttled and size-checked before its body is read here."""
+
+    def __init__(self, app: ASGIApp, state: Any, render_error: Callable[[ApiError], tuple[int, dict, bytes]]) -> None:
+        self.app = app
+        self.state = state
+        self._render_error = render_error
+        self._routes = {path: _Route(path) for path in _FAST}
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        model = _FAST.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
+        pipeline = getattr(self.state, "pipeline", None)
+        principal = (scope.get("state") or {}).get("principal")
+        if model is None or pipeline is None or principal is None or not _is_json(scope):
+            await self.app(scope, receive, send)
+            return
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        request = decode(model, body)
+        if request is None:  # the route words the error: replay the body to it
+            await self.app(scope, _replay(body, receive), send)
+            return
+        scope["route"] = self._routes[scope["path"]]
+        headers = dict(scope.get("headers") or [])
+        call = Call(principal, _header(headers, b"authorization"), _header(headers, b"x-switchboard-tenant"),
+                    lambda: disconnected(receive))
+        try:
+            if isinstance(request, ClassifyRequest):
+                out = await pipeline.classify(request, call)
+            else:
+                out = await pipeline.embed(request, call)
+            status, extra = 200, []
+        except ClientGone:  # nobody reads an answer; 499 is what the metrics and the access log show
+            status, extra, out = 499, [], b""
+        except ApiError as exc:
+            status, error_headers, out = self._render_error(exc)
+            extra = [(k.lower().encode(), v.encode()) for k, v in error_headers.items()]
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"),
+                                (b"content-length", str(len(out)).encode()), *extra]})
+        await send({"type": "http.response.body", "body": out})
+
+
+def _is_json(scope: Scope) -> bool:
+    for name, value in scope.get("headers") or ():
+        if name == b"content-type":
+            return value.split(b";", 1)[0].strip().lower() == b"application/json"
+    return False
+
+
+def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
+    value = headers.get(name)
+    return value.decode("latin-1") if value else None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()
+
+    return replay
+
+
+async def disconnected(receive: Receive) -> None:
+    """Returns once the client has closed its connection (its request body already read)."""
+    while (await receive())["type"] != "http.disconnect":
+        pass

@@ -1,0 +1,223 @@
+"""`switchboard serve --fronts 2`: two HTTP front processes on one port in front of one scheduler.
+
+Every guarantee is checked through both fronts — each response names its front (X-Switchboard-Front),
+and fresh connections land on either (the kernel hands each accept to one process): answers equal the
+in-process engine's, management through any front is seen at once through every front, a revoked key
+stops at once, /metrics counts both fronts' requests, admission's 429 carries Retry-After, a tenant
+flooding through both fronts never gets another refused, and a SIGKILLed front fails only its own
+requests and comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from contextlib import contextmanager
+
+import httpx
+import psutil
+import pytest
+import torch
+
+from switchboard.server.core.engine import Engine
+from tests.factories import random_adapter
+from tests.server_fixture import metric_samples, running_server, upload
+
+ADMIN = "fronts-test-admin-key-0123456789abcdef"
+HEAD = {"Authorization": f"Bearer {ADMIN}"}
+TEXTS = ["a chess engine", "the DNS server answers slowly", "I loved it", "terrible service, never again"]
+
+
+def on_front(index: int, send, tries: int = 200) -> httpx.Response:
+    """`send(client)` over fresh connections until front `index` answers it."""
+    for _ in range(tries):
+        with httpx.Client(timeout=30) as client:
+            r = send(client)
+        if r.headers.get("x-switchboard-front") == str(index):
+            return r
+    raise AssertionError(f"front {index} never answered in {tries} fresh connections")
+
+
+@pytest.fixture(scope="module")
+def fronts_server(tiny_dir, tmp_path_factory):
+    env = {"SWITCHBOARD_ADMIN_KEY": ADMIN, "SWITCHBOARD_ENGINE_WORKERS": "1", "SWITCHBOARD_THREADS": "1"}
+    with running_server(tiny_dir[0], tmp_path_factory.mktemp("fronts"), env=env, extra_args=["--fronts", "2"]) as (
+            url, proc):
+        on_front(1, lambda c: c.get(f"{url}/v1/backbone", headers=HEAD))  # front 1 is connected
+        keys = {t: {"Authorization": "Bearer " + httpx.post(f"{url}/v1/keys", headers=HEAD, json={
+            "tenant": t, "scopes": ["classify", "manage"]}).json()["key"]} for t in ("a", "b")}
+        yield url, proc, keys
+
+
+def test_both_fronts_answer_as_the_engine_does(fronts_server, tiny_dir, adapters):
+    url, _, keys = fronts_server
+    backbone = tiny_dir[1]
+    for task, adapter in adapters.items():
+        assert upload(url, task, adapter, backbone.spec.fingerprint, headers=keys["a"]).status_code == 201
+    oracle = Engine(backbone)
+    for task, adapter in adapters.items():
+        slot = oracle.load(adapter).slot
+        enc = oracle.tokenize(TEXTS)
+        want = oracle.forward(enc["input_ids"], enc["attention_mask"], torch.full((len(TEXTS),), slot))
+        oracle.unload(slot)
+        for front in (0, 1):
+            r = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["a"], json={
+                "task": task, "inputs": TEXTS, "raw_scores": True}))  # noqa: B023
+            assert r.status_code == 200, r.text
+            for row, preds in enumerate(r.json()["predictions"]):
+                got = {p["label"]: p["score"] for p in preds}
+                for i, label in enumerate(adapter.labels):
+                    assert abs(got[label] - float(want[row, i])) < 1e-4, (front, task, row, label)
+    # a body the fast path cannot decode is worded by the route, the same on both fronts
+    for front in (0, 1):
+        r = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["a"], json={
+            "task": "task-0", "inputs": "x", "topk": 2}))
+        assert r.status_code == 422 and "did you mean 'top_k'" in r.json()["error"]["message"], r.text
+    # embeddings through a front
+    r = on_front(1, lambda c: c.post(f"{url}/v1/embed", headers=keys["a"], json={"inputs": TEXTS}))
+    assert r.status_code == 200 and len(r.json()["embeddings"]) == len(TEXTS)
+
+
+@contextmanager
+def client_on(url: str, index: int, tries: int = 200):
+    """An httpx.Client whose (kept-alive) connection was accepted by front `index`."""
+    for _ in range(tries):
+        client = httpx.Client(timeout=30)
+        if client.get(f"{url}/v1/backbone", headers=HEAD).headers.get("x-switchboard-front") == str(index):
+            try:
+                yield client
+            finally:
+                client.close()
+            return
+        client.close()
+    raise AssertionError(f"front {index} never answered in {tries} fresh connections")
+
+
+def test_changes_through_any_front_are_seen_at_once_by_every_front(fronts_server, tiny_dir):
+    url, _, keys = fronts_server
+    spec = tiny_dir[1].spec
+    for version in (1, 2):  # each upload through front 1, then at once a classify through each front
+        with client_on(url, 1) as c:
+            r = upload_with(c, url, "swap", random_adapter(spec, seed=40 + version), spec.fingerprint, keys["b"])
+        assert r.status_code == 201 and r.headers["x-switchboard-front"] == "1", r.text
+        for front in (0, 1):
+            got = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["b"],
+                                                   json={"task": "swap", "inputs": "x"}))
+            assert got.json()["version"] == version
+    with client_on(url, 1) as c:
+        r = c.post(f"{url}/v1/tasks/swap/rollback", headers=keys["b"], json={"version": 1})
+    assert r.status_code == 200, r.text
+    for front in (0, 1):
+        got = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["b"], json={"task": "swap",
+                                                                                              "inputs": "x"}))
+        assert got.json()["version"] == 1
+    with client_on(url, 1) as c:
+        assert c.delete(f"{url}/v1/tasks/swap", headers=keys["b"]).status_code == 204
+    for front in (0, 1):
+        got = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["b"], json={"task": "swap",
+                                                                                              "inputs": "x"}))
+        assert got.status_code == 404 and got.json()["error"]["type"] == "task_not_found"
+    # another tenant's task is not found through either front
+    assert on_front(1, lambda c: c.post(f"{url}/v1/classify", headers=keys["b"], json={
+        "task": "task-0", "inputs": "x"})).status_code == 404
+
+
+def upload_with(client: httpx.Client, url: str, task: str, adapter, fingerprint: str, headers) -> httpx.Response:
+    from switchboard.adapter_store.formats import native
+
+    blob = native.dumps(adapter, fingerprint)
+    return client.put(f"{url}/v1/tasks/{task}", files=[("files", ("adapter.safetensors", blob))], headers=headers)
+
+
+def test_a_revoked_key_stops_at_once_on_every_front(fronts_server):
+    url, _, keys = fronts_server
+    created = httpx.post(f"{url}/v1/keys", headers=HEAD, json={"tenant": "a", "scopes": ["classify"]}).json()
+    key = {"Authorization": f"Bearer {created['key']}"}
+    for front in (0, 1):  # both fronts have checked (and front 1 cached) the key
+        assert on_front(front, lambda c: c.post(f"{url}/v1/embed", headers=key, json={
+            "inputs": "x"})).status_code == 200
+    with client_on(url, 1) as c:
+        assert c.delete(f"{url}/v1/keys/{created['id']}", headers=HEAD).status_code in (200, 204)
+    for front in (0, 1):
+        r = on_front(front, lambda c: c.post(f"{url}/v1/embed", headers=key, json={"inputs": "x"}))
+        assert r.status_code == 401, (front, r.text)
+
+
+def test_metrics_count_every_fronts_requests(fronts_server):
+    url, _, keys = fronts_server
+    key = 'switchboard_requests_total{"endpoint": "POST /v1/embed", "status": "200"}'
+    before = metric_samples(url).get(key, 0)
+    seen = set()
+    for _ in range(40):
+        with httpx.Client(timeout=30) as c:
+            r = c.post(f"{url}/v1/embed", headers=keys["b"], json={"inputs": "x"})
+        assert r.status_code == 200
+        seen.add(r.headers["x-switchboard-front"])
+    assert seen == {"0", "1"}
+    after = metric_samples(url)
+    assert after[key] - before == 40
+    assert after["switchboard_front_processes"] == 1
+
+
+def test_flooding_tenant_through_both_fronts_never_gets_the_other_refused(fronts_server, tiny_dir):
+    """A floods /v1/embed at the per-request maximum over many connections (both fronts); B's one-text
+    requests, also over both fronts, are all answered; A is refused (429 + Retry-After) for its own demand."""
+    url, _, keys = fronts_server
+    spec = tiny_dir[1].spec
+    assert upload(url, "victim", random_adapter(spec, seed=9), spec.fingerprint, headers=keys["b"]).status_code == 201
+    long_text = "lorem ipsum dolor sit amet " * 110
+    a_statuses: list[int] = []
+    a_retry: list[str | None] = []
+    b_fronts: list[str] = []
+    b_statuses: list[int] = []
+    done = asyncio.Event()
+
+    async def run() -> None:
+        async def flooder() -> None:
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                while not done.is_set():
+                    r = await client.post(f"{url}/v1/embed", headers=keys["a"], json={"inputs": [long_text] * 64})
+                    a_statuses.append(r.status_code)
+                    if r.status_code == 429:
+                        a_retry.append(r.headers.get("retry-after"))
+                        await asyncio.sleep(0.05)
+
+        async def light() -> None:
+            await asyncio.sleep(1.0)
+            async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+                for _ in range(16):
+                    r = await client.post(f"{url}/v1/classify", headers=keys["b"], json={"task": "victim", "inputs": "x"})
+                    b_statuses.append(r.status_code)
+                    b_fronts.append(r.headers.get("x-switchboard-front", "?"))
+            done.set()
+
+        await asyncio.gather(light(), *[flooder() for _ in range(24)])
+
+    asyncio.run(run())
+    assert b_statuses == [200] * 16, b_statuses
+    assert set(b_fronts) == {"0", "1"}, b_fronts
+    assert set(a_statuses) <= {200, 429} and 429 in a_statuses, set(a_statuses)
+    assert all(r is not None and r.isdigit() for r in a_retry)
+
+
+def test_a_killed_front_fails_only_its_own_requests_and_comes_back(fronts_server):
+    url, proc, keys = fronts_server
+    fronts = [p for p in psutil.Process(proc.pid).children() if "switchboard.server.http.front" in " ".join(p.cmdline())]
+    assert len(fronts) == 1
+    restarts = metric_samples(url).get("switchboard_front_restarts_total", 0)
+    os.kill(fronts[0].pid, signal.SIGKILL)
+    # the scheduler and front 0 go on at once
+    for _ in range(10):
+        with httpx.Client(timeout=30) as c:
+            r = c.post(f"{url}/v1/embed", headers=keys["b"], json={"inputs": "x"})
+        assert r.status_code == 200
+    deadline = time.monotonic() + 60
+    while metric_samples(url).get("switchboard_front_restarts_total", 0) == restarts:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    # and front 1 is back (a new process)
+    r = on_front(1, lambda c: c.post(f"{url}/v1/embed", headers=keys["b"], json={"inputs": "x"}), tries=400)
+    assert r.status_code == 200
+    assert proc.poll() is None
