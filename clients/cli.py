@@ -78,32 +78,10 @@ def _cmd_serve(args: argparse.Namespace) -> int:
              mode, Path(settings.data_dir).resolve())
     if not has_key:
         log.warning("open mode: start with SWITCHBOARD_ADMIN_KEY or --admin-key-file for tenants and API keys")
-    import uvicorn  # the heavy imports (torch, transformers) only once the settings are known to be usable
+    # the heavy imports (torch, transformers) only once the settings are known to be usable
+    from switchboard.server.http.fronts import run_server
 
-    from switchboard.server.http.app import create_app
-    from switchboard.server.http.edge import uvicorn_config
-    from switchboard.server.http.fronts import Fronts, default_fronts, listening_socket
-    from switchboard.server.metrics import Metrics
-
-    server: uvicorn.Server | None = None
-
-    def stop() -> None:  # startup failed: exit instead of answering 503 forever
-        if server is not None:
-            server.should_exit = True
-
-    count = settings.fronts or default_fronts()
-    if count == 1:
-        app = create_app(settings, on_startup_failure=stop)
-        server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level,
-                                                                             settings.log_format)))
-        server.run()
-    else:  # front 0 here, with the scheduler; fronts 1 … count−1 accept on the same socket
-        fronts = Fronts(settings, count, listening_socket(settings.host, settings.port), metrics=Metrics())
-        app = create_app(settings, on_startup_failure=stop, fronts=fronts, metrics=fronts.metrics)
-        server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level,
-                                                                             settings.log_format)))
-        server.run(sockets=[fronts.listener, fronts.http_socket])
-    error = app.state.switchboard.startup_error
+    error = run_server(settings, logging_config(settings.log_level, settings.log_format))
     if error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -61,7 +61,8 @@ class TextEncoder:
     def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """(input_ids, attention_mask) int64 [rows, longest row]; texts are checked first (InvalidText)."""
         check_text(texts, "text")
-        encodings = self._core.encode_batch(texts)
+        # one text: `encode` skips the batch call's thread-pool hand-off (most requests carry one)
+        encodings = [self._core.encode(texts[0])] if len(texts) == 1 else self._core.encode_batch(texts)
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
         return ids, mask

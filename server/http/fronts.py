@@ -23,6 +23,7 @@ from collections.abc import Callable
 
 from switchboard.server.http.front import FrontConfig
 from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.builder import EngineFactory
 from switchboard.server.runtime.front_link import SchedulerEndpoint
 from switchboard.server.runtime.serving import LocalServing
 from switchboard.server.settings import Settings
@@ -35,6 +36,36 @@ def default_fronts(cores: int | None = None) -> int:
     gave (docs/benchmarks.md, bench/front.py); on a GPU host the fronts feed one device."""
     cores = cores or os.cpu_count() or 1
     return max(1, min(8, cores // 4))
+
+
+def run_server(settings: Settings, log_config: dict | None = None,
+               engine_factory: EngineFactory | None = None) -> str | None:
+    """Serve until stopped (SIGINT/SIGTERM): one process, or front 0 + the scheduler here and
+    `settings.fronts` − 1 front processes on the same socket. The start-up error, if loading failed
+    (the server then stops at once instead of answering 503 forever)."""
+    import uvicorn
+
+    from switchboard.server.http.app import create_app
+    from switchboard.server.http.edge import uvicorn_config
+
+    server: uvicorn.Server | None = None
+
+    def stop() -> None:
+        if server is not None:
+            server.should_exit = True
+
+    count = settings.fronts or default_fronts()
+    if count == 1:
+        app = create_app(settings, on_startup_failure=stop, engine_factory=engine_factory)
+        server = uvicorn.Server(uvicorn_config(app, settings, log_config))
+        server.run()
+    else:
+        fronts = Fronts(settings, count, listening_socket(settings.host, settings.port), metrics=Metrics())
+        app = create_app(settings, on_startup_failure=stop, engine_factory=engine_factory, fronts=fronts,
+                         metrics=fronts.metrics)
+        server = uvicorn.Server(uvicorn_config(app, settings, log_config))
+        server.run(sockets=[fronts.listener, fronts.http_socket])
+    return app.state.switchboard.startup_error
 
 
 def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:

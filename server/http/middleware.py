@@ -4,6 +4,7 @@ route templates and a fixed set of methods)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
@@ -45,13 +46,15 @@ class RequestIdMiddleware:
         self.app = app
         self.metrics = metrics
         self._front = [(b"x-switchboard-front", str(front).encode())] if front is not None else []
+        # new ids: a random prefix per process and a counter (an os.urandom call per request cost more)
+        self._prefix, self._ids = uuid.uuid4().hex[:10], itertools.count()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = dict(scope.get("headers") or []).get(b"x-request-id", b"").decode("latin-1")
-        request_id = given if _CLIENT_REQUEST_ID.match(given) else uuid.uuid4().hex[:16]
+        given = next((v for k, v in scope.get("headers") or () if k == b"x-request-id"), b"").decode("latin-1")
+        request_id = given if given and _CLIENT_REQUEST_ID.match(given) else f"{self._prefix}{next(self._ids):06x}"
         REQUEST_ID.set(request_id)
         started = False
 

@@ -17,6 +17,7 @@ from switchboard.server.core.backbone import Backbone, default_model_path, load_
 from switchboard.server.core.engine import Engine, default_device
 from switchboard.server.core.precision import resolve
 from switchboard.server.metrics import Metrics
+from switchboard.server.runtime import device_defaults
 from switchboard.server.runtime.batcher import Batcher
 from switchboard.server.runtime.embedding import Embeddings
 from switchboard.server.runtime.executors import BoundedExecutor
@@ -113,7 +114,7 @@ def build_engine(settings: Settings, metrics: Metrics, store: Store, backbone_fa
 def build_runtime(settings: Settings, metrics: Metrics, backbone_factory: BackboneFactory | None = None,
                   engine_factory: EngineFactory | None = None) -> Runtime:
     """Blocking (loads the model): run it off the event loop."""
-    s = settings
+    s = settings = device_defaults.for_device(settings, default_device())
     memory.limit_arenas(2)  # before the pools' threads allocate
     store = open_store(s.store, s.data_dir, s.store_connect_timeout_s)
     try:
