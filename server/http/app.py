@@ -21,9 +21,10 @@ from switchboard.server.http.middleware import (
     GateMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
+    RequestIds,
     UploadPermits,
 )
-from switchboard.server.http.pipeline import FastPath, Pipeline
+from switchboard.server.http.pipeline import FastPath, Pipeline, SwitchboardAPI
 from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import BackboneFactory, EngineFactory, build_runtime
@@ -74,13 +75,12 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
             log.info("shutting down: cancelling training jobs, finishing admitted requests")
             await asyncio.to_thread(state.runtime.stop)
 
-    app = FastAPI(title="Switchboard", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None,
-                  description="Multi-tenant text classification: one frozen encoder, many (IA)3 / Houlsby tasks, "
-                              "mixed in one forward pass.")
+    app = SwitchboardAPI(title="Switchboard", version=__version__, lifespan=lifespan, docs_url=None,
+                         redoc_url=None, description="Multi-tenant text classification: one frozen encoder, many "
+                                                     "(IA)3 / Houlsby tasks, mixed in one forward pass.")
     app.state.switchboard = state
     state.fronts = fronts
     s = state.settings
-    app.add_middleware(FastPath, state=state, render_error=api_error_renderer(state.metrics))  # innermost
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
                        max_train_body_bytes=s.max_train_body_bytes)
     app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
@@ -89,6 +89,8 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics,  # outermost
                        front=0 if fronts is not None else None)
     install_error_handlers(app, state.metrics)
+    app.fast_path = FastPath(state, state.metrics, api_error_renderer(state.metrics), RequestIds(),
+                             front=0 if fronts is not None else None)
     install_docs(app)  # Swagger UI from the package: works offline
     # classify first: routes are matched router by router, and it carries nearly all the traffic
     for router in (classify.router, ops.router, tasks.router, jobs.router, admin.router):

@@ -37,9 +37,10 @@ from switchboard.server.http.middleware import (
     GateMiddleware,
     MetricsMiddleware,
     RequestIdMiddleware,
+    RequestIds,
     UploadPermits,
 )
-from switchboard.server.http.pipeline import FastPath, Pipeline
+from switchboard.server.http.pipeline import FastPath, Pipeline, SwitchboardAPI
 from switchboard.server.http.routers import classify
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.executors import BoundedExecutor
@@ -145,10 +146,9 @@ def create_front_app(settings: Settings, config: FrontConfig, pipeline: Pipeline
         pipeline.serving.close()
         await passthrough.aclose()
 
-    app = FastAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app = SwitchboardAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.switchboard = state
     s = settings
-    app.add_middleware(FastPath, state=state, render_error=api_error_renderer(state.metrics))
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
                        max_train_body_bytes=s.max_train_body_bytes)
     app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
@@ -156,6 +156,7 @@ def create_front_app(settings: Settings, config: FrontConfig, pipeline: Pipeline
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     app.add_middleware(RequestIdMiddleware, metrics=state.metrics, front=config.index)
     install_error_handlers(app, state.metrics)
+    app.fast_path = FastPath(state, state.metrics, api_error_renderer(state.metrics), RequestIds(), front=config.index)
     app.include_router(classify.router)
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:

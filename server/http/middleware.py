@@ -36,6 +36,18 @@ async def _send_error(send: Send, status: int, type_: str, message: str,
     await send({"type": "http.response.body", "body": body})
 
 
+class RequestIds:
+    """A request's id: the client's `X-Request-Id` if it is a short plain token, else a new one — a random
+    prefix per process and a counter (an os.urandom call per request cost more)."""
+
+    def __init__(self) -> None:
+        self._prefix, self._ids = uuid.uuid4().hex[:10], itertools.count()
+
+    def of(self, headers: dict[bytes, bytes]) -> str:
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        return given if given and _CLIENT_REQUEST_ID.match(given) else f"{self._prefix}{next(self._ids):06x}"
+
+
 class RequestIdMiddleware:
     """Outermost: tags the request with an id (the client's `X-Request-Id` if it is a short plain token,
     else a new one), echoes it, and turns an unhandled exception into a logged traceback and a generic
@@ -46,15 +58,13 @@ class RequestIdMiddleware:
         self.app = app
         self.metrics = metrics
         self._front = [(b"x-switchboard-front", str(front).encode())] if front is not None else []
-        # new ids: a random prefix per process and a counter (an os.urandom call per request cost more)
-        self._prefix, self._ids = uuid.uuid4().hex[:10], itertools.count()
+        self._ids = RequestIds()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        given = next((v for k, v in scope.get("headers") or () if k == b"x-request-id"), b"").decode("latin-1")
-        request_id = given if given and _CLIENT_REQUEST_ID.match(given) else f"{self._prefix}{next(self._ids):06x}"
+        request_id = self._ids.of(dict(scope.get("headers") or []))
         REQUEST_ID.set(request_id)
         started = False
 

@@ -13,12 +13,15 @@ words the error. Both decode with the same pydantic model, so both accept exactl
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 import orjson
+from fastapi import FastAPI
 from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -26,10 +29,13 @@ from switchboard.server.core.backbone import BackboneSpec
 from switchboard.server.core.tokenize import TextEncoder
 from switchboard.server.errors import ApiError, PayloadTooLarge
 from switchboard.server.http.schemas import ClassifyRequest, EmbedRequest
+from switchboard.server.log_config import REQUEST_ID
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.serving import Answer, Job
 from switchboard.server.runtime.tenancy import Principal
 from switchboard.server.settings import Settings
+
+log = logging.getLogger(__name__)
 
 F32_MAX = float(np.finfo(np.float32).max)  # a score past it (or NaN) cannot be sent as a JSON number
 
@@ -77,8 +83,9 @@ class Pipeline:
             raise PayloadTooLarge(f"{len(texts)} inputs × {len(names)} tasks = {len(texts) * len(names)} rows; at most "
                                   f"{s.max_inputs_per_request} per request (max_inputs_per_request)")
         tenant = call.principal.tenant
-        # refuse before spending a tokenizer call (overloaded, or this tenant's own queue is full)
-        self.serving.precheck(tenant, len(names) * len(texts), len(names) * self._token_floor(texts))
+        floor = self._token_floor(texts)
+        if floor:  # a large request: refuse it before spending a tokenizer call (a small one is cheaper to submit)
+            self.serving.precheck(tenant, len(names) * len(texts), len(names) * floor)
         ids, mask = await self.tokenize(texts)
         answer = await self.forward(Job(tenant, list(names), ids, mask, s.request_timeout_s, call.authorization,
                                         call.tenant_header), call)
@@ -87,7 +94,9 @@ class Pipeline:
     async def embed(self, body: EmbedRequest, call: Call) -> bytes:
         texts = self._texts(body.inputs)
         tenant = call.principal.tenant
-        self.serving.precheck(tenant, len(texts), self._token_floor(texts))
+        floor = self._token_floor(texts)
+        if floor:
+            self.serving.precheck(tenant, len(texts), floor)
         ids, mask = await self.tokenize(texts)
         answer = await self.forward(Job(tenant, [], ids, mask, self.settings.request_timeout_s, call.authorization,
                                         call.tenant_header), call)
@@ -169,11 +178,6 @@ def encode_embeddings(answer: Answer, dim: int, normalize: bool) -> bytes:
 _FAST = {"/v1/classify": ClassifyRequest, "/v1/embed": EmbedRequest}
 
 
-@dataclass(frozen=True)
-class _Route:
-    path: str  # what the metrics middleware labels the request with
-
-
 def decode(model: type[ClassifyRequest] | type[EmbedRequest], body: bytes) -> ClassifyRequest | EmbedRequest | None:
     """The request, or None when pydantic refuses it (the route then words the error)."""
     try:
@@ -183,23 +187,47 @@ def decode(model: type[ClassifyRequest] | type[EmbedRequest], body: bytes) -> Cl
 
 
 class FastPath:
-    """POST /v1/classify and /v1/embed with a JSON body, served straight from the stages; everything else
-    (and any body decode refuses) goes on to FastAPI. Sits inside the gate and the body limit, so the
-    request is authenticated, throttled and size-checked before its body is read here."""
+    """POST /v1/classify and /v1/embed, served straight from the stages before FastAPI's stack (the app
+    calls it first: `SwitchboardAPI.__call__`). It takes only the happy path — a JSON body within
+    `max_body_bytes` (from Content-Length), a key that may classify, a tenant not throttled, a body the
+    request model accepts — and does for it what the middleware does: the request id, the auth (before
+    the body is read), the throttle's 429, the metrics. Anything else goes to the full stack, with the
+    body replayed if it was read, and the middleware and routes answer it exactly as before."""
 
-    def __init__(self, app: ASGIApp, state: Any, render_error: Callable[[ApiError], tuple[int, dict, bytes]]) -> None:
-        self.app = app
+    def __init__(self, state: Any, metrics: Any, render_error: Callable[[ApiError], tuple[int, dict, bytes]],
+                 request_ids: Any, front: int | None = None) -> None:
         self.state = state
+        self.metrics = metrics
         self._render_error = render_error
-        self._routes = {path: _Route(path) for path in _FAST}
+        self._ids = request_ids
+        self._front = [(b"x-switchboard-front", str(front).encode())] if front is not None else []
+        self._durations = {path: metrics.request_duration.labels(f"POST {path}") for path in _FAST}
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        model = _FAST.get(scope.get("path", "")) if scope["type"] == "http" and scope["method"] == "POST" else None
-        pipeline = getattr(self.state, "pipeline", None)
-        principal = (scope.get("state") or {}).get("principal")
-        if model is None or pipeline is None or principal is None or not _is_json(scope):
-            await self.app(scope, receive, send)
+    async def __call__(self, scope: Scope, receive: Receive, send: Send, slow: ASGIApp) -> None:
+        model = _FAST.get(scope["path"])
+        state = self.state
+        pipeline, serving = state.pipeline, state.serving
+        if model is None or pipeline is None or scope["method"] != "POST":
+            await slow(scope, receive, send)
             return
+        started = time.perf_counter()
+        headers = dict(scope["headers"])
+        length = headers.get(b"content-length", b"")
+        content_type = headers.get(b"content-type", b"").split(b";", 1)[0].strip().lower()
+        if (content_type != b"application/json" or not length.isdigit()
+                or int(length) > state.settings.max_body_bytes):
+            await slow(scope, receive, send)
+            return
+        authorization, tenant_header = _header(headers, b"authorization"), _header(headers, b"x-switchboard-tenant")
+        try:  # from the headers, before a byte of the body
+            principal = await serving.authenticate(authorization, tenant_header)
+        except ApiError:
+            principal = None
+        if principal is None or "classify" not in principal.scopes or serving.throttled(principal.tenant) is not None:
+            await slow(scope, receive, send)  # refused there, with the words and counts the gate uses
+            return
+        request_id = self._ids.of(headers)
+        REQUEST_ID.set(request_id)
         chunks, more = [], True
         while more:
             message = await receive()
@@ -210,34 +238,45 @@ class FastPath:
         body = b"".join(chunks)
         request = decode(model, body)
         if request is None:  # the route words the error: replay the body to it
-            await self.app(scope, _replay(body, receive), send)
+            await slow(scope, _replay(body, receive), send)
             return
-        scope["route"] = self._routes[scope["path"]]
-        headers = dict(scope.get("headers") or [])
-        call = Call(principal, _header(headers, b"authorization"), _header(headers, b"x-switchboard-tenant"),
-                    lambda: disconnected(receive))
+        call = Call(principal, authorization, tenant_header, lambda: disconnected(receive))
+        extra: list[tuple[bytes, bytes]] = []
         try:
             if isinstance(request, ClassifyRequest):
                 out = await pipeline.classify(request, call)
             else:
                 out = await pipeline.embed(request, call)
-            status, extra = 200, []
+            status = 200
         except ClientGone:  # nobody reads an answer; 499 is what the metrics and the access log show
-            status, extra, out = 499, [], b""
+            status, out = 499, b""
         except ApiError as exc:
             status, error_headers, out = self._render_error(exc)
             extra = [(k.lower().encode(), v.encode()) for k, v in error_headers.items()]
+        except Exception:
+            log.exception("unhandled error on POST %s (request id %s)", scope["path"], request_id)
+            self.metrics.failures.labels("internal_error").inc()
+            status, extra = 500, []
+            out = orjson.dumps({"error": {"type": "internal_error", "message": "internal server error; quote request "
+                                          f"id {request_id} when reporting it"}})
         await send({"type": "http.response.start", "status": status,
-                    "headers": [(b"content-type", b"application/json"),
-                                (b"content-length", str(len(out)).encode()), *extra]})
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(out)).encode()),
+                                *extra, (b"x-request-id", request_id.encode()), *self._front]})
         await send({"type": "http.response.body", "body": out})
+        self.metrics.requests.labels(f"POST {scope['path']}", str(status)).inc()
+        self._durations[scope["path"]].observe(time.perf_counter() - started)
 
 
-def _is_json(scope: Scope) -> bool:
-    for name, value in scope.get("headers") or ():
-        if name == b"content-type":
-            return value.split(b";", 1)[0].strip().lower() == b"application/json"
-    return False
+class SwitchboardAPI(FastAPI):
+    """FastAPI with the fast path (`fast_path`, set once the app is built) in front of its whole stack."""
+
+    fast_path: FastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.fast_path is not None and scope["type"] == "http":
+            await self.fast_path(scope, receive, send, super().__call__)
+        else:
+            await super().__call__(scope, receive, send)
 
 
 def _header(headers: dict[bytes, bytes], name: bytes) -> str | None:
