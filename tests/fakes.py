@@ -45,7 +45,7 @@ class FakeEngine:
     def pool_count(self) -> int:
         return len(self._resident)
 
-    def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask:
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, blob: bytes | None = None) -> ResidentTask:
         adapter.validate(self.spec)
         with self._lock:
             if self.resident_bytes + adapter.nbytes > self.max_adapter_bytes:

@@ -157,10 +157,11 @@ class Engine(SlotBudget):
 
     # ----- load / unload ---------------------------------------------------------------------------
     def load(self, adapter: TaskAdapter, sha256: str | None = None, task: int | None = None,
-             outside_budget: bool = False) -> ResidentTask:
+             outside_budget: bool = False, blob: bytes | None = None) -> ResidentTask:
         """Validate and copy a task into free slots; raises CapacityError past the byte budget.
 
-        sha256: the adapter's content hash if known (unused here; a process engine replays by it).
+        sha256, blob: the adapter's content hash and file if known (unused here; a process engine replays
+        by the hash and sends the file to its workers).
         task: the task slot to use (an engine worker mirrors the slots its front process assigns);
         default: any free one. outside_budget: a built-in task of the server's (the embedding head),
         neither counted against `max_adapter_bytes` nor among the resident adapters."""

@@ -335,13 +335,17 @@ class ProcessEngine(SlotBudget):
         with self._lock:
             return len({key for b in self._booked.values() for key in b.pools})
 
-    def load(self, adapter: TaskAdapter, sha256: str | None = None, outside_budget: bool = False) -> ResidentTask:
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, outside_budget: bool = False,
+             blob: bytes | None = None) -> ResidentTask:
         """Book a task slot and send the adapter to every worker. sha256: its content hash in the store,
-        which a restarted worker is replayed from; without one (a built-in task) the blob is kept here."""
+        which a restarted worker is replayed from; without one (a built-in task) the blob is kept here.
+        blob: the native file the adapter was parsed from (a cold load from the store), sent as it is —
+        otherwise the adapter is serialised once here."""
         adapter.validate(self.spec)
         parts = self.components(adapter)
         nbytes = resident_nbytes(parts, self.dtype)
-        blob = native.dumps(adapter, self.spec.fingerprint)
+        if blob is None:
+            blob = native.dumps(adapter, self.spec.fingerprint)
         with self._lock:
             in_budget = sum(b.nbytes for b in self._booked.values() if not b.outside_budget)
             if not outside_budget and in_budget + nbytes > self.max_adapter_bytes:

@@ -47,7 +47,7 @@ class SlotEngine(Protocol):
     spec: BackboneSpec
     max_adapter_bytes: int
 
-    def load(self, adapter: TaskAdapter, sha256: str | None = None) -> ResidentTask: ...
+    def load(self, adapter: TaskAdapter, sha256: str | None = None, blob: bytes | None = None) -> ResidentTask: ...
 
     def check_fits(self, adapter: TaskAdapter) -> int: ...
 
@@ -313,18 +313,20 @@ class Registry:
                 return
             start = time.perf_counter()
             sha = version.record.sha256
+            blob = None  # read from the store: handed on as it is, so a worker process parses it without a re-dump
             if adapter is None:
                 with self._lock:
                     adapter = self._host.get(sha)
             if adapter is None:
-                adapter = native.loads(self._store.read_blob(sha), self._engine.spec.fingerprint)
+                blob = self._store.read_blob(sha)
+                adapter = native.loads(blob, self._engine.spec.fingerprint)
                 with self._lock:
                     if adapter.nbytes <= self._host.maxsize:
                         self._host[sha] = adapter
             self._make_room(self._engine.check_fits(adapter))
             while True:
                 try:
-                    resident = self._engine.load(adapter, sha256=sha)
+                    resident = self._engine.load(adapter, sha256=sha, blob=blob)
                     break
                 except CapacityError:
                     if not self._evict_one():
