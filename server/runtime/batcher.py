@@ -267,14 +267,16 @@ class Batcher:
         """The item's logits [rows, C_max]; DeadlineExceeded past its deadline. Cancelling this (the
         client left) cancels the item: the worker drops it unless its forward already started."""
         timeout_s = item.deadline - item.enqueued
+
+        def expire() -> None:  # a timer, not wait_for + shield: two fewer tasks per request
+            if not item.future.done():
+                item.future.set_exception(DeadlineExceeded(f"request did not finish within {timeout_s:.1f} s"))
+
+        timer = item.loop.call_later(max(0.0, timeout_s) + 1.0, expire)
         try:
-            return await asyncio.wait_for(asyncio.shield(item.future), timeout=max(0.0, timeout_s) + 1.0)
-        except TimeoutError as exc:
-            item.future.cancel()
-            raise DeadlineExceeded(f"request did not finish within {timeout_s:.1f} s") from exc
-        except asyncio.CancelledError:
-            item.future.cancel()
-            raise
+            return await item.future  # cancelling this task cancels the item's future: the worker drops it
+        finally:
+            timer.cancel()
 
     def _gauges(self) -> None:
         """Queue totals; called with the condition held."""
