@@ -11,8 +11,10 @@ requests and comes back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
+import threading
 import time
 from contextlib import contextmanager
 
@@ -30,14 +32,20 @@ HEAD = {"Authorization": f"Bearer {ADMIN}"}
 TEXTS = ["a chess engine", "the DNS server answers slowly", "I loved it", "terrible service, never again"]
 
 
-def on_front(index: int, send, tries: int = 200) -> httpx.Response:
-    """`send(client)` over fresh connections until front `index` answers it."""
-    for _ in range(tries):
+def on_front(index: int, send, tries: int = 200, wait_s: float = 60.0) -> httpx.Response:
+    """`send(client)` over fresh connections until front `index` answers it (a front that is still
+    starting does not accept yet: fresh connections keep trying for up to `wait_s`)."""
+    deadline = time.monotonic() + wait_s
+    for attempt in itertools.count():
         with httpx.Client(timeout=30) as client:
             r = send(client)
         if r.headers.get("x-switchboard-front") == str(index):
             return r
-    raise AssertionError(f"front {index} never answered in {tries} fresh connections")
+        if attempt >= tries and time.monotonic() > deadline:
+            break
+        if attempt >= tries:
+            time.sleep(0.1)
+    raise AssertionError(f"front {index} never answered in {wait_s:g} s")
 
 
 @pytest.fixture(scope="module")
@@ -161,6 +169,7 @@ def test_metrics_count_every_fronts_requests(fronts_server):
     assert after["switchboard_front_processes"] == 1
 
 
+@pytest.mark.slow
 def test_flooding_tenant_through_both_fronts_never_gets_the_other_refused(fronts_server, tiny_dir):
     """A floods /v1/embed at the per-request maximum over many connections (both fronts); B's one-text
     requests, also over both fronts, are all answered; A is refused (429 + Retry-After) for its own demand."""
@@ -224,3 +233,49 @@ def test_a_killed_front_fails_only_its_own_requests_and_comes_back(fronts_server
     r = on_front(1, lambda c: c.post(f"{url}/v1/embed", headers=keys["b"], json={"inputs": "x"}), tries=400)
     assert r.status_code == 200
     assert proc.poll() is None
+
+
+@pytest.mark.slow
+def test_through_a_front_a_departed_clients_rows_are_dropped_and_deadlines_hold(tiny_dir, tmp_path):
+    """With the engine worker stopped (SIGSTOP) nothing computes: a request through front 1 whose client
+    leaves is cancelled in the scheduler (dropped as client_gone, never computed), and one whose client
+    waits gets 503 deadline_exceeded at its deadline, through front 1 too. Both leases are released."""
+    env = {"SWITCHBOARD_ENGINE_WORKERS": "1", "SWITCHBOARD_THREADS": "1", "SWITCHBOARD_REQUEST_TIMEOUT_S": "2"}
+    spec = tiny_dir[1].spec
+    with running_server(tiny_dir[0], tmp_path / "data", env=env, extra_args=["--fronts", "2"]) as (url, proc):
+        assert upload(url, "t", random_adapter(spec, seed=5), spec.fingerprint).status_code == 201
+        on_front(1, lambda c: c.post(f"{url}/v1/classify", json={"task": "t", "inputs": "warm"}))
+        worker = next(p for p in psutil.Process(proc.pid).children()
+                      if "switchboard.server.runtime.engine_worker" in p.cmdline())
+        before = metric_samples(url)
+        worker.suspend()
+        try:
+            # in the forward pass the stopped worker holds (answered 503 at its deadline)
+            blocker = threading.Thread(target=lambda: httpx.post(f"{url}/v1/classify", timeout=30, json={
+                "task": "t", "inputs": "blocker"}))
+            blocker.start()
+            time.sleep(0.5)
+            with client_on(url, 1) as c:  # queued behind it; the client gives up after 0.5 s and leaves
+                with pytest.raises(httpx.ReadTimeout):
+                    c.post(f"{url}/v1/classify", json={"task": "t", "inputs": "gone"}, timeout=0.5)
+            with client_on(url, 1) as c:
+                r = c.post(f"{url}/v1/classify", json={"task": "t", "inputs": "waits"}, timeout=30)
+            assert r.status_code == 503 and r.json()["error"]["type"] == "deadline_exceeded", r.text
+            assert r.headers["x-switchboard-front"] == "1"
+        finally:
+            worker.resume()
+        blocker.join()
+        deadline = time.monotonic() + 30
+        while True:
+            after = metric_samples(url)
+            gone = after.get('switchboard_dropped_requests_total{"reason": "client_gone"}', 0) - before.get(
+                'switchboard_dropped_requests_total{"reason": "client_gone"}', 0)
+            if gone >= 1:
+                break
+            assert time.monotonic() < deadline, "the departed client's request was not dropped"
+            time.sleep(0.2)
+        # nothing left queued, and the server still answers through both fronts
+        assert after["switchboard_queue_depth_rows"] == 0
+        for front in (0, 1):
+            assert on_front(front, lambda c: c.post(f"{url}/v1/classify", json={"task": "t", "inputs": "x"}
+                                                    )).status_code == 200

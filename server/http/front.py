@@ -1,12 +1,13 @@
 """A front process: HTTP, auth, validation, tokenization and JSON for classify and embed.
 
 `switchboard serve --fronts N` runs the scheduler process (which is also front 0) and N − 1 of these,
-all accepting on the one listening socket the scheduler bound. A front serves POST /v1/classify,
-/v1/embed and GET /v1/backbone itself — the same middleware and stages as front 0 — and hands each
-request's rows to the scheduler over the front link (ZeroMQ). Every other request (uploads, rollbacks,
-keys, tenants, jobs, /health, /metrics, the docs) is passed through, streamed, to the scheduler's own
-HTTP app on a private Unix socket, so it is answered — and its 201/200/204 sent — by the one process
-that owns the books. The front exits when the scheduler does (a pipe from it closes).
+each accepting on its own socket on the server's port (SO_REUSEPORT: the kernel spreads connections).
+A front serves POST /v1/classify, /v1/embed and GET /v1/backbone itself — the same middleware and
+stages as front 0 — and hands each request's rows to the scheduler over the front link (ZeroMQ).
+Every other request (uploads, rollbacks, keys, tenants, jobs, /health, /metrics, the docs) is passed
+through, streamed, to the scheduler's own HTTP app on a private Unix socket, so it is answered — and
+its 201/200/204 sent — by the one process that owns the books. The front exits when the scheduler does
+(a pipe from it closes).
 
     python -m switchboard.server.http.front CONFIG_JSON
 """
@@ -56,7 +57,6 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"t
 @dataclass(frozen=True)
 class FrontConfig:
     index: int
-    listen_fd: int  # the listening socket, shared with the scheduler and the other fronts
     parent_fd: int  # the read end of a pipe the scheduler holds open: EOF = the scheduler is gone
     link: str  # the scheduler's ZeroMQ address
     scheduler_http: str  # the scheduler's private HTTP Unix socket
@@ -116,6 +116,20 @@ class PassThrough:
             await send({"type": "http.response.body", "body": b""})
         finally:
             await response.aclose()
+
+
+def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
+    """A front's own socket on the server's port. SO_REUSEPORT: every front binds one and the kernel
+    spreads new connections over them evenly (one shared socket hands most of them to whichever process
+    is least busy at that instant, so one front took nearly all of a sequential client's connections).
+    Only this user's processes can bind beside it, and `serve` checks first that the port is free."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(backlog)
+    return sock
 
 
 async def connect(settings: Settings, config: FrontConfig, metrics: Metrics) -> Pipeline:
@@ -179,7 +193,6 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings.model_validate_json(config.settings_json)
     configure_logging(settings.log_level, settings.log_format)
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per passed-through request otherwise
-    listener = socket.socket(fileno=config.listen_fd)  # family and type read from the descriptor
 
     async def serve() -> None:
         loop = asyncio.get_running_loop()
@@ -196,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = Metrics()
         pipeline = await connect(settings, config, metrics)  # accept nothing before the scheduler is ready
         app = create_front_app(settings, config, pipeline, metrics)
+        listener = listening_socket(settings.host, settings.port)  # bound once ready: no connection waits on us
         server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level, settings.log_format),
                                                lifespan="on"))
         log.info("front %d ready (pid %d)", config.index, os.getpid())

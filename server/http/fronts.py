@@ -1,7 +1,8 @@
-"""The scheduler's side of `--fronts N`: the shared listening socket, the front link, the front processes.
+"""The scheduler's side of `--fronts N`: the front link and the front processes.
 
-The scheduler process binds the port once and is front 0; it spawns fronts 1 … N−1 (front.py), each
-accepting on the same socket. A front that dies is restarted at once and the jobs it had sent are
+The scheduler process is front 0; it spawns fronts 1 … N−1 (front.py). Each binds its own socket on
+the server's port (SO_REUSEPORT) once it is connected to the scheduler, and the kernel spreads new
+connections over them. A front that dies is restarted at once and the jobs it had sent are
 cancelled (its clients' connections died with it); the others go on. Stopping sends SIGTERM to every
 front (each finishes its requests in flight, which still reach the link) before the scheduler stops.
 """
@@ -21,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable
 
-from switchboard.server.http.front import FrontConfig
+from switchboard.server.http.front import FrontConfig, listening_socket
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import EngineFactory
 from switchboard.server.runtime.front_link import SchedulerEndpoint
@@ -68,17 +69,6 @@ def run_server(settings: Settings, log_config: dict | None = None,
     return app.state.switchboard.startup_error
 
 
-def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """The one socket every front accepts on (inherited by the front processes)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.set_inheritable(True)
-    return sock
-
-
 class Fronts:
     """Front processes 1 … count−1 around this (the scheduler's) process."""
 
@@ -118,10 +108,10 @@ class Fronts:
 
     def _spawn(self, index: int) -> None:
         settings_json = self.settings.model_dump_json(exclude={"admin_key", "admin_key_file"})
-        config = FrontConfig(index=index, listen_fd=self.listener.fileno(), parent_fd=self._parent_r,
-                             link=self.link, scheduler_http=self.http_path, settings_json=settings_json)
+        config = FrontConfig(index=index, parent_fd=self._parent_r, link=self.link, scheduler_http=self.http_path,
+                             settings_json=settings_json)
         proc = subprocess.Popen([sys.executable, "-m", "switchboard.server.http.front", config.to_json()],
-                                pass_fds=(self.listener.fileno(), self._parent_r), stdin=subprocess.DEVNULL)
+                                pass_fds=(self._parent_r,), stdin=subprocess.DEVNULL)
         with self._lock:
             self._procs[index] = proc
 

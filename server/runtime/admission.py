@@ -129,7 +129,10 @@ class Admission:
             return Refusal("tenant_queue_full", f"this tenant already has {tenant_rows} rows waiting "
                            f"(its quota: max_queued_rows {max_queued_rows})",
                            self.drain.seconds_for(tenant_tokens, s.retry_after_s))
-        rate = self.drain.tokens_per_s
+        # what the engine can do (its recent peak), not only the last batches' mean: after a run of one-row
+        # batches the mean is a fraction of capacity, and a big batch then in flight seemed to hold every
+        # other tenant for many seconds (issue 21: a victim refused after a quiet spell of small requests)
+        rate = max(self.drain.tokens_per_s or 0.0, self.drain.peak)
         if rate and queues.total_tokens:
             overloaded = self.overloaded(queues)
             # the work that would run before this tenant's request (under VTC: not a flooder's whole backlog)
