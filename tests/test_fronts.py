@@ -214,6 +214,7 @@ def test_flooding_tenant_through_both_fronts_never_gets_the_other_refused(fronts
     assert all(r is not None and r.isdigit() for r in a_retry)
 
 
+@pytest.mark.slow
 def test_a_killed_front_fails_only_its_own_requests_and_comes_back(fronts_server):
     url, proc, keys = fronts_server
     fronts = [p for p in psutil.Process(proc.pid).children() if "switchboard.server.http.front" in " ".join(p.cmdline())]

@@ -120,6 +120,10 @@ def cut(item: WorkItem, max_chunk_tokens: int, load_charge: int = 0) -> list[Chu
     """The item's chunks: as many rows as fit `max_chunk_tokens` at the item's padded length (one at
     least), each trimmed to its longest row. A cold load's charge goes on the first chunk."""
     per_chunk = max(1, max_chunk_tokens // max(1, item.length))
+    if per_chunk >= item.rows:  # one chunk (most requests): rows are padded to their longest, no array work
+        length = max(1, item.length)
+        item.pending, item.parts = 1, [None]
+        return [Chunk(item, 0, 0, item.rows, length, item.rows * length + load_charge)]
     starts = np.arange(0, item.rows, per_chunk)
     lengths = np.maximum.reduceat(item.attention_mask.sum(axis=1), starts)
     stops = [*starts[1:].tolist(), item.rows]
