@@ -10,6 +10,7 @@ divided by the requests answered; wrk's own CPU is reported beside it (it shares
     python -m bench.front                      # fronts 1 and 2, 15 s each
     python -m bench.front --quick              # 5 s each
     python -m bench.front --fronts 1,2,3 --connections 64 --seconds 20
+    python -m bench.front --engine real        # the same load on `switchboard serve` (MiniLM, engine workers)
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from bench.adapters import PEFT_BERT_SITES, bench_adapter
 from bench.texts import sample_texts
 from switchboard.adapter_store.formats import native
 from switchboard.clients.local_server import free_port, running_process
-from switchboard.server.core.backbone import Backbone
+from switchboard.server.core.backbone import Backbone, load_backbone
 from switchboard.server.core.engine import Engine
 from switchboard.server.settings import Settings
 
@@ -90,17 +91,18 @@ def process_cpu(pids: list[int]) -> float:
     return total
 
 
-def run_config(fronts: int, seconds: float, connections: int, texts: list[str], n_tasks: int) -> dict:
+def run_config(fronts: int, seconds: float, connections: int, texts: list[str], n_tasks: int,
+               engine: str = "instant") -> dict:
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as data:
         cmd = [sys.executable, "-m", "bench.front", "--serve-instant", str(port), "--fronts", str(fronts),
                "--data-dir", data]
+        if engine == "real":  # the server as shipped: MiniLM in the engine workers
+            cmd = [sys.executable, "-m", "switchboard.clients.cli", "serve", "--port", str(port), "--fronts",
+                   str(fronts), "--data-dir", data, "--log-level", "warning"]
         with running_process(cmd, url, Path(data) / "server.log") as (proc, _):
-            backbone_spec = None
             fingerprint = httpx.get(f"{url}/v1/backbone").json()["fingerprint"]
-            from switchboard.server.core.backbone import load_backbone
-
             backbone_spec = load_backbone().spec
             tasks = [f"task-{i}" for i in range(n_tasks)]
             with httpx.Client(timeout=60) as client:
@@ -122,17 +124,15 @@ def run_config(fronts: int, seconds: float, connections: int, texts: list[str], 
             out = subprocess.run(["wrk", "-t2", f"-c{connections}", f"-d{seconds:g}s", "--latency", "-s", str(script),
                                   url], capture_output=True, text=True, check=True).stdout
             cpu1, child1 = process_cpu(pids), resource.getrusage(resource.RUSAGE_CHILDREN)
-            errors = httpx.get(f"{url}/metrics").text
     requests = int(re.search(r"(\d+) requests in", out).group(1))
     non2xx = int(m.group(1)) if (m := re.search(r"Non-2xx or 3xx responses: (\d+)", out)) else 0
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
     lat = {p: _ms(re.search(rf"\s{p}%\s+([\d.]+\w+)", out).group(1)) for p in ("50", "99")}
     wrk_cpu = (child1.ru_utime + child1.ru_stime) - (child0.ru_utime + child0.ru_stime)
-    del errors
     return {"fronts": fronts, "requests": requests, "non_2xx": non2xx, "rps": rps, "p50_ms": lat["50"],
             "p99_ms": lat["99"], "server_cpu_us_per_request": 1e6 * (cpu1 - cpu0) / max(1, requests),
             "wrk_cpu_us_per_request": 1e6 * wrk_cpu / max(1, requests), "connections": connections,
-            "seconds": seconds}
+            "seconds": seconds, "engine": engine}
 
 
 def _ms(value: str) -> float:
@@ -146,8 +146,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=15.0)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--tasks", type=int, default=16)
+    parser.add_argument("--engine", choices=["instant", "real"], default="instant",
+                        help="instant: the bench's stand-in engine (the front alone); real: `switchboard serve`")
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="bench/out/front.json")
+    parser.add_argument("--out", default=None, help="default: bench/out/front-<engine>.json")
     parser.add_argument("--serve-instant", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("--data-dir", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -155,7 +157,8 @@ def main() -> None:
         sys.exit(serve_instant(args.serve_instant, int(args.fronts), args.data_dir))
     seconds = 5.0 if args.quick else args.seconds
     texts = [t[:400] for t in sample_texts(512, seed=21)]
-    rows = [run_config(int(n), seconds, args.connections, texts, args.tasks) for n in args.fronts.split(",")]
+    rows = [run_config(int(n), seconds, args.connections, texts, args.tasks, args.engine)
+            for n in args.fronts.split(",")]
     base = rows[0]
     print(f"{'fronts':>6} {'req/s':>8} {'× 1st':>6} {'server CPU µs/req':>18} {'wrk CPU µs/req':>15} {'p50 ms':>7} "
           f"{'p99 ms':>7} {'non-2xx':>8}")
@@ -163,8 +166,9 @@ def main() -> None:
         r["rps_ratio"] = r["rps"] / base["rps"]
         print(f"{r['fronts']:>6} {r['rps']:>8.0f} {r['rps_ratio']:>6.2f} {r['server_cpu_us_per_request']:>18.0f} "
               f"{r['wrk_cpu_us_per_request']:>15.0f} {r['p50_ms']:>7.1f} {r['p99_ms']:>7.1f} {r['non_2xx']:>8}")
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"rows": rows, "cores": psutil.cpu_count()}, indent=1))
+    out = Path(args.out or f"bench/out/front-{args.engine}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"rows": rows, "cores": psutil.cpu_count()}, indent=1))
 
 
 if __name__ == "__main__":
