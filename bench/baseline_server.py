@@ -4,6 +4,7 @@ One PeftModel holds every task's (IA)3 adapter; each request switches its task's
 (`set_adapter`) and runs its own forward — PEFT cannot mix (IA)3 tasks in a batch (peft#759).
 
     python -m bench.baseline_server --port 8001 --tasks 100
+    python -m bench.baseline_server --model DIR --device cuda --dtype bf16   # on a GPU (bench/device_check.py)
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ _PEFT_MODULES = {"k_out": "attention.self.key", "v_out": "attention.self.value",
                  "attn_out_in": "attention.output.dense", "ffn_out_in": "output.dense"}
 
 
-def build_app(num_tasks: int, max_length: int) -> FastAPI:
-    backbone = load_backbone()
+def build_app(num_tasks: int, max_length: int, model_dir: str | None = None, device: str = "cpu",
+              dtype: str = "fp32") -> FastAPI:
+    backbone = load_backbone(model_dir)
+    dev = torch.device(device)
     spec, tokenizer = backbone.spec, backbone.tokenizer
     cfg = IA3Config(task_type=TaskType.FEATURE_EXTRACTION, target_modules=["key", "value", "output.dense"],
                     feedforward_modules=["output.dense"])
@@ -47,19 +50,21 @@ def build_app(num_tasks: int, max_length: int) -> FastAPI:
                     key = f"base_model.model.encoder.layer.{layer}.{_PEFT_MODULES[site]}.ia3_l.{name}"
                     p = params[key]
                     p.copy_(vec[layer].reshape(p.shape))
-    model.eval()
+    model = model.to(dev, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).eval()
+    heads = {name: (a.head.out_w.to(dev), a.head.out_b.to(dev)) for name, a in adapters.items()}
     lock = threading.Lock()
 
     def run(task: str, texts: list[str]) -> list[list[dict]]:
         adapter = adapters[task]
-        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+        enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(dev)
+        out_w, out_b = heads[task]
         with lock, torch.inference_mode():
             model.set_adapter(task)
-            hidden = model(**enc).last_hidden_state
+            hidden = model(**enc).last_hidden_state.float()
             weights = enc["attention_mask"].unsqueeze(-1).float()
             feats = (hidden * weights).sum(1) / weights.sum(1)
-            logits = feats @ adapter.head.out_w.t() + adapter.head.out_b
-        scores = torch.softmax(logits, -1)
+            logits = feats @ out_w.t() + out_b
+            scores = torch.softmax(logits, -1).cpu()
         out = []
         for row in scores:
             values, idx = torch.sort(row, descending=True)
@@ -88,8 +93,12 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8001)
     parser.add_argument("--tasks", type=int, default=100)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--model", default=None, help="local model directory (default: the embedded MiniLM)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     args = parser.parse_args()
-    uvicorn.run(build_app(args.tasks, args.max_length), host="127.0.0.1", port=args.port, log_level="warning")
+    uvicorn.run(build_app(args.tasks, args.max_length, args.model, args.device, args.dtype), host="127.0.0.1",
+                port=args.port, log_level="warning")
 
 
 if __name__ == "__main__":
