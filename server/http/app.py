@@ -15,17 +15,9 @@ from switchboard.server.core.tokenize import TextEncoder
 from switchboard.server.http.deps import AppState
 from switchboard.server.http.docs_ui import install_docs
 from switchboard.server.http.fronts import Fronts
-from switchboard.server.http.handlers import api_error_renderer, install_error_handlers
-from switchboard.server.http.middleware import (
-    BodyLimitMiddleware,
-    GateMiddleware,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-    RequestIds,
-    UploadPermits,
-)
-from switchboard.server.http.pipeline import FastPath, Pipeline, SwitchboardAPI
+from switchboard.server.http.pipeline import Pipeline, SwitchboardAPI
 from switchboard.server.http.routers import admin, classify, jobs, ops, tasks
+from switchboard.server.http.stack import install_request_path
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.builder import BackboneFactory, EngineFactory, build_runtime
 from switchboard.server.runtime.serving import LocalServing
@@ -80,17 +72,7 @@ def create_app(settings: Settings | None = None, backbone_factory: BackboneFacto
                                                      "(IA)3 / Houlsby tasks, mixed in one forward pass.")
     app.state.switchboard = state
     state.fronts = fronts
-    s = state.settings
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
-                       max_train_body_bytes=s.max_train_body_bytes)
-    app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
-                       permits=UploadPermits(s.max_pending_uploads, s.tenant_max_pending_uploads))
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(RequestIdMiddleware, metrics=state.metrics,  # outermost
-                       front=0 if fronts is not None else None)
-    install_error_handlers(app, state.metrics)
-    app.fast_path = FastPath(state, state.metrics, api_error_renderer(state.metrics), RequestIds(),
-                             front=0 if fronts is not None else None)
+    install_request_path(app, state, front=0 if fronts is not None else None)
     install_docs(app)  # Swagger UI from the package: works offline
     # classify first: routes are matched router by router, and it carries nearly all the traffic
     for router in (classify.router, ops.router, tasks.router, jobs.router, admin.router):

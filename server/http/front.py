@@ -32,17 +32,10 @@ from starlette.types import Receive, Scope, Send
 from switchboard.server.core.backbone import default_model_path
 from switchboard.server.core.tokenize import TextEncoder
 from switchboard.server.http.deps import AppState
-from switchboard.server.http.handlers import api_error_renderer, error_body, install_error_handlers
-from switchboard.server.http.middleware import (
-    BodyLimitMiddleware,
-    GateMiddleware,
-    MetricsMiddleware,
-    RequestIdMiddleware,
-    RequestIds,
-    UploadPermits,
-)
-from switchboard.server.http.pipeline import FastPath, Pipeline, SwitchboardAPI
+from switchboard.server.http.handlers import error_body
+from switchboard.server.http.pipeline import Pipeline, SwitchboardAPI
 from switchboard.server.http.routers import classify
+from switchboard.server.http.stack import install_request_path
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.front_link import RemoteServing
@@ -162,15 +155,7 @@ def create_front_app(settings: Settings, config: FrontConfig, pipeline: Pipeline
 
     app = SwitchboardAPI(lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.switchboard = state
-    s = settings
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=s.max_body_bytes, max_upload_bytes=s.max_upload_bytes,
-                       max_train_body_bytes=s.max_train_body_bytes)
-    app.add_middleware(GateMiddleware, state=state, metrics=state.metrics,
-                       permits=UploadPermits(s.max_pending_uploads, s.tenant_max_pending_uploads))
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
-    app.add_middleware(RequestIdMiddleware, metrics=state.metrics, front=config.index)
-    install_error_handlers(app, state.metrics)
-    app.fast_path = FastPath(state, state.metrics, api_error_renderer(state.metrics), RequestIds(), front=config.index)
+    install_request_path(app, state, front=config.index)
     app.include_router(classify.router)
 
     async def dispatch(scope: Scope, receive: Receive, send: Send) -> None:
