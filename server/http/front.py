@@ -1,7 +1,7 @@
 """A front process: HTTP, auth, validation, tokenization and JSON for classify and embed.
 
 `switchboard serve --fronts N` runs the scheduler process (which is also front 0) and N − 1 of these,
-each accepting on its own socket on the server's port (SO_REUSEPORT: the kernel spreads connections).
+all accepting on the one listening socket the scheduler bound (a front only once it is ready).
 A front serves POST /v1/classify, /v1/embed and GET /v1/backbone itself — the same middleware and
 stages as front 0 — and hands each request's rows to the scheduler over the front link (ZeroMQ).
 Every other request (uploads, rollbacks, keys, tenants, jobs, /health, /metrics, the docs) is passed
@@ -50,6 +50,7 @@ _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"t
 @dataclass(frozen=True)
 class FrontConfig:
     index: int
+    listen_fd: int  # the listening socket, shared with the scheduler and the other fronts
     parent_fd: int  # the read end of a pipe the scheduler holds open: EOF = the scheduler is gone
     link: str  # the scheduler's ZeroMQ address
     scheduler_http: str  # the scheduler's private HTTP Unix socket
@@ -112,16 +113,17 @@ class PassThrough:
 
 
 def listening_socket(host: str, port: int, backlog: int = 2048) -> socket.socket:
-    """A front's own socket on the server's port. SO_REUSEPORT: every front binds one and the kernel
-    spreads new connections over them evenly (one shared socket hands most of them to whichever process
-    is least busy at that instant, so one front took nearly all of a sequential client's connections).
-    Only this user's processes can bind beside it, and `serve` checks first that the port is free."""
+    """The one socket the scheduler (front 0) and every front accept on, inherited by the fronts. Shared,
+    not one SO_REUSEPORT socket each: the kernel then hands a new connection to whichever process is free
+    to accept it, so the scheduler's process — which also forms every batch — takes fewer. Measured with
+    `bench/front.py` on 2 cores: 1.81× one front's requests/s shared, 0.83–1.12× with SO_REUSEPORT's
+    even split (docs/benchmarks.md)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(backlog)
+    sock.set_inheritable(True)
     return sock
 
 
@@ -194,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         metrics = Metrics()
         pipeline = await connect(settings, config, metrics)  # accept nothing before the scheduler is ready
         app = create_front_app(settings, config, pipeline, metrics)
-        listener = listening_socket(settings.host, settings.port)  # bound once ready: no connection waits on us
+        listener = socket.socket(fileno=config.listen_fd)  # accepted on only once ready
         server = uvicorn.Server(uvicorn_config(app, settings, logging_config(settings.log_level, settings.log_format),
                                                lifespan="on"))
         log.info("front %d ready (pid %d)", config.index, os.getpid())

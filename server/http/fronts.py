@@ -1,10 +1,10 @@
 """The scheduler's side of `--fronts N`: the front link and the front processes.
 
-The scheduler process is front 0; it spawns fronts 1 … N−1 (front.py). Each binds its own socket on
-the server's port (SO_REUSEPORT) once it is connected to the scheduler, and the kernel spreads new
-connections over them. A front that dies is restarted at once and the jobs it had sent are
-cancelled (its clients' connections died with it); the others go on. Stopping sends SIGTERM to every
-front (each finishes its requests in flight, which still reach the link) before the scheduler stops.
+The scheduler process binds the port once and is front 0; it spawns fronts 1 … N−1 (front.py), each
+accepting on the same socket once it is connected to the scheduler. A front that dies is restarted at
+once and the jobs it had sent are cancelled (its clients' connections died with it); the others go on.
+Stopping sends SIGTERM to every front (each finishes its requests in flight, which still reach the
+link) before the scheduler stops.
 """
 
 from __future__ import annotations
@@ -108,10 +108,10 @@ class Fronts:
 
     def _spawn(self, index: int) -> None:
         settings_json = self.settings.model_dump_json(exclude={"admin_key", "admin_key_file"})
-        config = FrontConfig(index=index, parent_fd=self._parent_r, link=self.link, scheduler_http=self.http_path,
-                             settings_json=settings_json)
+        config = FrontConfig(index=index, listen_fd=self.listener.fileno(), parent_fd=self._parent_r,
+                             link=self.link, scheduler_http=self.http_path, settings_json=settings_json)
         proc = subprocess.Popen([sys.executable, "-m", "switchboard.server.http.front", config.to_json()],
-                                pass_fds=(self._parent_r,), stdin=subprocess.DEVNULL)
+                                pass_fds=(self.listener.fileno(), self._parent_r), stdin=subprocess.DEVNULL)
         with self._lock:
             self._procs[index] = proc
 
