@@ -94,6 +94,12 @@ class Refusal:
         return min(MAX_RETRY_AFTER_S, max(1, math.ceil(self.seconds)))
 
 
+@dataclass(frozen=True)
+class BatchLimits:
+    rows: int
+    tokens: int
+
+
 class Admission:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -182,6 +188,19 @@ class Admission:
         if not self.drain.tokens_per_s:
             return 0.0
         return max(self.drain.peak, self.drain.tokens_per_s) / max(1, workers)
+
+    def batch_limits(self, queues: TenantQueues, workers: int = 1, contended: bool = False) -> BatchLimits:
+        """How large the next batch may be — the one place that decides it (the scheduler decides only the
+        order of what waits, the engine only how a batch is cut into length-sorted chunks). Rows:
+        `max_batch_rows`, and with several engine workers an even share of what waits now (at least
+        `chunk_rows`), so a burst is computed by all of them side by side instead of by the first one free.
+        Tokens: `batch_token_limit`."""
+        s = self.settings
+        rows = s.max_batch_rows
+        if workers > 1:
+            share = -(-queues.total_rows // workers)
+            rows = min(rows, max(share, s.chunk_rows or 1))
+        return BatchLimits(rows, self.batch_token_limit(queues, workers, contended))
 
     def batch_token_limit(self, queues: TenantQueues, workers: int = 1, contended: bool = False) -> int:
         """max_batch_tokens; while several tenants are active (`contended`) also `fair_batch_ms`, and under

@@ -331,14 +331,9 @@ class Batcher:
                 if hold <= 0:
                     break
                 self._cond.wait(hold)  # a new arrival wakes this worker early: it may be a short chunk
-            max_tokens = self.admission.batch_token_limit(self._queues, len(self._threads), contended)
-            log.debug("taking a batch: contended %s, at most %d tokens", contended, max_tokens)
-            max_rows = s.max_batch_rows
-            if len(self._threads) > 1:
-                # several engine workers: take an even share of what waits now, so a burst is computed by
-                # all of them side by side instead of by the first one free (its latency halves)
-                share = -(-self._queues.total_rows // len(self._threads))
-                max_rows = min(max_rows, max(share, s.chunk_rows or 1))
+            limits = self.admission.batch_limits(self._queues, len(self._threads), contended)
+            max_rows, max_tokens = limits.rows, limits.tokens
+            log.debug("taking a batch: contended %s, at most %d rows, %d tokens", contended, max_rows, max_tokens)
             close_at = time.monotonic() + s.batch_wait_ms / 1000.0
             while True:
                 full = False
