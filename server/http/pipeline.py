@@ -230,8 +230,8 @@ class FastPath:
             principal = await serving.authenticate(authorization, tenant_header)
         except ApiError:
             principal = None
-        if principal is None or "classify" not in principal.scopes or serving.throttled(principal.tenant) is not None:
-            await slow(scope, receive, send)  # refused there, with the words and counts the gate uses
+        if principal is None or "classify" not in principal.scopes or serving.throttle_window(principal.tenant) > 0:
+            await slow(scope, receive, send)  # refused there, with the words and counts the gate uses (once)
             return
         request_id = self._ids.of(headers)
         REQUEST_ID.set(request_id)

@@ -30,7 +30,7 @@ import zmq.asyncio
 from cachetools import TTLCache
 
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.errors import ApiError, EngineUnavailable, Forbidden, NotReady, Unauthorized
+from switchboard.server.errors import ApiError, EngineUnavailable, Forbidden, NotReady
 from switchboard.server.runtime.serving import Answer, Job, LocalServing
 from switchboard.server.runtime.tenancy import Principal
 
@@ -285,9 +285,7 @@ class RemoteServing:
             try:
                 cached = _PRINCIPAL.decode(await self._call(b"auth", _ENCODER.encode(
                     AuthQuery(authorization, tenant_header)), timeout_s=5.0)).principal()
-            except Unauthorized as exc:
-                cached = exc
-            except ApiError as exc:
+            except ApiError as exc:  # a 401 is cached like a principal; anything else is not
                 if exc.status != 401:
                     raise
                 cached = exc
@@ -297,6 +295,11 @@ class RemoteServing:
         if isinstance(cached, BaseException):
             raise cached
         return cached
+
+    def throttle_window(self, tenant: str) -> float:
+        """Seconds left in this tenant's throttle here (0: none); counts nothing."""
+        until, _ = self._throttled.get(tenant, (0.0, 0))
+        return max(0.0, until - asyncio.get_running_loop().time()) if until else 0.0
 
     def throttled(self, tenant: str) -> int | None:
         until, retry = self._throttled.get(tenant, (0.0, 0))
