@@ -13,6 +13,7 @@ import torch
 
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.books import SlotBooks
 from switchboard.server.core.engine import CapacityError, ResidentTask
 
 
@@ -29,30 +30,27 @@ class FakeEngine:
     fail_with: BaseException | None = None  # the next forward raises this (once)
     gate: threading.Event | None = None  # when set, forward waits for it (to hold a batch in flight)
     batches: list[list[int]] = field(default_factory=list)  # slots of each forward, in order
-    _next: int = 1
-    _resident: dict[int, int] = field(default_factory=dict)  # slot → bytes
     _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def __post_init__(self) -> None:
+        self.books = SlotBooks(self.max_adapter_bytes)
 
     @property
     def resident_tasks(self) -> int:
-        return len(self._resident)
+        return self.books.resident_tasks
 
     @property
     def resident_bytes(self) -> int:
-        return sum(self._resident.values())
+        return self.books.resident_bytes
 
     @property
     def pool_count(self) -> int:
-        return len(self._resident)
+        return self.books.resident_tasks
 
     def load(self, adapter: TaskAdapter, sha256: str | None = None, blob: bytes | None = None) -> ResidentTask:
         adapter.validate(self.spec)
-        with self._lock:
-            if self.resident_bytes + adapter.nbytes > self.max_adapter_bytes:
-                raise CapacityError("fake budget")
-            slot, self._next = self._next, self._next + 1
-            self._resident[slot] = adapter.nbytes
-            return ResidentTask(slot, adapter.num_labels, adapter.nbytes)
+        booking = self.books.book(adapter.nbytes, sha256=sha256)
+        return ResidentTask(booking.slot, adapter.num_labels, adapter.nbytes)
 
     def check_fits(self, adapter: TaskAdapter) -> int:
         if adapter.nbytes > self.max_adapter_bytes:
@@ -60,11 +58,10 @@ class FakeEngine:
         return adapter.nbytes
 
     def unload(self, task: int) -> None:
-        with self._lock:
-            del self._resident[task]
+        self.books.release(task)
 
     def is_resident(self, slot: int) -> bool:
-        return slot in self._resident
+        return slot in self.books
 
     def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         return [(torch.arange(attention_mask.shape[0]), attention_mask.shape[1])]
@@ -74,7 +71,7 @@ class FakeEngine:
             self.gate.wait(30)
         slots = task_slots.tolist()
         with self._lock:
-            missing = [s for s in slots if s not in self._resident]
+            missing = [s for s in slots if s not in self.books]
             self.batches.append(slots)
         if self.fail_with is not None:
             error, self.fail_with = self.fail_with, None

@@ -48,7 +48,8 @@ def make(tiny, tmp_path):
 
     def build(**settings) -> tuple[Batcher, FakeEngine, Metrics]:
         engine = FakeEngine(tiny.spec)
-        engine._resident.update({slot: 0 for slot in range(1, 9)})
+        for slot in range(1, 9):
+            engine.books.book(0, slot=slot)
         metrics = Metrics()
         batcher = Batcher(engine, Settings(data_dir=tmp_path, **settings), metrics)
         batcher.start()

@@ -17,16 +17,13 @@ import torch
 from switchboard.server.core import memory
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec
+from switchboard.server.core.books import CapacityError, SlotBooks
 from switchboard.server.core.forward import BatchParams, encode, encoder_forward
 from switchboard.server.core.precision import Precision, prepare
 from switchboard.server.core.slot_pool import StackedPool
 from switchboard.server.core.tokenize import tokenize
 from switchboard.server.core.tuners import KINDS_BY_NAME
 from switchboard.server.core.tuners.base import Component, PoolKey
-
-
-class CapacityError(RuntimeError):
-    """Loading the task would exceed the engine's byte budget for resident adapters."""
 
 
 @dataclass(frozen=True)
@@ -71,12 +68,34 @@ def plan_chunks(attention_mask: torch.Tensor, chunk_rows: int) -> list[tuple[tor
 
 class SlotBudget:
     """What a task costs resident, and whether it could ever fit: shared by the in-process engine and
-    the books a worker-process engine keeps in the front process."""
+    the worker-process engine, whose `books` (core/books.py) are the one record of slots and bytes."""
 
     spec: BackboneSpec
     model: torch.nn.Module
     dtype: torch.dtype
-    max_adapter_bytes: int
+    books: SlotBooks
+
+    @property
+    def max_adapter_bytes(self) -> int:
+        return self.books.max_bytes
+
+    @max_adapter_bytes.setter
+    def max_adapter_bytes(self, value: int) -> None:
+        self.books.max_bytes = value
+
+    @property
+    def resident_tasks(self) -> int:
+        """Resident adapters (built-in tasks outside the budget not counted)."""
+        return self.books.resident_tasks
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes counted against `max_adapter_bytes`."""
+        return self.books.resident_bytes
+
+    @property
+    def pool_count(self) -> int:
+        return self.books.pool_count
 
     def components(self, adapter: TaskAdapter) -> list[Component]:
         return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
@@ -111,31 +130,18 @@ class Engine(SlotBudget):
         self.precision = Precision(precision)
         self.dtype = self.precision.pool_dtype
         self.model = prepare(backbone.model.to(self.device), self.precision)
-        self.max_adapter_bytes = max_adapter_bytes
+        self.books = SlotBooks(max_adapter_bytes)
         self.segment_max_tasks = segment_max_tasks
         self.chunk_rows = chunk_rows
         self.pad_id = int(backbone.tokenizer.pad_token_id or 0)
         self._initial_slots = initial_slots
         self._pools: dict[PoolKey, StackedPool] = {}
         self._routes: dict[PoolKey, torch.Tensor] = {}  # pool key → [task capacity] pool slot (CPU)
-        self._task_pools: dict[int, list[PoolKey]] = {}
-        self._task_bytes: dict[int, int] = {}
         self._task_capacity = 0
-        self._free_tasks: list[int] = []
         self._grow_tasks(initial_slots)
         self._lock = threading.RLock()
 
     # ----- bookkeeping ---------------------------------------------------------------------------
-    @property
-    def resident_tasks(self) -> int:
-        """Resident adapters (built-in tasks outside the budget not counted)."""
-        return len(self._task_bytes)
-
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes counted against `max_adapter_bytes`."""
-        return sum(self._task_bytes.values())
-
     @property
     def allocated_bytes(self) -> int:
         return sum(p.allocated_nbytes for p in self._pools.values())
@@ -144,7 +150,6 @@ class Engine(SlotBudget):
         old = self._task_capacity
         for key, route in self._routes.items():
             self._routes[key] = torch.cat([route, torch.zeros(capacity - old, dtype=torch.long)])
-        self._free_tasks.extend(range(capacity - 1, max(old, 1) - 1, -1))
         self._task_capacity = capacity
 
     def _pool(self, component: Component) -> StackedPool:
@@ -169,19 +174,10 @@ class Engine(SlotBudget):
         parts = self.components(adapter)
         nbytes = resident_nbytes(parts, self.dtype)
         with self._lock:
-            if not outside_budget and self.resident_bytes + nbytes > self.max_adapter_bytes:
-                raise CapacityError(
-                    f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
-            if task is None:
-                if not self._free_tasks:
-                    self._grow_tasks(self._task_capacity * 2)
-                task = self._free_tasks.pop()
-            else:
-                if task in self._task_pools or task < 1:
-                    raise ValueError(f"task slot {task} is taken or invalid")
-                while task >= self._task_capacity:
-                    self._grow_tasks(self._task_capacity * 2)
-                self._free_tasks.remove(task)
+            task = self.books.book(nbytes, tuple(c.key for c in parts), slot=task, outside_budget=outside_budget,
+                                   sha256=sha256).slot
+            while task >= self._task_capacity:
+                self._grow_tasks(self._task_capacity * 2)
             written: list[PoolKey] = []
             try:
                 for component in parts:
@@ -194,11 +190,8 @@ class Engine(SlotBudget):
                 for key in written:
                     self._pools[key].reset_slot(int(self._routes[key][task]))
                     self._routes[key][task] = 0
-                self._free_tasks.append(task)
+                self.books.release(task)
                 raise
-            self._task_pools[task] = [c.key for c in parts]
-            if not outside_budget:
-                self._task_bytes[task] = nbytes
             return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
 
     def unload(self, task: int) -> None:
@@ -206,7 +199,7 @@ class Engine(SlotBudget):
         uploads of ever-new shapes (label counts, widths) cannot grow memory or slow the forward."""
         released = False
         with self._lock:
-            for key in self._task_pools.pop(task):
+            for key in self.books.release(task).pools:
                 route = self._routes[key]
                 pool = self._pools[key]
                 pool.reset_slot(int(route[task]))
@@ -214,18 +207,11 @@ class Engine(SlotBudget):
                 if pool.used_slots == 0:
                     del self._pools[key], self._routes[key]
                     released = True
-            self._task_bytes.pop(task, None)
-            self._free_tasks.append(task)
         if released and self.device.type == "cpu":
             memory.trim()
 
     def is_resident(self, task: int) -> bool:
-        with self._lock:
-            return task in self._task_pools
-
-    @property
-    def pool_count(self) -> int:
-        return len(self._pools)
+        return task in self.books
 
     # ----- forward ---------------------------------------------------------------------------------
     def used_rows(self, pool_slots: torch.Tensor) -> torch.Tensor | None:
@@ -238,7 +224,7 @@ class Engine(SlotBudget):
     def batch_params(self, task_slots: torch.Tensor) -> BatchParams:
         """Gather every row's parameters from the pools its tasks use. task_slots: [B] long on the CPU."""
         parts: dict[str, object] = {}
-        keys = dict.fromkeys(key for t in torch.unique(task_slots).tolist() for key in self._task_pools[t])
+        keys = dict.fromkeys(key for t in torch.unique(task_slots).tolist() for key in self.books.pools_of(t))
         for key in keys:  # only the pools of this chunk's tasks, however many other shapes are resident
             slots = self._routes[key].index_select(0, task_slots)
             kind = KINDS_BY_NAME[str(key[0])]
@@ -260,7 +246,7 @@ class Engine(SlotBudget):
         input_ids, attention_mask = input_ids.cpu(), attention_mask.cpu()
         with self._lock:
             for t in torch.unique(task_slots).tolist():
-                if t not in self._task_pools:
+                if t not in self.books:
                     raise KeyError(f"task slot {t} is not resident")
         plan = self.chunks(attention_mask)
         if len(plan) == 1:

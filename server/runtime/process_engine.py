@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -29,9 +29,9 @@ import torch
 from switchboard.adapter_store.formats import native
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone
-from switchboard.server.core.engine import CapacityError, ResidentTask, SlotBudget, plan_chunks, resident_nbytes
+from switchboard.server.core.books import SlotBooks
+from switchboard.server.core.engine import ResidentTask, SlotBudget, plan_chunks, resident_nbytes
 from switchboard.server.core.precision import Precision
-from switchboard.server.core.tuners.base import PoolKey
 from switchboard.server.errors import EngineUnavailable
 from switchboard.server.metrics import Metrics
 from switchboard.server.runtime.engine_protocol import Message, WorkerGone, receive, send
@@ -40,15 +40,6 @@ from switchboard.server.runtime.engine_worker import WorkerConfig
 log = logging.getLogger(__name__)
 
 BlobSource = Callable[[str], bytes]  # content hash → the native file (the store's read_blob)
-
-
-@dataclass(frozen=True)
-class _Booked:
-    nbytes: int
-    pools: tuple[PoolKey, ...]
-    sha256: str | None  # where a restarted worker's copy is re-read from (the store)
-    blob: bytes | None = None  # kept here when the store does not have it (built-in tasks)
-    outside_budget: bool = False  # a built-in task: not counted against max_adapter_bytes
 
 
 class EngineWorker:
@@ -233,15 +224,12 @@ class ProcessEngine(SlotBudget):
         self.precision = Precision(precision)
         self.dtype = self.precision.pool_dtype
         self.device = torch.device(device)
-        self.max_adapter_bytes = max_adapter_bytes
+        self.books = SlotBooks(max_adapter_bytes)
         self.chunk_rows = chunk_rows
         self.timeout_s = timeout_s
         self._blob_source = blob_source
         self._metrics = metrics
         self._lock = threading.Lock()
-        self._booked: dict[int, _Booked] = {}
-        self._free: list[int] = []
-        self._next_task = 1
         config = WorkerConfig(model=model_path, max_length=max_length, precision=str(self.precision),
                               device=str(self.device), threads=threads, chunk_rows=chunk_rows,
                               max_adapter_bytes=max_adapter_bytes, index=0, log_level=log_level, log_format=log_format,
@@ -297,20 +285,20 @@ class ProcessEngine(SlotBudget):
         hash), under the books lock: no load or unload can slip between the replay and the attach."""
         with self._lock:
             blobs = []
-            for task, booked in sorted(self._booked.items()):
+            for booked in self.books.by_slot():
                 if booked.blob is not None:
-                    blobs.append((task, booked.blob))
+                    blobs.append((booked, booked.blob))
                     continue
                 try:
                     assert booked.sha256 is not None
-                    blobs.append((task, self._blob_source(booked.sha256)))
+                    blobs.append((booked, self._blob_source(booked.sha256)))
                 except Exception:  # a deleted task's blob, between its delete and its unload: never used again
-                    log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone", task,
-                                (booked.sha256 or "")[:12], worker.index)
+                    log.warning("task slot %d (%s) could not be replayed into worker %d: its blob is gone",
+                                booked.slot, (booked.sha256 or "")[:12], worker.index)
             with worker.send_lock:
                 worker.sock = sock
-                for task, blob in blobs:
-                    send(sock, _load_message(task, blob, self._booked[task].outside_budget))
+                for booked, blob in blobs:
+                    send(sock, _load_message(booked.slot, blob, booked.outside_budget))
         if blobs:
             log.info("engine worker %d: %d resident tasks replayed", worker.index, len(blobs))
 
@@ -319,21 +307,6 @@ class ProcessEngine(SlotBudget):
     def model(self) -> torch.nn.Module:
         """The front's copy of the backbone: what adapters' sizes and identity fills are computed from."""
         return self.backbone.model
-
-    @property
-    def resident_tasks(self) -> int:
-        with self._lock:
-            return sum(not b.outside_budget for b in self._booked.values())
-
-    @property
-    def resident_bytes(self) -> int:
-        with self._lock:
-            return sum(b.nbytes for b in self._booked.values() if not b.outside_budget)
-
-    @property
-    def pool_count(self) -> int:
-        with self._lock:
-            return len({key for b in self._booked.values() for key in b.pools})
 
     def load(self, adapter: TaskAdapter, sha256: str | None = None, outside_budget: bool = False,
              blob: bytes | None = None) -> ResidentTask:
@@ -347,16 +320,8 @@ class ProcessEngine(SlotBudget):
         if blob is None:
             blob = native.dumps(adapter, self.spec.fingerprint)
         with self._lock:
-            in_budget = sum(b.nbytes for b in self._booked.values() if not b.outside_budget)
-            if not outside_budget and in_budget + nbytes > self.max_adapter_bytes:
-                raise CapacityError(
-                    f"loading {nbytes} bytes would exceed the adapter budget of {self.max_adapter_bytes} bytes")
-            if self._free:
-                task = self._free.pop()
-            else:
-                task, self._next_task = self._next_task, self._next_task + 1
-            self._booked[task] = _Booked(nbytes, tuple(c.key for c in parts), sha256,
-                                         None if sha256 is not None else blob, outside_budget)
+            task = self.books.book(nbytes, tuple(c.key for c in parts), outside_budget=outside_budget, sha256=sha256,
+                                   blob=None if sha256 is not None else blob).slot
             message = _load_message(task, blob, outside_budget)
             for w in self.workers:  # under the books lock: workers see changes in the books' order
                 w.post(message)
@@ -364,8 +329,7 @@ class ProcessEngine(SlotBudget):
 
     def unload(self, task: int) -> None:
         with self._lock:
-            del self._booked[task]
-            self._free.append(task)
+            self.books.release(task)
             message = Message("unload", {"task": task})
             for w in self.workers:
                 w.post(message)

@@ -14,7 +14,6 @@ event loop.
 
 from __future__ import annotations
 
-import collections
 import difflib
 import itertools
 import logging
@@ -32,6 +31,7 @@ from switchboard.adapter_store.records import TaskKey, VersionRecord
 from switchboard.adapter_store.store import Store
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.books import SlotBooks
 from switchboard.server.core.engine import CapacityError, ResidentTask
 from switchboard.server.errors import QuotaExceeded, TaskNotFound, VersionNotFound
 from switchboard.server.metrics import Metrics
@@ -46,6 +46,7 @@ class SlotEngine(Protocol):
 
     spec: BackboneSpec
     max_adapter_bytes: int
+    books: SlotBooks  # slots, bytes and LRU order: the registry holds its versions there, not in a copy
 
     def load(self, adapter: TaskAdapter, sha256: str | None = None, blob: bytes | None = None) -> ResidentTask: ...
 
@@ -76,6 +77,11 @@ class _Version:
     @property
     def slot(self) -> int | None:
         return self.resident.slot if self.resident is not None else None
+
+
+def _evictable(holder: object) -> bool:
+    """A held slot may be evicted when its version is loaded and no request leases it. Under `_lock`."""
+    return isinstance(holder, _Version) and holder.pins == 0 and holder.resident is not None
 
 
 @dataclass
@@ -117,7 +123,7 @@ class Registry:
                                                           getsizeof=lambda adapter: adapter.nbytes)
         self._tasks: dict[TaskKey, _Entry] = {}  # change through _add/_remove: they keep _names in step
         self._names: dict[str, set[str]] = {}  # tenant → its task names, for a 404's did-you-mean
-        self._resident: collections.OrderedDict[int, _Version] = collections.OrderedDict()  # LRU by use
+        self._books = engine.books  # residency and LRU order (the engine's own record of its slots)
         self._to_unload: list[_Version] = []
         self._lock = threading.Lock()
         self._load_lock = threading.Lock()
@@ -289,7 +295,7 @@ class Registry:
                 version = entry.current
                 version.pins += 1
                 if version.resident is not None:
-                    self._resident.move_to_end(version.resident.slot)
+                    self._books.touch(version.resident.slot)
                 return Lease(version, self._unpin)
         raise self._unknown(key)
 
@@ -334,7 +340,7 @@ class Registry:
             with self._lock:
                 version.resident = resident
                 version.loaded_at = time.monotonic()
-                self._resident[resident.slot] = version
+                self._books.hold(resident.slot, version)
             self._metrics.adapter_loads.inc()
             self._metrics.adapter_load_duration.observe(time.perf_counter() - start)
         self._update_gauges()
@@ -363,7 +369,7 @@ class Registry:
         """Refuse a load that evicting every unleased version could not make room for — before evicting
         anything, so one request cannot empty the slots of every other task for nothing."""
         with self._lock:
-            evictable = sum(v.resident.nbytes for v in self._resident.values() if v.pins == 0 and v.resident)
+            evictable = self._books.evictable_bytes(_evictable)
         short = self._engine.resident_bytes + nbytes - evictable - self._engine.max_adapter_bytes
         if short > 0:
             raise CapacityError(f"{nbytes} bytes needed; the slot budget is {self._engine.max_adapter_bytes} bytes "
@@ -371,11 +377,12 @@ class Registry:
 
     def _evict_one(self) -> bool:
         with self._lock:
-            victim = next((v for v in self._resident.values() if v.pins == 0), None)
-            if victim is None:
+            booking = self._books.least_recent(_evictable)
+            if booking is None:
                 return False
-            slot = victim.slot
-            del self._resident[slot]
+            victim = booking.holder
+            assert isinstance(victim, _Version)
+            slot = booking.slot
             victim.resident = None
         self._engine.unload(slot)
         self._metrics.adapter_evictions.inc()
@@ -426,7 +433,8 @@ class Registry:
         """(record, pins, seconds resident) of every version in a device slot, most recently used last."""
         now = time.monotonic()
         with self._lock:
-            return [(v.record, v.pins, now - v.loaded_at) for v in self._resident.values()]
+            return [(v.record, v.pins, now - v.loaded_at) for v in self._books.held()
+                    if isinstance(v, _Version) and v.resident is not None]
 
     def page(self, tenant: str, after: str | None, limit: int) -> list[TaskView]:
         """Up to `limit` of the tenant's tasks named after `after`, by name."""
@@ -444,7 +452,6 @@ class Registry:
             for v in pending:
                 if v.resident is not None and not v.current and v.pins == 0:
                     slots.append(v.resident.slot)
-                    del self._resident[v.resident.slot]
                     v.resident = None
         for slot in slots:
             self._engine.unload(slot)
