@@ -20,6 +20,8 @@ from switchboard.clients.sdk import (
     PayloadTooLarge,
     Prediction,
     QuotaExceeded,
+    Ranked,
+    RerankResult,
     ServerError,
     ServerTimeout,
     ServerUnreachable,
@@ -36,6 +38,7 @@ from switchboard.clients.sdk import (
 
 __all__ = ["ApiKey", "AsyncClient", "CanaryFailed", "ClassifyResult", "Client", "Forbidden", "InsufficientCapacity",
            "InvalidAdapter", "InvalidRequest", "InvalidTaskName", "InvalidURL", "Job", "JobNotFound", "KeyNotFound",
-           "Overloaded", "PayloadTooLarge", "Prediction", "QuotaExceeded", "ServerError", "ServerTimeout",
+           "Overloaded", "PayloadTooLarge", "Prediction", "QuotaExceeded", "Ranked", "RerankResult", "ServerError",
+           "ServerTimeout",
            "ServerUnreachable", "SwitchboardError", "Task", "TaskNotFound", "TaskVersion", "TenantNotFound",
            "Unauthorized", "Unavailable", "VersionChanged", "VersionNotFound"]

@@ -294,6 +294,21 @@ def _read_pairs(path: str, text_column: str = "text", label_column: str = "label
         raise CliError(str(exc), code=EXIT_USAGE) from exc
 
 
+def _read_training(args: argparse.Namespace, path: str) -> list:
+    """The training (or eval) examples as --objective reads them: (input, label) rows, pairs where the file
+    has a --text-pair-column; for rerank, (query, document) pairs labelled relevant/irrelevant."""
+    from switchboard.server.runtime.training.data import DataError, read_examples, read_rerank_examples
+
+    try:
+        if args.objective == "rerank":
+            return read_rerank_examples(Path(path))
+        return read_examples(Path(path), args.text_column, args.label_column, text_pair_column=args.text_pair_column)
+    except DataError as exc:
+        raise CliError(str(exc), _data_hint(exc, True), EXIT_USAGE) from exc
+    except OSError as exc:
+        raise CliError(str(exc), code=EXIT_USAGE) from exc
+
+
 def _data_hint(exc, column_flags: bool) -> str | None:  # noqa: ANN001
     found = getattr(exc, "found_columns", None)
     if found is None:
@@ -311,11 +326,17 @@ def _cmd_upload(args: argparse.Namespace) -> int:
 
 def _cmd_classify(args: argparse.Namespace) -> int:
     tasks = [t for t in args.task.split(",") if t]
+    inputs: list = list(args.texts)
+    if args.text_pair:
+        if len(args.text_pair) != len(args.texts):
+            raise CliError(f"{len(args.texts)} TEXT and {len(args.text_pair)} --text-pair; give one --text-pair per "
+                           "TEXT (pair tasks) or none", code=EXIT_USAGE)
+        inputs = [[a, b] for a, b in zip(args.texts, args.text_pair, strict=True)]
 
     def call(c):  # noqa: ANN001, ANN202
         if len(tasks) == 1:
-            return [c.classify(tasks[0], args.texts, raw_scores=args.raw_scores, top_k=args.top_k)]
-        return c.classify_many(tasks, args.texts, raw_scores=args.raw_scores, top_k=args.top_k)
+            return [c.classify(tasks[0], inputs, raw_scores=args.raw_scores, top_k=args.top_k)]
+        return c.classify_many(tasks, inputs, raw_scores=args.raw_scores, top_k=args.top_k)
 
     def show(results) -> None:  # noqa: ANN001
         for result in results:
@@ -331,6 +352,22 @@ def _cmd_classify(args: argparse.Namespace) -> int:
             return out[0] if len(tasks) == 1 else {"results": out}
         return _run_client(args, call_json, lambda _: None)
     return _run_client(args, call, show)
+
+
+def _cmd_rerank(args: argparse.Namespace) -> int:
+    def show(result) -> None:  # noqa: ANN001
+        print(f"[{result.task} v{result.version}] {args.query[:60]!r}")
+        for rank, r in enumerate(result.results, 1):
+            print(f"{rank:>3}. {r.relevance_score:.3f}  [{r.index}] {args.documents[r.index][:70]!r}")
+
+    if args.json:
+        def call_json(c):  # noqa: ANN001, ANN202
+            r = c.rerank(args.task, args.query, args.documents, top_n=args.top_n, raw_scores=args.raw_scores)
+            return {"task": r.task, "version": r.version,
+                    "results": [{"index": x.index, "relevance_score": x.relevance_score} for x in r.results]}
+        return _run_client(args, call_json, lambda _: None)
+    return _run_client(args, lambda c: c.rerank(args.task, args.query, args.documents, top_n=args.top_n,
+                                                raw_scores=args.raw_scores), show)
 
 
 def _cmd_embed(args: argparse.Namespace) -> int:
@@ -449,8 +486,8 @@ def _train_local(args: argparse.Namespace) -> int:
     from switchboard.adapter_store.formats import native
     from switchboard.server.runtime.training.trainer import TrainConfig, train
 
-    examples = _read_pairs(args.data, args.text_column, args.label_column)
-    eval_examples = _read_pairs(args.eval, args.text_column, args.label_column) if args.eval else None
+    examples = _read_training(args, args.data)
+    eval_examples = _read_training(args, args.eval) if args.eval else None
     if args.threads:
         import torch
 
@@ -523,8 +560,8 @@ def _train_remote(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    examples = _read_pairs(args.data, args.text_column, args.label_column)
-    eval_examples = _read_pairs(args.eval, args.text_column, args.label_column) if args.eval else None
+    examples = _read_training(args, args.data)
+    eval_examples = _read_training(args, args.eval) if args.eval else None
     options = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
                                  "seed": args.seed}.items() if v is not None}
 
@@ -643,7 +680,19 @@ def build_parser() -> argparse.ArgumentParser:
     classify.add_argument("--top-k", type=int, default=None, help="the k best labels per text (default: all; "
                                                                   "3 shown)")
     classify.add_argument("--raw-scores", action="store_true", help="logits instead of probabilities")
+    classify.add_argument("--text-pair", action="append", default=None, metavar="TEXT_PAIR",
+                          help="the second text of a pair, once per TEXT in order (pair tasks: NLI, duplicates, "
+                               "relevance)")
     classify.set_defaults(func=_cmd_classify)
+
+    rerank = sub.add_parser("rerank", parents=[client], help="sort DOCUMENTs by TASK's relevance to QUERY (a pair "
+                                                             "task)")
+    rerank.add_argument("task", metavar="TASK")
+    rerank.add_argument("query", metavar="QUERY")
+    rerank.add_argument("documents", nargs="+", metavar="DOCUMENT")
+    rerank.add_argument("--top-n", type=int, default=None, help="the n most relevant documents (default: all)")
+    rerank.add_argument("--raw-scores", action="store_true", help="the relevance logit instead of a probability")
+    rerank.set_defaults(func=_cmd_rerank)
 
     embed = sub.add_parser("embed", parents=[client], help="sentence embeddings from the served backbone")
     embed.add_argument("texts", nargs="+", metavar="TEXT")
@@ -690,7 +739,12 @@ def build_parser() -> argparse.ArgumentParser:
                     help="train on the server as TASK's next version ((IA)3 few-shot job); follows it with a "
                          "progress bar")
     tr.add_argument("--no-wait", action="store_true", help="with --remote: print the job and return")
+    tr.add_argument("--objective", choices=["classify", "rerank"], default="classify",
+                    help="rerank: --data rows of query, positive, negatives (a JSONL list, or one per CSV row) become "
+                         "relevant/irrelevant pairs; serve the task with /v1/rerank")
     tr.add_argument("--text-column", default="text", help="the text column of --data/--eval")
+    tr.add_argument("--text-pair-column", default="text_pair",
+                    help="the second text of pair tasks; used when --data has this column")
     tr.add_argument("--label-column", default="label", help="the label column of --data/--eval")
     tr.add_argument("--eval", default=None, help="held-out data (default: a stratified 10 %% of --data)")
     tr.add_argument("--model", default=None, help="local model directory (default: embedded MiniLM)")

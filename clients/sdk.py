@@ -98,7 +98,7 @@ _BY_TYPE: dict[str, type[SwitchboardError]] = {
     "forbidden": Forbidden, "quota_exceeded": QuotaExceeded, "key_not_found": KeyNotFound,
     "tenant_not_found": TenantNotFound, "unknown_field": InvalidRequest, "invalid_json": InvalidRequest,
     "unsupported_media_type": InvalidRequest, "engine_unavailable": Unavailable, "store_unavailable": Unavailable,
-    "canary_failed": CanaryFailed,
+    "canary_failed": CanaryFailed, "not_a_rerank_task": InvalidRequest,
 }
 
 
@@ -113,6 +113,20 @@ class ClassifyResult:
     task: str
     version: int
     predictions: list[list[Prediction]]
+
+
+@dataclass(frozen=True)
+class Ranked:
+    index: int  # the document's position in the request
+    relevance_score: float
+    document: str | None = None
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    task: str
+    version: int
+    results: list[Ranked]  # best first
 
 
 @dataclass(frozen=True)
@@ -181,12 +195,39 @@ def check_task_name(name: str) -> str:
     return name
 
 
-def _train_body(examples: Iterable[tuple[str, str]], eval_examples: Iterable[tuple[str, str]] | None,
+Input = str | tuple[str, str]  # a text, or a pair (text, text_pair) for pair tasks
+
+
+def _example(text: Input, label: str) -> dict:
+    if isinstance(text, str):
+        return {"text": text, "label": label}
+    return {"text": text[0], "text_pair": text[1], "label": label}
+
+
+def _train_body(examples: Iterable[tuple[Input, str]], eval_examples: Iterable[tuple[Input, str]] | None,
                 options: dict) -> dict:
-    body = {"examples": [{"text": t, "label": label} for t, label in examples], **options}
+    body = {"examples": [_example(t, label) for t, label in examples], **options}
     if eval_examples is not None:
-        body["eval_examples"] = [{"text": t, "label": label} for t, label in eval_examples]
+        body["eval_examples"] = [_example(t, label) for t, label in eval_examples]
     return body
+
+
+def _rerank_body(task: str, query: str, documents: list[str], raw_scores: bool) -> dict:
+    return {"task": task, "query": query, "documents": documents, "raw_scores": raw_scores}
+
+
+def _rerank_merge(task: str, parts: list[tuple[int, dict]], documents: list[str], top_n: int | None,
+                  return_documents: bool) -> RerankResult:
+    """Parts answered separately (more documents than max_batch), merged and sorted again."""
+    versions = {data["version"] for _, data in parts}
+    if len(versions) > 1:
+        raise VersionChanged(0, "version_changed", "the task's version changed while a split rerank was answered; "
+                                                   "retry, or send at most max_batch documents")
+    ranked = sorted((Ranked(offset + x["index"], x["relevance_score"],
+                            documents[offset + x["index"]] if return_documents else None)
+                     for offset, data in parts for x in data["results"]),
+                    key=lambda r: -r.relevance_score)
+    return RerankResult(task, versions.pop(), ranked[:top_n])
 
 
 def _raise_for(response: httpx.Response) -> httpx.Response:
@@ -364,9 +405,10 @@ class Client:
             answers[i] = send(parts[i])
         return _merge(answers)
 
-    def classify(self, task: str, inputs: str | list[str], raw_scores: bool = False,
+    def classify(self, task: str, inputs: str | list[Input], raw_scores: bool = False,
                  top_k: int | None = None) -> ClassifyResult:
-        """Predictions for each input, in order; more than max_batch inputs go in several requests."""
+        """Predictions for each input, in order; more than max_batch inputs go in several requests. An input
+        may be a pair (text, text_pair) for a pair task."""
         check_task_name(task)
         return self._split([task], inputs, lambda part: [_classify_result(self._call(
             "POST", "/v1/classify", json=_classify_body(task, part, raw_scores, top_k), headers=_affinity(task)
@@ -379,6 +421,17 @@ class Client:
         tasks = [check_task_name(t) for t in tasks]
         return self._split(tasks, inputs, lambda part: [_classify_result(x) for x in self._call(
             "POST", "/v1/classify", json=_fanout_body(tasks, part, raw_scores, top_k)).json()["results"]])
+
+    def rerank(self, task: str, query: str, documents: list[str], top_n: int | None = None,
+               return_documents: bool = False, raw_scores: bool = False) -> RerankResult:
+        """Documents sorted by a pair task's relevance to the query, best first (`top_n`: the n best);
+        more than max_batch documents go in several requests, merged here."""
+        check_task_name(task)
+        docs = list(documents)
+        parts = [(i, self._call("POST", "/v1/rerank", json=_rerank_body(task, query, docs[i:i + self.max_batch],
+                                                                          raw_scores), headers=_affinity(task)).json())
+                 for i in range(0, max(1, len(docs)), self.max_batch)]  # none: the server's 422 says why
+        return _rerank_merge(task, parts, docs, top_n, return_documents)
 
     def embed(self, inputs: str | list[str], normalize: bool = True) -> list[list[float]]:
         """The backbone's mean-pooled embeddings (unit length unless normalize=False), in input order."""
@@ -509,7 +562,7 @@ class AsyncClient:
             answers[i] = await send(parts[i])
         return _merge(answers)
 
-    async def classify(self, task: str, inputs: str | list[str], raw_scores: bool = False,
+    async def classify(self, task: str, inputs: str | list[Input], raw_scores: bool = False,
                        top_k: int | None = None) -> ClassifyResult:
         check_task_name(task)
 
@@ -527,6 +580,17 @@ class AsyncClient:
             r = await self._call("POST", "/v1/classify", json=_fanout_body(tasks, part, raw_scores, top_k))
             return [_classify_result(x) for x in r.json()["results"]]
         return await self._split(tasks, inputs, send)
+
+    async def rerank(self, task: str, query: str, documents: list[str], top_n: int | None = None,
+                     return_documents: bool = False, raw_scores: bool = False) -> RerankResult:
+        check_task_name(task)
+        docs = list(documents)
+        parts = []
+        for i in range(0, max(1, len(docs)), self.max_batch):
+            r = await self._call("POST", "/v1/rerank", json=_rerank_body(task, query, docs[i:i + self.max_batch],
+                                                                          raw_scores), headers=_affinity(task))
+            parts.append((i, r.json()))
+        return _rerank_merge(task, parts, docs, top_n, return_documents)
 
     async def embed(self, inputs: str | list[str], normalize: bool = True) -> list[list[float]]:
         vectors: list[list[float]] = []

@@ -29,6 +29,12 @@ class InvalidRequest(ApiError):
     status, type = 422, "invalid_request"
 
 
+class NotARerankTask(ApiError):
+    """/v1/rerank named a task whose labels are not one relevance score (1 label) or irrelevant/relevant (2)."""
+
+    status, type = 422, "not_a_rerank_task"
+
+
 class CanaryFailed(ApiError):
     """The uploaded version misclassified its canary texts; the previous version stays current."""
 

@@ -25,6 +25,7 @@ ROUTES: dict[tuple[str, str], tuple[str, dict, int]] = {
     ("GET", "/v1/backbone"): ("classify", {}, 200),
     ("POST", "/v1/classify"): ("classify", {"json": {"task": "t-a", "inputs": "x"}}, 200),
     ("POST", "/v1/embed"): ("classify", {"json": {"inputs": "x"}}, 200),
+    ("POST", "/v1/rerank"): ("classify", {"json": {"task": "t-a", "query": "q", "documents": ["d"]}}, 200),
     ("PUT", "/v1/tasks/{task}"): ("manage", {"files": "adapter"}, 201),
     ("GET", "/v1/tasks"): ("manage", {}, 200),
     ("GET", "/v1/tasks/{task}"): ("manage", {}, 200),
@@ -105,7 +106,7 @@ def test_the_route_by_key_matrix(server, tiny_dir):
     keys = keys_for(url)
     admin_a = {"Authorization": f"Bearer {ADMIN}", "X-Switchboard-Tenant": "tenant-a"}
     fp = state.runtime.engine.spec.fingerprint
-    blob = native.dumps(random_adapter(tiny_dir[1].spec, seed=1), fp)
+    blob = native.dumps(random_adapter(tiny_dir[1].spec, seed=1, num_labels=2), fp)  # a pair task too: rerank
     admin_b = {"Authorization": f"Bearer {ADMIN}", "X-Switchboard-Tenant": "tenant-b"}
     job = httpx.post(f"{url}/v1/tasks/t-a/train", headers=admin_a, json={"examples": EXAMPLES, "steps": 1}).json()
     results: dict[tuple[str, str, str], int] = {}

@@ -31,6 +31,7 @@ class ResidentTask:
     slot: int
     num_labels: int
     nbytes: int
+    temperature: float = 1.0  # the head's calibration (probabilities = softmax(logits / temperature))
 
 
 def default_device() -> torch.device:
@@ -57,7 +58,7 @@ def resident_nbytes(components: list[Component], dtype: torch.dtype) -> int:
 
 def plan_chunks(attention_mask: torch.Tensor, chunk_rows: int) -> list[tuple[torch.Tensor, int]]:
     """(rows, padded width) per chunk: rows sorted by length, `chunk_rows` at a time (0 = one chunk)."""
-    lengths = attention_mask.sum(1)
+    lengths = (attention_mask > 0).sum(1)  # a segment mask holds 2s: count tokens, not values
     B, T = attention_mask.shape
     right_padded = bool((attention_mask[:, 0] > 0).all()) or T == 0
     if chunk_rows <= 0 or chunk_rows >= B:
@@ -192,7 +193,8 @@ class Engine(SlotBudget):
                     self._routes[key][task] = 0
                 self.books.release(task)
                 raise
-            return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
+            return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes,
+                                temperature=adapter.head.temperature)
 
     def unload(self, task: int) -> None:
         """Free a task's slots; a pool no resident task uses any more is released with its memory, so

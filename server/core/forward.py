@@ -13,6 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from switchboard.server.core.tokenize import split_segments
 from switchboard.server.core.tuners import READOUT
 from switchboard.server.core.tuners.base import NORM_SITES, SITES, Readout, SiteParams
 
@@ -85,9 +86,14 @@ def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, 
 
 def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
            params: BatchParams) -> torch.Tensor:
-    """Last hidden states [B, T, d] with each row's task modules applied."""
-    h = model.embeddings(input_ids=input_ids)
-    mask = attention_mask.bool()[:, None, None, :]
+    """Last hidden states [B, T, d] with each row's task modules applied. attention_mask: a segment mask
+    (core/tokenize.py: 0 pad, 1 first text, 2 second text of a pair) or a plain 0/1 mask."""
+    attention, token_types = split_segments(attention_mask)
+    if token_types is not None and getattr(model.config, "type_vocab_size", 1) > 1:
+        h = model.embeddings(input_ids=input_ids, token_type_ids=token_types)
+    else:
+        h = model.embeddings(input_ids=input_ids)
+    mask = attention.bool()[:, None, None, :]
     num_heads = model.config.num_attention_heads
     for index, layer in enumerate(model.encoder.layer):
         h = _encoder_layer(layer, h, mask, index, params, num_heads)
@@ -98,4 +104,4 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
                     params: BatchParams) -> torch.Tensor:
     """Logits [B, C_max] (float32, -inf past each row's label count)."""
     hidden = encode(model, input_ids, attention_mask, params)
-    return params.readout.logits(model, hidden, attention_mask)
+    return params.readout.logits(model, hidden, attention_mask > 0)

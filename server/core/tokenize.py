@@ -2,6 +2,12 @@
 
 Served predictions equal the trainer's only if both truncate and pad the same way, so there is
 exactly one place that calls the tokenizer.
+
+An input is a text or a pair `(text, text_pair)`, encoded as the backbone's pair encoding
+(`[CLS] a [SEP] b [SEP]` for BERT) and truncated `longest_first`. The second array returned is a
+*segment mask*: 0 = padding, 1 = a token of the first text, 2 = a token of the second. It is the
+attention mask and the token types in one array, so pairs travel through every queue, link and
+worker as single texts do; `split_segments` turns it back into the two at the model's door.
 """
 
 from __future__ import annotations
@@ -14,7 +20,26 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # the texts' check is imported by the adapter formats, which need no transformers
+    import torch
     from transformers import PreTrainedTokenizerBase
+
+Input = str | tuple[str, str]  # a text, or a pair (text, text_pair)
+
+
+def flat_texts(inputs: Sequence[Input]) -> list[str]:
+    """Every text of the inputs, a pair's two in order (for checks that look at each text)."""
+    return [t for x in inputs for t in ((x,) if isinstance(x, str) else x)]
+
+
+def segment_mask(attention_mask: np.ndarray, type_ids: np.ndarray) -> np.ndarray:
+    """0 = padding, 1 = first text, 2 = second text of a pair."""
+    return attention_mask * (1 + (type_ids > 0))
+
+
+def split_segments(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(attention mask 0/1, token types or None when no row is a pair) from a segment mask."""
+    second = segments > 1
+    return (segments > 0).to(segments.dtype), (second.to(segments.dtype) if bool(second.any()) else None)
 
 
 class InvalidText(ValueError):
@@ -58,22 +83,34 @@ class TextEncoder:
         self._core = core
         self.max_length = max_length
 
-    def __call__(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(input_ids, attention_mask) int64 [rows, longest row]; texts are checked first (InvalidText)."""
-        check_text(texts, "text")
+    def __call__(self, texts: Sequence[Input]) -> tuple[np.ndarray, np.ndarray]:
+        """(input_ids, segment mask) int64 [rows, longest row]; texts are checked first (InvalidText)."""
+        check_text(flat_texts(texts), "text")
         # one text: `encode` skips the batch call's thread-pool hand-off (most requests carry one)
-        encodings = [self._core.encode(texts[0])] if len(texts) == 1 else self._core.encode_batch(texts)
+        if len(texts) == 1:
+            first = texts[0]
+            encodings = [self._core.encode(first) if isinstance(first, str) else self._core.encode(*first)]
+        else:
+            encodings = self._core.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
-        return ids, mask
+        if all(isinstance(x, str) for x in texts):
+            return ids, mask
+        return ids, segment_mask(mask, np.array([e.type_ids for e in encodings], dtype=np.int64))
 
 
-def tokenize(tokenizer: PreTrainedTokenizerBase, texts: list[str], max_length: int) -> tuple[np.ndarray, np.ndarray]:
-    """(input_ids, attention_mask) int64 [rows, longest row], right-padded, truncated to max_length.
+def tokenize(tokenizer: PreTrainedTokenizerBase, texts: Sequence[Input],
+             max_length: int) -> tuple[np.ndarray, np.ndarray]:
+    """(input_ids, segment mask) int64 [rows, longest row], right-padded, truncated to max_length
+    (`longest_first` for pairs).
 
     Texts are checked first (InvalidText, a 422), so no caller can turn a lone surrogate into the
     tokenizer's TypeError (a 500); the HTTP schemas check earlier with the field's own name. The server's
     request path holds a `TextEncoder` (built once); tests check both give the same arrays."""
-    check_text(texts, "text")
-    enc = tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="np")
-    return enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    check_text(flat_texts(texts), "text")
+    enc = tokenizer(list(texts), padding=True, truncation="longest_first", max_length=max_length,
+                    return_tensors="np", return_token_type_ids=True)
+    ids, mask = enc["input_ids"].astype(np.int64), enc["attention_mask"].astype(np.int64)
+    if all(isinstance(x, str) for x in texts):
+        return ids, mask
+    return ids, segment_mask(mask, enc["token_type_ids"].astype(np.int64))

@@ -2,7 +2,7 @@
 
 `switchboard serve --fronts N` runs the scheduler process (which is also front 0) and N − 1 of these,
 all accepting on the one listening socket the scheduler bound (a front only once it is ready).
-A front serves POST /v1/classify, /v1/embed and GET /v1/backbone itself — the same middleware and
+A front serves POST /v1/classify, /v1/embed, /v1/rerank and GET /v1/backbone itself — the same middleware and
 stages as front 0 — and hands each request's rows to the scheduler over the front link (ZeroMQ).
 Every other request (uploads, rollbacks, keys, tenants, jobs, /health, /metrics, the docs) is passed
 through, streamed, to the scheduler's own HTTP app on a private Unix socket, so it is answered — and
@@ -42,7 +42,7 @@ from switchboard.server.runtime.front_link import RemoteServing
 from switchboard.server.settings import Settings
 
 log = logging.getLogger(__name__)
-FRONT_PATHS = frozenset({"/v1/classify", "/v1/embed", "/v1/backbone"})
+FRONT_PATHS = frozenset({"/v1/classify", "/v1/embed", "/v1/rerank", "/v1/backbone"})
 _HOP_BY_HOP = frozenset({b"connection", b"keep-alive", b"transfer-encoding", b"te", b"trailer", b"upgrade",
                          b"proxy-authorization", b"proxy-authenticate"})
 

@@ -89,7 +89,7 @@ class RequestIdMiddleware:
 
 # What a body-carrying request needs, decided from its method and path before a byte of its body is
 # read; the routes' own dependencies check the same again (auth.py) for every request.
-_CLASSIFY_PATHS = ("/v1/classify", "/v1/embed")
+_CLASSIFY_PATHS = ("/v1/classify", "/v1/embed", "/v1/rerank")
 _TASK_PATH = re.compile(r"^/v1/tasks/(?P<task>[^/]+)(?P<action>/train|/rollback)?$")
 
 

@@ -26,9 +26,9 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.tokenize import TextEncoder
-from switchboard.server.errors import ApiError, PayloadTooLarge
-from switchboard.server.http.schemas import ClassifyRequest, EmbedRequest
+from switchboard.server.core.tokenize import Input, TextEncoder
+from switchboard.server.errors import ApiError, NotARerankTask, PayloadTooLarge
+from switchboard.server.http.schemas import ClassifyRequest, EmbedRequest, RerankRequest
 from switchboard.server.log_config import REQUEST_ID
 from switchboard.server.runtime.executors import BoundedExecutor
 from switchboard.server.runtime.serving import Answer, Job
@@ -102,9 +102,22 @@ class Pipeline:
                                         call.tenant_header), call)
         return encode_embeddings(answer, self.serving.embedding_dim, body.normalize)
 
+    async def rerank(self, body: RerankRequest, call: Call) -> bytes:
+        """Every document scored as the pair (query, document) by one pair task, in one job."""
+        pairs: list[Input] = [(body.query, document) for document in body.documents]
+        self._texts(pairs)
+        tenant = call.principal.tenant
+        floor = self._token_floor(pairs)
+        if floor:
+            self.serving.precheck(tenant, len(pairs), floor)
+        ids, mask = await self.tokenize(pairs)
+        answer = await self.forward(Job(tenant, [body.task], ids, mask, self.settings.request_timeout_s,
+                                        call.authorization, call.tenant_header), call)
+        return encode_rerank(body, answer)
+
     # ----- stages ------------------------------------------------------------------------------------
-    async def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        if sum(map(len, texts)) <= self.settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
+    async def tokenize(self, texts: list[Input]) -> tuple[np.ndarray, np.ndarray]:
+        if sum(map(_chars, texts)) <= self.settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
             return self.encoder(texts)
         return await self.pool.run(self.encoder, texts)
 
@@ -122,29 +135,38 @@ class Pipeline:
             raise ClientGone
         return answer.result()
 
-    def _texts(self, inputs: str | list[str]) -> list[str]:
+    def _texts(self, inputs: str | list[Input]) -> list[Input]:
         s = self.settings
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if len(texts) > s.max_inputs_per_request:
             raise PayloadTooLarge(f"{len(texts)} inputs; at most {s.max_inputs_per_request} per request")
-        longest = max(map(len, texts))
+        longest = max(map(_chars, texts))  # a pair's two texts together
         if longest > s.max_input_chars:
             raise PayloadTooLarge(f"an input of {longest} characters; at most {s.max_input_chars} "
                                   f"(inputs are truncated to {self.encoder.max_length} tokens anyway)")
         return texts
 
-    def _token_floor(self, texts: list[str]) -> int:
+    def _token_floor(self, texts: list[Input]) -> int:
         """Fewest padded tokens the texts can take: subword tokenizers split on whitespace first, so each word
         is at least one token (plus the two special tokens), up to max_length. Worked out for large requests
         only — a small one is tokenized on the loop at once anyway."""
-        if sum(map(len, texts)) <= self.settings.inline_tokenize_chars:
+        if sum(map(_chars, texts)) <= self.settings.inline_tokenize_chars:
             return 0
-        return len(texts) * min(self.encoder.max_length, max(len(text.split()) for text in texts) + 2)
+        return len(texts) * min(self.encoder.max_length, max(map(_words, texts)) + 2)
+
+
+def _chars(item: Input) -> int:
+    return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
+
+
+def _words(item: Input) -> int:
+    """Fewest tokens the input's text takes, special tokens aside (a pair's middle separator counted)."""
+    return len(item.split()) if isinstance(item, str) else len(item[0].split()) + len(item[1].split()) + 1
 
 
 # ----- encode ------------------------------------------------------------------------------------------
 def predictions(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | None,
-                task: str = "") -> list[list[dict[str, Any]]]:
+                task: str = "", temperature: float = 1.0) -> list[list[dict[str, Any]]]:
     """Scores are always finite numbers, as the schema promises (never null): logits in float64, NaN made
     the lowest score and ±inf clamped to ±float32's largest value (raw scores); the softmax of those is
     finite and sums to 1 (float64's range holds any difference of two clamped logits). Few numpy calls:
@@ -154,6 +176,8 @@ def predictions(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | N
         log.warning("task %r produced non-finite logits; answered with clamped scores", task)
         scores = np.nan_to_num(scores, nan=-F32_MAX, posinf=F32_MAX, neginf=-F32_MAX)
     if not raw:
+        if temperature != 1.0:
+            scores = scores / temperature
         scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
         scores /= scores.sum(axis=-1, keepdims=True)
     k = min(top_k or len(labels), len(labels))
@@ -168,9 +192,37 @@ def predictions(logits: np.ndarray, labels: list[str], raw: bool, top_k: int | N
 def encode_classify(names: list[str], answer: Answer, raw: bool, top_k: int | None, fan_out: bool) -> bytes:
     parts = np.split(answer.logits, len(names)) if len(names) > 1 else [answer.logits]
     results = [{"task": name, "version": task.version,
-                "predictions": predictions(part, task.labels, raw, top_k, name)}
+                "predictions": predictions(part, task.labels, raw, top_k, name, task.temperature)}
                for name, task, part in zip(names, answer.tasks, parts, strict=True)]
     return orjson.dumps({"results": results} if fan_out else results[0])
+
+
+def relevance(logits: np.ndarray, labels: list[str], raw: bool, task: str, temperature: float = 1.0) -> np.ndarray:
+    """One relevance score per row: a one-label task's logit (sigmoid unless raw); a two-label task's
+    second label (softmax probability, or the logit margin over the first if raw)."""
+    scores = np.nan_to_num(logits[:, : len(labels)].astype(np.float64), nan=-F32_MAX, posinf=F32_MAX,
+                           neginf=-F32_MAX)
+    if len(labels) == 1:
+        return scores[:, 0] if raw else _sigmoid(scores[:, 0] / temperature)
+    if len(labels) == 2:
+        margin = scores[:, 1] - scores[:, 0]
+        return margin if raw else _sigmoid(margin / temperature)  # = softmax(scores / T)[:, 1]
+    raise NotARerankTask(f"task {task!r} has {len(labels)} labels; /v1/rerank needs a task with one label (a "
+                         "relevance score) or two (the second meaning relevant), trained on pairs")
+
+
+def _sigmoid(x: np.ndarray) -> np.ndarray:
+    return 0.5 * (1.0 + np.tanh(0.5 * x))  # no overflow for any finite x
+
+
+def encode_rerank(body: RerankRequest, answer: Answer) -> bytes:
+    task = answer.tasks[0]
+    values = relevance(answer.logits, task.labels, body.raw_scores, body.task, task.temperature)
+    order = np.argsort(-values, kind="stable")[: body.top_n]
+    scores = values.tolist()
+    results = [{"index": i, "relevance_score": scores[i], "document": body.documents[i]} if body.return_documents
+               else {"index": i, "relevance_score": scores[i]} for i in order.tolist()]
+    return orjson.dumps({"task": body.task, "version": task.version, "results": results})
 
 
 def encode_embeddings(answer: Answer, dim: int, normalize: bool) -> bytes:
@@ -182,10 +234,11 @@ def encode_embeddings(answer: Answer, dim: int, normalize: bool) -> bytes:
 
 
 # ----- the fast path -----------------------------------------------------------------------------------
-_FAST = {"/v1/classify": ClassifyRequest, "/v1/embed": EmbedRequest}
+_FAST = {"/v1/classify": ClassifyRequest, "/v1/embed": EmbedRequest, "/v1/rerank": RerankRequest}
 
 
-def decode(model: type[ClassifyRequest] | type[EmbedRequest], body: bytes) -> ClassifyRequest | EmbedRequest | None:
+def decode(model: type[ClassifyRequest] | type[EmbedRequest] | type[RerankRequest],
+           body: bytes) -> ClassifyRequest | EmbedRequest | RerankRequest | None:
     """The request, or None when pydantic refuses it (the route then words the error)."""
     try:
         return model.model_validate_json(body)
@@ -252,6 +305,8 @@ class FastPath:
         try:
             if isinstance(request, ClassifyRequest):
                 out = await pipeline.classify(request, call)
+            elif isinstance(request, RerankRequest):
+                out = await pipeline.rerank(request, call)
             else:
                 out = await pipeline.embed(request, call)
             status = 200

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from switchboard.adapter_store.records import VersionRecord
-from switchboard.server.core.tokenize import check_text
+from switchboard.server.core.tokenize import check_text, flat_texts
 
 # Request objects have fewer than 10 fields: one with more keys than this is refused whole, before
 # pydantic makes an error per unknown key (a 1 MiB body holds ~95,000 of them) — docs/limits.md.
@@ -87,20 +87,26 @@ MAX_INT32 = 2**31 - 1
 MAX_FANOUT_TASKS = 64
 
 
-def _non_empty(inputs: str | list[str]) -> str | list[str]:
-    texts = [inputs] if isinstance(inputs, str) else inputs
-    if not texts:
+def _non_empty(inputs: str | list[Any]) -> str | list[Any]:
+    items = [inputs] if isinstance(inputs, str) else inputs
+    if not items:
         raise ValueError("inputs must hold at least one text")
-    for i, text in enumerate(texts):
-        if not text.strip():
-            where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
-            raise ValueError(f"{where} is empty or only whitespace; send text to classify")
-    check_text(inputs, "inputs")  # a lone surrogate: the tokenizer's TypeError, a 500, without this
+    for i, item in enumerate(items):
+        parts = (item,) if isinstance(item, str) else item
+        for j, text in enumerate(parts):
+            if not text.strip():
+                where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
+                where += f"[{j}]" if not isinstance(item, str) else ""
+                raise ValueError(f"{where} is empty or only whitespace; send text to classify")
+    check_text(flat_texts(items), "inputs")  # a lone surrogate: the tokenizer's TypeError, a 500, without this
     return inputs
 
 
 # A list of texts stops at its first bad item: one error, not one per item of a huge array.
 Texts = Annotated[list[str], Field(fail_fast=True)]
+# A text pair (query and passage, premise and hypothesis, two questions): the backbone's pair encoding.
+Pair = Annotated[tuple[str, str], Field(description="[text, text_pair]")]
+TextsOrPairs = Annotated[list[str | Pair], Field(fail_fast=True)]
 
 
 class ClassifyRequest(StrictModel):
@@ -110,9 +116,10 @@ class ClassifyRequest(StrictModel):
         None, min_length=1, max_length=MAX_FANOUT_TASKS, fail_fast=True, examples=[["moderation", "topic"]],
         description="fan-out: every input under each of these tasks, in one mixed batch (max_fanout_tasks); "
                     "instead of `task`")
-    inputs: str | Texts = Field(examples=[["I loved it", "terrible service"]],
-                                    description="one text or a list (max_inputs_per_request, max_input_chars); "
-                                                "no empty text")
+    inputs: str | TextsOrPairs = Field(
+        examples=[["I loved it", "terrible service"], [["is DNS a protocol?", "DNS resolves names."]]],
+        description="one text or a list (max_inputs_per_request, max_input_chars); an item may be a pair "
+                    "[text, text_pair] for pair tasks (tokenized as the backbone's pair encoding); no empty text")
     raw_scores: bool = Field(False, description="logits instead of softmax probabilities")
     top_k: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the k best labels per input")
 
@@ -129,6 +136,53 @@ class ClassifyRequest(StrictModel):
         if self.tasks is not None and len(set(self.tasks)) != len(self.tasks):
             raise ValueError("`tasks` names a task twice")
         return self
+
+
+class RerankRequest(StrictModel):
+    task: str = Field(pattern=TASK_NAME, examples=["doc-relevance"],
+                      description="a pair task whose labels are one score, or two with the second meaning relevant")
+    query: str = Field(examples=["resolve host names"], description="the first text of every pair")
+    documents: Texts = Field(examples=[["a DNS server", "a chess engine"]],
+                             description="each scored as the pair [query, document] (max_inputs_per_request, "
+                                         "max_input_chars for query + document)")
+    top_n: int | None = Field(None, ge=1, le=MAX_INT32, description="keep the n best documents")
+    return_documents: bool = Field(False, description="echo each document's text in its result")
+    raw_scores: bool = Field(False, description="the relevance logit instead of a probability")
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
+        {"task": "doc-relevance", "query": "resolve host names", "documents": ["a DNS server", "a chess engine"],
+         "top_n": 1, "return_documents": True}]})
+
+    @field_validator("query")
+    @classmethod
+    def _query(cls, query: str) -> str:
+        if not query.strip():
+            raise ValueError("query is empty or only whitespace")
+        check_text(query, "query")
+        return query
+
+    @field_validator("documents")
+    @classmethod
+    def _documents(cls, documents: list[str]) -> list[str]:
+        if not documents:
+            raise ValueError("documents must hold at least one text")
+        for i, text in enumerate(documents):
+            if not text.strip():
+                raise ValueError(f"documents[{i}] is empty or only whitespace")
+        check_text(documents, "documents")
+        return documents
+
+
+class RerankResult(BaseModel):
+    index: int = Field(description="the document's position in the request")
+    relevance_score: float
+    document: str | None = Field(None, description="the document's text, with `return_documents`")
+
+
+class RerankResponse(BaseModel):
+    task: str
+    version: int
+    results: list[RerankResult] = Field(description="sorted by relevance_score, descending")
 
 
 class EmbedRequest(StrictModel):
@@ -188,7 +242,9 @@ class TaskList(BaseModel):
 
 class LabelledText(StrictModel):
     text: str = Field(min_length=1, max_length=MAX_TEXT_CHARS, examples=["I loved it"],
-                      description="max_train_text_chars characters at most")
+                      description="max_train_text_chars characters at most (with text_pair: both together)")
+    text_pair: str | None = Field(None, min_length=1, max_length=MAX_TEXT_CHARS,
+                                  description="the second text of a pair task's example")
     label: str = Field(min_length=1, max_length=MAX_LABEL_CHARS, examples=["positive"],
                        description="max_label_length characters at most")
 

@@ -125,7 +125,7 @@ def cut(item: WorkItem, max_chunk_tokens: int, load_charge: int = 0) -> list[Chu
         item.pending, item.parts = 1, [None]
         return [Chunk(item, 0, 0, item.rows, length, item.rows * length + load_charge)]
     starts = np.arange(0, item.rows, per_chunk)
-    lengths = np.maximum.reduceat(item.attention_mask.sum(axis=1), starts)
+    lengths = np.maximum.reduceat(np.count_nonzero(item.attention_mask, axis=1), starts)
     stops = [*starts[1:].tolist(), item.rows]
     chunks = [Chunk(item, i, a, b, max(1, n), (b - a) * max(1, n) + (load_charge if i == 0 else 0))
               for i, (a, b, n) in enumerate(zip(starts.tolist(), stops, lengths.tolist()))]
@@ -455,7 +455,7 @@ class Batcher:
             self._metrics.tenant_tokens.labels(item.tenant).inc(chunk.tokens)
         logits = self._engine.forward(torch.from_numpy(ids), torch.from_numpy(mask), torch.from_numpy(slots))
         elapsed = time.monotonic() - start
-        real_tokens = int(mask.sum())
+        real_tokens = int(np.count_nonzero(mask))
         computed = sum(len(r) * w for r, w in self._engine.chunks(torch.from_numpy(mask)))
         # with N engine workers busy side by side the queue drains N batches per batch time
         self.admission.drain.observe(sum(c.tokens for c in batch) * len(self._threads), elapsed)

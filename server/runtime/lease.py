@@ -23,6 +23,9 @@ class Pinned(Protocol):
     @property
     def slot(self) -> int | None: ...
 
+    @property
+    def temperature(self) -> float: ...
+
 
 class Lease:
     __slots__ = ("_target", "_unpin", "_released", "_lock")
@@ -42,6 +45,11 @@ class Lease:
     def slot(self) -> int | None:
         """The engine slot while resident (it stays resident while pinned, once loaded)."""
         return self._target.slot
+
+    @property
+    def temperature(self) -> float:
+        """The resident version's calibration temperature (1.0 until loaded)."""
+        return self._target.temperature
 
     @property
     def pinned(self) -> Pinned:
@@ -81,6 +89,7 @@ class FixedSlot:
     trial. A lease on it releases nothing (`Lease(FixedSlot(slot), lambda _: None)`)."""
 
     record = None
+    temperature = 1.0
 
     def __init__(self, slot: int) -> None:
         self._slot = slot

@@ -325,7 +325,8 @@ class ProcessEngine(SlotBudget):
             message = _load_message(task, blob, outside_budget)
             for w in self.workers:  # under the books lock: workers see changes in the books' order
                 w.post(message)
-        return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes)
+        return ResidentTask(slot=task, num_labels=adapter.num_labels, nbytes=nbytes,
+                            temperature=adapter.head.temperature)
 
     def unload(self, task: int) -> None:
         with self._lock:

@@ -78,6 +78,10 @@ class _Version:
     def slot(self) -> int | None:
         return self.resident.slot if self.resident is not None else None
 
+    @property
+    def temperature(self) -> float:
+        return self.resident.temperature if self.resident is not None else 1.0
+
 
 def _evictable(holder: object) -> bool:
     """A held slot may be evicted when its version is loaded and no request leases it. Under `_lock`."""

@@ -45,6 +45,7 @@ class Job(msgspec.Struct, frozen=True):
 class TaskAnswer(msgspec.Struct, frozen=True):
     version: int
     labels: list[str]
+    temperature: float = 1.0  # probabilities are softmax(logits / temperature); raw scores are the logits
 
 
 class Answer(msgspec.Struct, frozen=True):
@@ -93,7 +94,6 @@ class LocalServing:
                 cold = False
             else:
                 leases = [held.enter_context(runtime.registry.acquire((tenant, name))) for name in job.tasks]
-                answers = [TaskAnswer(lease.record.version, list(lease.record.labels)) for lease in leases]
                 cold = False
                 for name, lease in zip(job.tasks, leases, strict=True):
                     if lease.slot is None:  # evicted or restored from the store: load it off the loop
@@ -102,6 +102,8 @@ class LocalServing:
                             await runtime.request_pool.run(runtime.registry.ensure_resident, lease)
                         except CapacityError as exc:
                             raise InsufficientCapacity(f"no device slot free for task {name!r}: {exc}") from exc
+                answers = [TaskAnswer(lease.record.version, list(lease.record.labels), lease.temperature)
+                           for lease in leases]  # after the loads: the temperature is the resident head's
                 if len(leases) > 1:
                     ids, mask = np.tile(ids, (len(leases), 1)), np.tile(mask, (len(leases), 1))
             item = runtime.batcher.submit([lease.transfer() for lease in leases], ids, mask, job.timeout_s,

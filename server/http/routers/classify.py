@@ -18,6 +18,8 @@ from switchboard.server.http.schemas import (
     EmbedRequest,
     EmbedResponse,
     FanOutResponse,
+    RerankRequest,
+    RerankResponse,
 )
 from switchboard.server.runtime.tenancy import Principal
 
@@ -36,6 +38,16 @@ async def classify(body: ClassifyRequest, request: Request, pipeline: PipelineDe
     every text under every task in the same mixed batch. Another tenant's task is a 404."""
     try:
         return _json(await pipeline.classify(body, _call(request, principal)))
+    except ClientGone:
+        return Response(status_code=499)
+
+
+@router.post("/v1/rerank", response_model=RerankResponse, responses=ERRORS)
+async def rerank(body: RerankRequest, request: Request, pipeline: PipelineDep, principal: ClassifyAuth) -> Response:
+    """Score every document against the query with one of the caller's pair tasks (each pair
+    [query, document] is a row of the same mixed batch as everyone's traffic); sorted, best first."""
+    try:
+        return _json(await pipeline.rerank(body, _call(request, principal)))
     except ClientGone:
         return Response(status_code=499)
 

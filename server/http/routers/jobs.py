@@ -8,12 +8,12 @@ from fastapi import APIRouter, Path, Request, Response
 
 from switchboard.adapter_store.limits import check_labels
 from switchboard.server.core.adapter import AdapterValidationError
-from switchboard.server.core.tokenize import tokenize
+from switchboard.server.core.tokenize import Input, tokenize
 from switchboard.server.errors import InvalidRequest, PayloadTooLarge
 from switchboard.server.http.audit import audited
 from switchboard.server.http.auth import ManageAuth
 from switchboard.server.http.deps import ERRORS, RuntimeDep, SettingsDep, TaskName
-from switchboard.server.http.schemas import JobList, JobSummary, TrainRequest
+from switchboard.server.http.schemas import JobList, JobSummary, LabelledText, TrainRequest
 from switchboard.server.runtime.training.jobs import Job, JobSpec
 
 router = APIRouter(tags=["training jobs"])
@@ -41,7 +41,7 @@ async def _submit(task: str, body: TrainRequest, runtime: RuntimeDep, settings: 
         raise InvalidRequest(f"steps: at most {s.max_train_steps}")
     if body.batch_size > s.max_train_batch_size:
         raise InvalidRequest(f"batch_size: at most {s.max_train_batch_size}")
-    longest_text = max(len(e.text) for e in examples)
+    longest_text = max(len(e.text) + len(e.text_pair or "") for e in examples)
     if longest_text > s.max_train_text_chars:
         raise PayloadTooLarge(f"an example of {longest_text} characters; at most {s.max_train_text_chars}")
     labels = sorted({e.label for e in body.examples})
@@ -56,14 +56,16 @@ async def _submit(task: str, body: TrainRequest, runtime: RuntimeDep, settings: 
         raise InvalidRequest(f"eval_examples use labels absent from examples: {sorted(unseen)[:5]}")
     # Token budget: every step runs at most batch_size rows of at most the longest example's tokens.
     _, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer,
-                                             [e.text for e in body.examples], runtime.engine.spec.max_length)
+                                             [_input(e) for e in body.examples], runtime.engine.spec.max_length)
     budget = body.steps * min(body.batch_size, len(body.examples)) * int(mask.shape[1])
     if budget > s.max_train_tokens:
         raise InvalidRequest(f"the job could process {budget} tokens (steps × batch rows × {mask.shape[1]} tokens of "
                              f"the longest example); at most {s.max_train_tokens}: use fewer steps, a smaller "
                              "batch_size or shorter examples")
-    spec = JobSpec(examples=[(e.text, e.label) for e in body.examples],
-                   eval_examples=[(e.text, e.label) for e in body.eval_examples] if body.eval_examples else None,
+    if len({e.text_pair is None for e in examples}) > 1:
+        raise InvalidRequest("mix of pairs and single texts: give every example a text_pair, or none")
+    spec = JobSpec(examples=[(_input(e), e.label) for e in body.examples],
+                   eval_examples=[(_input(e), e.label) for e in body.eval_examples] if body.eval_examples else None,
                    steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed)
     return runtime.jobs.submit(tenant, task, spec)
 
@@ -83,3 +85,7 @@ def cancel_job(job_id: JobId, request: Request, runtime: RuntimeDep, principal: 
     """Cancel a queued or running job (a finished one is left as it is)."""
     with audited(request, principal, target=job_id[:64]):
         return JobSummary(**runtime.jobs.cancel(principal.tenant, job_id).summary())
+
+
+def _input(example: LabelledText) -> Input:
+    return example.text if example.text_pair is None else (example.text, example.text_pair)

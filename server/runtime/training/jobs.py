@@ -28,6 +28,7 @@ from pathlib import Path
 
 from switchboard.server.errors import ApiError, Overloaded
 from switchboard.server.metrics import Metrics
+from switchboard.server.runtime.training.data import Example
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +44,8 @@ class JobNotFound(ApiError):
 class JobSpec:
     """What the client asked for: examples plus the few-shot (IA)3 recipe's knobs."""
 
-    examples: list[tuple[str, str]]
-    eval_examples: list[tuple[str, str]] | None = None
+    examples: list[Example]  # (text or (text, text_pair), label)
+    eval_examples: list[Example] | None = None
     steps: int = 300
     batch_size: int = 16
     lr: float = 3e-3

@@ -23,10 +23,11 @@ from tqdm import tqdm
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone
 from switchboard.server.core.forward import BatchParams, encode, encoder_forward
-from switchboard.server.core.tokenize import tokenize
+from switchboard.server.core.tokenize import Input, tokenize
 from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.core.tuners.head.kind import MAX_TEMPERATURE, MIN_TEMPERATURE
 from switchboard.server.core.tuners.head.layer import pool
-from switchboard.server.runtime.training.data import epoch_batches
+from switchboard.server.runtime.training.data import Example, epoch_batches
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,8 @@ class TrainConfig:
     head_init: str = "probe"  # probe: a linear probe on frozen features (LP-FT); random: small normal init
     head_lr: float | None = None  # default: the adapter's lr
     probe_weight_decay: float = 1e-3  # the probe's L2 penalty (logistic regression's 1/C, per example)
+    calibrate: bool = True  # fit the head's temperature on the eval split (probabilities, not raw scores)
+    min_calibration_examples: int = 20  # fewer eval examples: temperature 1 (a fit on a handful overfits)
 
 
 def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generator: torch.Generator) -> TaskAdapter:
@@ -70,11 +73,11 @@ def single_task_params(adapter: TaskAdapter) -> BatchParams:
     return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()})
 
 
-def stratified_split(examples: list[tuple[str, str]], fraction: float,
-                     rng: random.Random) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+def stratified_split(examples: list[Example], fraction: float,
+                     rng: random.Random) -> tuple[list[Example], list[Example]]:
     """(train, eval): about `fraction` of every label's examples held out, at least one per label that
     has two or more; a label with a single example stays in training (and a warning says so)."""
-    by_label: dict[str, list[tuple[str, str]]] = {}
+    by_label: dict[str, list[Example]] = {}
     for example in examples:
         by_label.setdefault(example[1], []).append(example)
     train_part, eval_part, alone = [], [], []
@@ -94,7 +97,7 @@ def stratified_split(examples: list[tuple[str, str]], fraction: float,
     return train_part, eval_part
 
 
-def probe_head(backbone: Backbone, head, examples: list[tuple[str, str]], index: dict[str, int],  # noqa: ANN001
+def probe_head(backbone: Backbone, head, examples: list[Example], index: dict[str, int],  # noqa: ANN001
                cfg: TrainConfig, batch_size: int = 64) -> None:
     """Fit the head alone on the frozen backbone's pooled features (softmax regression, L-BFGS, L2), in place."""
     feats = []
@@ -121,7 +124,7 @@ def probe_head(backbone: Backbone, head, examples: list[tuple[str, str]], index:
         head.out_b.copy_(b)
 
 
-def _batch(backbone: Backbone, texts: list[str], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch(backbone: Backbone, texts: list[Input], max_length: int | None) -> tuple[torch.Tensor, torch.Tensor]:
     ids, mask = tokenize(backbone.tokenizer, texts, max_length or backbone.spec.max_length)
     return torch.from_numpy(ids), torch.from_numpy(mask)
 
@@ -133,15 +136,51 @@ def _trainable(adapter: TaskAdapter) -> list[torch.Tensor]:
     return tensors
 
 
-def predict(backbone: Backbone, adapter: TaskAdapter, texts: list[str], max_length: int | None = None,
-            batch_size: int = 64) -> torch.Tensor:
-    preds = []
+def logits_of(backbone: Backbone, adapter: TaskAdapter, texts: list[Input], max_length: int | None = None,
+              batch_size: int = 64) -> torch.Tensor:
+    """The task's logits [N, C] (raw: no temperature), as the server computes them."""
+    out = []
     with torch.inference_mode():
         params = single_task_params(adapter)
         for i in range(0, len(texts), batch_size):
             ids, mask = _batch(backbone, texts[i:i + batch_size], max_length)
-            preds.append(encoder_forward(backbone.model, ids, mask, params).argmax(-1))
-    return torch.cat(preds)
+            out.append(encoder_forward(backbone.model, ids, mask, params).float())
+    return torch.cat(out) if out else torch.empty(0, adapter.num_labels)
+
+
+def predict(backbone: Backbone, adapter: TaskAdapter, texts: list[Input], max_length: int | None = None,
+            batch_size: int = 64) -> torch.Tensor:
+    return logits_of(backbone, adapter, texts, max_length, batch_size).argmax(-1)
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """Temperature scaling (Guo et al. 2017): the T minimising the NLL of softmax(logits / T) on held-out
+    rows; argmax, hence accuracy, is unchanged."""
+    log_t = torch.zeros((), requires_grad=True)
+    optimizer = torch.optim.LBFGS([log_t], max_iter=100, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(logits / log_t.exp(), y)
+        loss.backward()
+        return loss
+
+    optimizer.step(closure)
+    t = float(log_t.detach().exp())
+    return min(MAX_TEMPERATURE, max(MIN_TEMPERATURE, t)) if t == t else 1.0
+
+
+def expected_calibration_error(probs: torch.Tensor, y: torch.Tensor, bins: int = 15) -> float:
+    """ECE: |accuracy − confidence| of the top label, averaged over equal-width confidence bins, by count."""
+    confidence, predicted = probs.max(-1)
+    correct = (predicted == y).float()
+    edges = torch.linspace(0, 1, bins + 1)
+    ece = 0.0
+    for lo, hi in zip(edges[:-1].tolist(), edges[1:].tolist()):
+        inside = (confidence > lo) & (confidence <= hi)
+        if inside.any():
+            ece += float(inside.float().mean()) * abs(float(correct[inside].mean()) - float(confidence[inside].mean()))
+    return ece
 
 
 def scores(y_true: torch.Tensor, y_pred: torch.Tensor, labels: list[str]) -> dict:
@@ -162,8 +201,8 @@ def scores(y_true: torch.Tensor, y_pred: torch.Tensor, labels: list[str]) -> dic
 StepCallback = Callable[[int, int, float], None]
 
 
-def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
-          eval_examples: list[tuple[str, str]] | None = None, progress: bool = True,
+def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
+          eval_examples: list[Example] | None = None, progress: bool = True,
           on_step: StepCallback | None = None) -> tuple[TaskAdapter, dict]:
     """Train; with `cfg.steps` a fixed schedule (final weights), else epochs with early stop on eval accuracy.
 
@@ -242,8 +281,10 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
             if best_state is not None:
                 tensor.copy_(best_state[name])
             tensor.requires_grad_(False)
-    eval_pred = predict(backbone, adapter, eval_texts, cfg.max_length)
+    eval_logits = logits_of(backbone, adapter, eval_texts, cfg.max_length)
+    eval_pred = eval_logits.argmax(-1)
     final = scores(eval_y, eval_pred, labels)
+    calibration = calibrate(head, eval_logits, eval_y, cfg)
     resolved = {**cfg.__dict__, "lr": lr, "head_lr": head_lr, "total_steps": total, "warmup_steps": warmup,
                 "steps_per_epoch": steps_per_epoch,
                 "max_length": cfg.max_length or backbone.spec.max_length, "optimizer": "AdamW",
@@ -251,5 +292,20 @@ def train(backbone: Backbone, examples: list[tuple[str, str]], cfg: TrainConfig,
     report = {**final, "kind": adapter.kind, "params": adapter.num_params, "train_examples": len(examples),
               "eval_examples": len(eval_examples), "steps": step, "train_seconds": time.time() - start,
               "labels": labels, "config": resolved, "stopped_early": stopped_early, "history": history,
+              "calibration": calibration,
               "eval_predictions": [labels[i] for i in eval_pred.tolist()]}
     return adapter, report
+
+
+def calibrate(head, eval_logits: torch.Tensor, eval_y: torch.Tensor, cfg: TrainConfig) -> dict:  # noqa: ANN001
+    """Fit and set the head's temperature on the eval split; the report's ECE before and after (on that
+    same split: docs/accuracy.md measures it on held-out test data)."""
+    before = expected_calibration_error(F.softmax(eval_logits, -1), eval_y) if len(eval_y) else None
+    if not cfg.calibrate or len(eval_y) < cfg.min_calibration_examples:
+        head.temperature = 1.0
+        return {"temperature": 1.0, "ece_before": before, "ece_after": before,
+                "skipped": "off" if not cfg.calibrate else
+                f"{len(eval_y)} eval examples; at least {cfg.min_calibration_examples} are needed"}
+    head.temperature = fit_temperature(eval_logits, eval_y)
+    after = expected_calibration_error(F.softmax(eval_logits / head.temperature, -1), eval_y)
+    return {"temperature": head.temperature, "ece_before": before, "ece_after": after}

@@ -20,6 +20,9 @@ class HeadWeights:
     pooling: str = "cls"
     hidden_w: torch.Tensor | None = None
     hidden_b: torch.Tensor | None = None
+    # probabilities are softmax(logits / temperature): fitted on the eval split after training
+    # (calibration); raw scores stay the logits themselves
+    temperature: float = 1.0
 
     @property
     def num_labels(self) -> int:

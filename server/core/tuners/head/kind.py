@@ -32,14 +32,17 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
         return out
 
     def metadata(self, weights: HeadWeights) -> dict[str, str]:
-        return {"pooling": weights.pooling, "head_hidden": "true" if weights.has_hidden else "false"}
+        settings = {"pooling": weights.pooling, "head_hidden": "true" if weights.has_hidden else "false"}
+        if weights.temperature != 1.0:
+            settings["temperature"] = repr(float(weights.temperature))
+        return settings
 
     def from_tensors(self, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> HeadWeights | None:
         for name in ("out_w", "out_b"):
             if name not in tensors:
                 raise AdapterValidationError(f"missing tensor head.{name}")
         return HeadWeights(out_w=tensors.pop("out_w"), out_b=tensors.pop("out_b"),
-                           pooling=metadata.get("pooling", "cls"),
+                           pooling=metadata.get("pooling", "cls"), temperature=_temperature(metadata),
                            hidden_w=tensors.pop("hidden_w", None), hidden_b=tensors.pop("hidden_b", None))
 
     def expected_shapes(self, weights: HeadWeights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
@@ -101,3 +104,18 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
             hidden_b = torch.zeros(d)
         return HeadWeights(out_w=out_w, out_b=torch.zeros(c), pooling=str(options.get("pooling") or "mean"),
                            hidden_w=hidden_w, hidden_b=hidden_b)
+
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # a fitted temperature lands well inside; past these is a broken file
+
+
+def _temperature(metadata: Mapping[str, str]) -> float:
+    text = metadata.get("temperature", "1.0")
+    try:
+        value = float(text[:40])
+    except ValueError:
+        raise AdapterValidationError(f"metadata 'temperature' is not a number: {text[:40]!r}") from None
+    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # also refuses nan and ±inf
+        raise AdapterValidationError(
+            f"metadata 'temperature' {value} is outside [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
+    return value

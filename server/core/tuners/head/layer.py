@@ -10,11 +10,11 @@ from switchboard.server.core.tuners.base import Readout
 
 
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.nn.Module | None) -> torch.Tensor:
-    """hidden [R, T, d], mask [R, T] (1 = token) → [R, d]."""
+    """hidden [R, T, d], mask [R, T] (> 0 = token: a 0/1 or segment mask) → [R, d]."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
-        weights = mask.to(hidden.dtype).unsqueeze(-1)
+        weights = (mask > 0).to(hidden.dtype).unsqueeze(-1)
         return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
     if pooling == "pooler":
         if pooler is None:
