@@ -82,12 +82,12 @@ def test_unknown_fields_nested_in_huge_arrays_are_one_small_error(server):
     # 60,000 objects of unknown fields: the array stops at its first bad item
     refused(post_json(train, {"examples": [{"txt": "a", "lbl": "b"}] * 60_000}), 422, "unknown_field",
             "in examples[0]", "'txt' (did you mean 'text'?)", "'lbl' (did you mean 'label'?)",
-            "examples[0] takes: text, label")
+            "examples[0] takes: text, text_pair, label")
     # one nested object of 50,000 keys: refused whole, named by where it sits
     wide = {"text": "a", "label": "b", **{f"k{i}": 0 for i in range(50_000)}}
     refused(post_json(train, {"examples": [{"text": "a", "label": "x"}, wide]}), 422, "unknown_field",
             "50002 fields; at most 64 are read: unknown fields 'k0'", "and 49995 more in examples[1]",
-            "examples[1] takes: text, label")
+            "examples[1] takes: text, text_pair, label")
     refused(post_json(train, {"examples": [{"text": "a", "label": "x"}] * 2, "eval_examples": [wide] * 10}), 422,
             "unknown_field", "in eval_examples[0]")
     # huge arrays of objects where strings belong

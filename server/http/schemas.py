@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 from pydantic_core import PydanticCustomError
 
 from switchboard.adapter_store.records import VersionRecord
-from switchboard.server.core.tokenize import check_text, flat_texts
+from switchboard.server.core.tokenize import check_text
 
 # Request objects have fewer than 10 fields: one with more keys than this is refused whole, before
 # pydantic makes an error per unknown key (a 1 MiB body holds ~95,000 of them) — docs/limits.md.
@@ -98,7 +98,12 @@ def _non_empty(inputs: str | list[Any]) -> str | list[Any]:
                 where = "inputs" if isinstance(inputs, str) else f"inputs[{i}]"
                 where += f"[{j}]" if not isinstance(item, str) else ""
                 raise ValueError(f"{where} is empty or only whitespace; send text to classify")
-    check_text(flat_texts(items), "inputs")  # a lone surrogate: the tokenizer's TypeError, a 500, without this
+    # a lone surrogate: the tokenizer's TypeError, a 500, without this
+    if isinstance(inputs, str) or all(isinstance(item, str) for item in items):
+        check_text(inputs, "inputs")
+    else:
+        for i, item in enumerate(items):
+            check_text(item if isinstance(item, str) else list(item), f"inputs[{i}]")
     return inputs
 
 
