@@ -7,7 +7,7 @@ from transformers import AutoTokenizer, BertConfig, BertModel
 
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec, default_model_path, wrap_model
-from switchboard.server.core.tuners.head.config import HeadWeights
+from switchboard.server.core.tuners.head.config import HeadWeights, pooled_width
 from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights
 from switchboard.server.core.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
 from switchboard.server.core.tuners.layer_norm.config import LayerNormWeights
@@ -44,8 +44,10 @@ def random_adapter(spec: BackboneSpec, *, seed: int, kind: str = "ia3", num_labe
         assert backbone_model is not None
         base = LayerNormWeights.from_backbone(backbone_model)
         ln = LayerNormWeights(weight=base.weight + rnd(L, 2, d, std=0.1), bias=base.bias + rnd(L, 2, d, std=0.1))
-    head = HeadWeights(out_w=rnd(num_labels, d, std=1.0), out_b=rnd(num_labels, std=0.5), pooling=pooling,
-                       hidden_w=rnd(d, d) if hidden else None, hidden_b=rnd(d, std=0.1) if hidden else None)
+    n = pooled_width(pooling, d)
+    head = HeadWeights(out_w=rnd(num_labels, d if hidden else n, std=1.0), out_b=rnd(num_labels, std=0.5),
+                       pooling=pooling, hidden_w=rnd(d, n) if hidden else None,
+                       hidden_b=rnd(d, std=0.1) if hidden else None)
     parts = {"ia3": ia3, "houlsby": houlsby, "layer_norm": ln, "head": head}
     return TaskAdapter(labels=[f"label{i}" for i in range(num_labels)],
                        parts={name: w for name, w in parts.items() if w is not None})

@@ -3,6 +3,8 @@ PEFT's forward on Hugging Face's own pair encoding; `/v1/rerank` on a pair task.
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import numpy as np
 import pytest
@@ -195,3 +197,37 @@ def test_pair_and_rerank_errors(pair_server, path, body, status, kind):
     r = httpx.post(f"{pair_server}{path}", json=body, timeout=30)
     assert r.status_code == status, r.text
     assert r.json()["error"]["type"] == kind
+
+
+@pytest.mark.parametrize("hidden", [False, True])
+def test_pair_pooling_equals_sbert_features_of_hugging_faces_forward(tokenizer, hidden):
+    """A pair head's logits: each text of the pair mean-pooled apart from HF's own last hidden state of
+    the pair encoding, L2-normalised, [u; v; |u − v|; u ∗ v] through the head; mixed with a mean-pooled
+    task and single texts in one batch."""
+    torch.manual_seed(0)
+    from transformers import BertModel
+
+    model = BertModel(BertConfig(**TINY_CONFIG)).eval()
+    engine = Engine(wrap_model(copy.deepcopy(model), tokenizer, name="pairs", max_length=64))
+    pair_task = random_adapter(engine.spec, seed=2, num_labels=2, pooling="pair", hidden=hidden)
+    other = random_adapter(engine.spec, seed=3, num_labels=3, pooling="mean")
+    slots = [engine.load(pair_task.without("ia3")).slot, engine.load(other).slot]
+    ids, segments = TextEncoder(tokenizer, 64)(MIXED)
+    task_slots = torch.tensor([slots[i % 2] for i in range(len(MIXED))])
+    ours = engine.forward(torch.from_numpy(ids), torch.from_numpy(segments), task_slots)
+    head = pair_task.head
+    for row in range(0, len(MIXED), 2):
+        item = MIXED[row]
+        text, pair = (item, None) if isinstance(item, str) else item
+        enc = tokenizer(text, pair, truncation="longest_first", max_length=64, return_tensors="pt")
+        with torch.inference_mode():
+            h = model(**enc).last_hidden_state[0]
+        types, mask = enc["token_type_ids"][0], enc["attention_mask"][0].bool()
+        u = torch.nn.functional.normalize(h[mask & (types == 0)].mean(0), dim=-1)
+        v = (torch.nn.functional.normalize(h[mask & (types == 1)].mean(0), dim=-1) if pair is not None
+             else torch.zeros_like(u))
+        x = torch.cat([u, v, (u - v).abs(), u * v])
+        if hidden:
+            x = torch.tanh(head.hidden_w @ x + head.hidden_b)
+        want = head.out_w @ x + head.out_b
+        assert (ours[row, :2] - want).abs().max().item() <= 1e-4, (row, ours[row], want)

@@ -104,4 +104,4 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
                     params: BatchParams) -> torch.Tensor:
     """Logits [B, C_max] (float32, -inf past each row's label count)."""
     hidden = encode(model, input_ids, attention_mask, params)
-    return params.readout.logits(model, hidden, attention_mask > 0)
+    return params.readout.logits(model, hidden, attention_mask)  # the segment mask: pair pooling reads it

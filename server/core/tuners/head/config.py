@@ -7,8 +7,16 @@ from dataclasses import dataclass
 import torch
 
 # cls: first token's hidden state; mean: mask-weighted mean; pooler: the backbone's frozen pooler
-# (dense + tanh on the first token), as BertForSequenceClassification / PEFT heads use.
-POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler")
+# (dense + tanh on the first token), as BertForSequenceClassification / PEFT heads use; pair: each
+# text of a pair mean-pooled on its own and L2-normalised, u and v, then [u; v; |u − v|; u ∗ v]
+# (SBERT's classification features, 4 × hidden wide): a pair head starts from the bi-encoder's geometry
+# (Σ u ∗ v is the cosine) and the adapter adds what reading both texts together can.
+POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler", "pair")
+
+
+def pooled_width(pooling: str, hidden_size: int) -> int:
+    """Width of the features a pooling hands the head."""
+    return 4 * hidden_size if pooling == "pair" else hidden_size
 
 
 @dataclass

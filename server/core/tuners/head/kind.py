@@ -17,7 +17,7 @@ from switchboard.server.core.tuners.base import (
     PoolKey,
     TunerKind,
 )
-from switchboard.server.core.tuners.head.config import POOLINGS, HeadWeights
+from switchboard.server.core.tuners.head.config import POOLINGS, HeadWeights, pooled_width
 from switchboard.server.core.tuners.head.layer import HeadGroup, HeadParams
 
 
@@ -46,11 +46,10 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
                            hidden_w=tensors.pop("hidden_w", None), hidden_b=tensors.pop("hidden_b", None))
 
     def expected_shapes(self, weights: HeadWeights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
-        d, c = spec.hidden_size, weights.num_labels
-        shapes = {"out_w": (c, d), "out_b": (c,)}
+        d, c, n = spec.hidden_size, weights.num_labels, pooled_width(weights.pooling, spec.hidden_size)
         if weights.has_hidden:
-            shapes |= {"hidden_w": (d, d), "hidden_b": (d,)}
-        return shapes
+            return {"hidden_w": (d, n), "hidden_b": (d,), "out_w": (c, d), "out_b": (c,)}
+        return {"out_w": (c, n), "out_b": (c,)}
 
     def validate(self, weights: HeadWeights, spec: BackboneSpec) -> None:
         if weights.out_w.dim() != 2 or weights.out_b.dim() != 1:
@@ -65,11 +64,11 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
             raise AdapterValidationError("head hidden layer needs both weight and bias")
 
     def components(self, weights: HeadWeights, spec: BackboneSpec, model: torch.nn.Module) -> list[Component]:
-        d, c = spec.hidden_size, weights.num_labels
-        fields: Fields = {"out_w": ((d, c), 0.0), "out_b": ((1, c), 0.0)}
+        d, c, n = spec.hidden_size, weights.num_labels, pooled_width(weights.pooling, spec.hidden_size)
+        fields: Fields = {"out_w": ((d if weights.has_hidden else n, c), 0.0), "out_b": ((1, c), 0.0)}
         values = {"out_w": weights.out_w.t(), "out_b": weights.out_b}
         if weights.hidden_w is not None and weights.hidden_b is not None:
-            fields |= {"hidden_w": ((d, d), 0.0), "hidden_b": ((1, d), 0.0)}
+            fields |= {"hidden_w": ((n, d), 0.0), "hidden_b": ((1, d), 0.0)}
             values |= {"hidden_w": weights.hidden_w.t(), "hidden_b": weights.hidden_b}
         return [Component((self.name, weights.pooling, c, weights.has_hidden), fields, values, float32=True)]
 
@@ -94,16 +93,16 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
     def new(self, spec: BackboneSpec, model: torch.nn.Module, generator: torch.Generator,
             options: Mapping[str, Any]) -> HeadWeights:
         """Options: num_labels (required), pooling (default mean), head_hidden (default off)."""
-        d, c = spec.hidden_size, int(options["num_labels"])
-        out_w = torch.empty(c, d)
+        pooling = str(options.get("pooling") or "mean")
+        d, c, n = spec.hidden_size, int(options["num_labels"]), pooled_width(pooling, spec.hidden_size)
+        out_w = torch.empty(c, d if options.get("head_hidden") else n)
         torch.nn.init.normal_(out_w, std=0.02, generator=generator)
         hidden_w = hidden_b = None
         if options.get("head_hidden"):
-            hidden_w = torch.empty(d, d)
+            hidden_w = torch.empty(d, n)
             torch.nn.init.normal_(hidden_w, std=0.02, generator=generator)
             hidden_b = torch.zeros(d)
-        return HeadWeights(out_w=out_w, out_b=torch.zeros(c), pooling=str(options.get("pooling") or "mean"),
-                           hidden_w=hidden_w, hidden_b=hidden_b)
+        return HeadWeights(out_w=out_w, out_b=torch.zeros(c), pooling=pooling, hidden_w=hidden_w, hidden_b=hidden_b)
 
 
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # a fitted temperature lands well inside; past these is a broken file

@@ -5,17 +5,27 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 from switchboard.server.core.tuners.base import Readout
 
 
+def _mean(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    weights = where.to(hidden.dtype).unsqueeze(-1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
 def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.nn.Module | None) -> torch.Tensor:
-    """hidden [R, T, d], mask [R, T] (> 0 = token: a 0/1 or segment mask) → [R, d]."""
+    """hidden [R, T, d], mask [R, T] (> 0 = token; a segment mask: 1 first text, 2 second) → [R, d]
+    ([R, 4d] for pair pooling; a single text's second part is zeros)."""
     if pooling == "cls":
         return hidden[:, 0]
     if pooling == "mean":
-        weights = (mask > 0).to(hidden.dtype).unsqueeze(-1)
-        return (hidden * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+        return _mean(hidden, mask > 0)
+    if pooling == "pair":
+        u = F.normalize(_mean(hidden, mask == 1).float(), dim=-1)
+        v = F.normalize(_mean(hidden, mask > 1).float(), dim=-1)
+        return torch.cat([u, v, (u - v).abs(), u * v], dim=-1).to(hidden.dtype)
     if pooling == "pooler":
         if pooler is None:
             raise ValueError("this backbone has no pooler; use 'cls' or 'mean' pooling")
