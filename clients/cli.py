@@ -484,6 +484,7 @@ def _cmd_convert(args: argparse.Namespace) -> int:
 
 def _train_local(args: argparse.Namespace) -> int:
     from switchboard.adapter_store.formats import native
+    from switchboard.server.runtime.training.data import default_pooling
     from switchboard.server.runtime.training.trainer import TrainConfig, train
 
     examples = _read_training(args, args.data)
@@ -495,7 +496,7 @@ def _train_local(args: argparse.Namespace) -> int:
     cfg = TrainConfig(kind=args.kind, width=args.width, activation=args.activation, train_layer_norm=args.layer_norm,
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       max_length=args.max_length, precision=args.precision, head_lr=args.head_lr,
-                      head_init=args.head_init)
+                      head_init=args.head_init, pooling=args.pooling or default_pooling(examples))
     backbone = _load_backbone(args.model)
     adapter, report = train(backbone, examples, cfg, eval_examples)
     out = Path(args.out)
@@ -742,6 +743,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--objective", choices=["classify", "rerank"], default="classify",
                     help="rerank: --data rows of query, positive, negatives (a JSONL list, or one per CSV row) become "
                          "relevant/irrelevant pairs; serve the task with /v1/rerank")
+    tr.add_argument("--pooling", choices=["mean", "cls", "pooler", "pair"], default=None,
+                    help="the head's pooling (default: pair for pair data, mean otherwise; docs/pairs.md)")
     tr.add_argument("--text-column", default="text", help="the text column of --data/--eval")
     tr.add_argument("--text-pair-column", default="text_pair",
                     help="the second text of pair tasks; used when --data has this column")

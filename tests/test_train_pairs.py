@@ -140,7 +140,7 @@ def test_cli_trains_a_reranker_that_rerank_serves(tmp_path, tiny_dir):
     assert main(["train", "--data", str(data), "--objective", "rerank", "--kind", "ia3", "--out", str(out),
                  "--model", str(tiny_dir[0]), "--epochs", "1", "--max-length", "32"]) == 0
     adapter = native.loads((out / "adapter.safetensors").read_bytes(), tiny_dir[1].spec.fingerprint)
-    assert adapter.labels == ["irrelevant", "relevant"]
+    assert adapter.labels == ["irrelevant", "relevant"] and adapter.head.pooling == "pair"  # the pair default
     with serving_in_thread(tmp_path / "data", tiny_dir[1], model=tiny_dir[0]) as (url, _):
         r = httpx.put(f"{url}/v1/tasks/rel", files=[("files", ("a.safetensors",
                                                                 (out / "adapter.safetensors").read_bytes()))])

@@ -96,6 +96,12 @@ def read_rerank_examples(path: Path, query_column: str = "query", positive_colum
     return examples
 
 
+def default_pooling(examples: list[Example]) -> str:
+    """The head's pooling when none is asked for: `pair` for pair tasks (it starts from the bi-encoder's
+    geometry; measured against mean pooling in docs/accuracy.md), `mean` for single texts."""
+    return "pair" if examples and not isinstance(examples[0][0], str) else "mean"
+
+
 def input_chars(item: Input) -> int:
     return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
 

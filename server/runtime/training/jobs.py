@@ -28,7 +28,7 @@ from pathlib import Path
 
 from switchboard.server.errors import ApiError, Overloaded
 from switchboard.server.metrics import Metrics
-from switchboard.server.runtime.training.data import Example
+from switchboard.server.runtime.training.data import Example, default_pooling
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +121,8 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
         from switchboard.server.runtime.training.trainer import TrainConfig, train
 
         backbone = load_backbone(model_path, max_length=max_length)
-        cfg = TrainConfig(kind="ia3", steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed)
+        cfg = TrainConfig(kind="ia3", steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
+                          pooling=default_pooling(spec.examples))
         eval_examples = spec.eval_examples or spec.examples  # few-shot: no examples to spare for a split
         adapter, report = train(backbone, spec.examples, cfg, eval_examples, progress=False,
                                 on_step=lambda step, total, loss: conn.send(("progress", step, total, loss)))
