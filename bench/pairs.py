@@ -14,6 +14,7 @@ per pair (engine rows/s) beside the bi-encoder's (embeddings/s).
 
     python -m bench.pairs --quick        # minutes: few queries, one short epoch
     python -m bench.pairs                # the full run
+    python -m bench.pairs --tasks serving --seconds 30   # /v1/rerank 1 × 64 vs the engine on 64 pairs
 
 Results: bench/out/pairs.json and a markdown table.
 """
@@ -27,13 +28,19 @@ import random
 import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import torch
 from sklearn.linear_model import LogisticRegression
 
 from bench.accuracy import embed
+from bench.adapters import bench_adapter
 from bench.debian_sections import load as load_splits
+from switchboard.adapter_store.formats import native
+from switchboard.clients.local_server import running_server
 from switchboard.server.core.backbone import default_model_path, load_backbone
+from switchboard.server.core.engine import Engine
+from switchboard.server.core.precision import resolve
 from switchboard.server.core.tokenize import Input
 from switchboard.server.runtime.training.trainer import TrainConfig, expected_calibration_error, logits_of, train
 
@@ -161,6 +168,65 @@ def calibration(backbone, adapter, examples: list[Example], max_length: int) -> 
             "ece_calibrated": expected_calibration_error(torch.softmax(logits / t, -1), y)}
 
 
+def rerank_serving(evaluation, seconds: float, clients: int = 2) -> dict:  # noqa: ANN001
+    """`/v1/rerank` of one query × 64 documents on `switchboard serve` (its defaults: engine workers,
+    `auto` precision), closed loop, against the engine alone (in-process, same precision, the machine's
+    threads) forwarding the same 64 pairs as one batch: rows/s side by side."""
+    import concurrent.futures
+    import tempfile
+
+    rng = random.Random(7)
+    requests = []
+    for query, docs, _ in evaluation:
+        pool = [d for _, ds, _ in rng.sample(evaluation, 4) for d in ds]
+        requests.append((query, (docs + pool)[:64]))
+    backbone = load_backbone(default_model_path())
+    adapter = bench_adapter(backbone.spec, "ia3", seed=1, num_labels=2, sites=("k_out", "v_out", "ffn_out_in"),
+                            pooling="pair")
+    engine = Engine(backbone, precision=resolve("auto", torch.device("cpu")), device="cpu")
+    slot = engine.load(adapter).slot
+    batches = [engine.tokenize([(q, d) for d in docs]) for q, docs in requests]
+    engine.forward(batches[0]["input_ids"], batches[0]["attention_mask"], torch.full((64,), slot))
+    rows, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        b = batches[rows // 64 % len(batches)]
+        engine.forward(b["input_ids"], b["attention_mask"], torch.full((64,), slot))
+        rows += 64
+    engine_rate = rows / (time.perf_counter() - start)
+    del engine
+    with tempfile.TemporaryDirectory() as data, running_server(Path(data)) as (url, _):
+        blob = native.dumps(adapter, backbone.spec.fingerprint)
+        assert httpx.put(f"{url}/v1/tasks/rel", files=[("files", ("a.safetensors", blob))], timeout=60).is_success
+
+        refused = [0] * clients
+
+        def client(index: int) -> int:
+            done, i = 0, index
+            with httpx.Client(timeout=120) as http:
+                end = time.perf_counter() + seconds
+                while time.perf_counter() < end:
+                    query, docs = requests[i % len(requests)]
+                    r = http.post(f"{url}/v1/rerank", json={"task": "rel", "query": query, "documents": docs})
+                    if r.status_code == 429:  # admission: wait as told, count it
+                        refused[index] += 1
+                        time.sleep(min(1.0, float(r.headers.get("retry-after", "0.1"))))
+                        continue
+                    r.raise_for_status()
+                    done, i = done + 1, i + clients
+            return done
+
+        http_warm = httpx.post(f"{url}/v1/rerank", json={"task": "rel", "query": requests[0][0],
+                                                         "documents": requests[0][1]}, timeout=120)
+        http_warm.raise_for_status()
+        start = time.perf_counter()
+        with concurrent.futures.ThreadPoolExecutor(clients) as ex:
+            answered = sum(ex.map(client, range(clients)))
+        server_rate = 64 * answered / (time.perf_counter() - start)
+    return {"engine_rows_per_s": engine_rate, "server_rows_per_s": server_rate,
+            "server_vs_engine": server_rate / engine_rate, "clients": clients, "seconds": seconds,
+            "refused_429": sum(refused)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -176,7 +242,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
                         help="training matmuls (autocast; weights and evaluation stay fp32)")
-    parser.add_argument("--tasks", default="rerank,pairs")
+    parser.add_argument("--tasks", default="rerank,pairs", help="any of rerank, pairs, serving")
+    parser.add_argument("--seconds", type=float, default=30.0, help="per side of the serving measurement")
     parser.add_argument("--data", type=Path, default=Path("bench/data/debian-sections"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/pairs.json"))
     args = parser.parse_args()
@@ -243,6 +310,11 @@ def main() -> None:
                   f"→ {held_out['ece_calibrated']:.4f} (T={held_out['temperature']:.2f}); trained {seconds:.0f} s",
                   flush=True)
             _save(args.out, results)
+    if "serving" in args.tasks:
+        serving = rerank_serving(rerank_set(splits["test"], 64, 20, seed=1), args.seconds)
+        results["serving"] = serving
+        print(f"serving /v1/rerank 1 × 64: {serving['server_rows_per_s']:.0f} rows/s; the engine alone on the same "
+              f"64 pairs {serving['engine_rows_per_s']:.0f} rows/s → {serving['server_vs_engine']:.2f}", flush=True)
     _save(args.out, results)
     print(json.dumps(results, indent=1))
 
