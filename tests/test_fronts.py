@@ -86,6 +86,25 @@ def test_both_fronts_answer_as_the_engine_does(fronts_server, tiny_dir, adapters
     # embeddings through a front
     r = on_front(1, lambda c: c.post(f"{url}/v1/embed", headers=keys["a"], json={"inputs": TEXTS}))
     assert r.status_code == 200 and len(r.json()["embeddings"]) == len(TEXTS)
+    # pairs (the segment mask crosses the front link) and rerank: the same answers on both fronts
+    pair_task = random_adapter(backbone.spec, seed=11, num_labels=2, pooling="pair")
+    assert upload(url, "pair-task", pair_task, backbone.spec.fingerprint, headers=keys["a"]).status_code == 201
+    slot = oracle.load(pair_task).slot
+    pairs = [["web server", t] for t in TEXTS[:4]]
+    enc = oracle.tokenize([tuple(p) for p in pairs])
+    want = oracle.forward(enc["input_ids"], enc["attention_mask"], torch.full((4,), slot))
+    for front in (0, 1):
+        r = on_front(front, lambda c: c.post(f"{url}/v1/classify", headers=keys["a"], json={
+            "task": "pair-task", "inputs": pairs, "raw_scores": True}))
+        assert r.status_code == 200, r.text
+        for row, preds in enumerate(r.json()["predictions"]):
+            got = {p["label"]: p["score"] for p in preds}
+            assert all(abs(got[label] - float(want[row, i])) < 1e-4 for i, label in enumerate(pair_task.labels))
+        r = on_front(front, lambda c: c.post(f"{url}/v1/rerank", headers=keys["a"], json={
+            "task": "pair-task", "query": "web server", "documents": TEXTS[:4], "raw_scores": True}))
+        assert r.status_code == 200, r.text
+        margins = (want[:, 1] - want[:, 0]).tolist()
+        assert [x["index"] for x in r.json()["results"]] == sorted(range(4), key=lambda i: -margins[i])
 
 
 @contextmanager
