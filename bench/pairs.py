@@ -227,6 +227,17 @@ def rerank_serving(evaluation, seconds: float, clients: int = 2) -> dict:  # noq
             "refused_429": sum(refused)}
 
 
+def trained(backbone, recipes: list[tuple[str, str]], train_ex: list[Example], dev_ex: list[Example],  # noqa: ANN001
+            args: argparse.Namespace):  # noqa: ANN201 (an iterator)
+    """(name, adapter, report, seconds) of each (kind, pooling) trained by the trainer `switchboard train` runs."""
+    for kind, pooling in recipes:
+        cfg = TrainConfig(kind=kind, epochs=args.epochs, max_length=args.max_length, seed=0, patience=1,
+                          pooling=pooling, precision=args.precision)
+        start = time.time()
+        adapter, report = train(backbone, train_ex, cfg, dev_ex, progress=False)
+        yield f"{kind}/{pooling}", adapter, report, time.time() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true")
@@ -238,6 +249,7 @@ def main() -> None:
     parser.add_argument("--train-pairs", type=int, default=4000)
     parser.add_argument("--test-queries", type=int, default=300)
     parser.add_argument("--test-pairs", type=int, default=1000)
+    parser.add_argument("--documents", type=int, default=20, help="per test query: 1 relevant + same-section negatives")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="bf16",
@@ -257,22 +269,16 @@ def main() -> None:
                      "rows": {name: len(rows) for name, rows in splits.items()}}
 
     if "rerank" in args.tasks:
-        evaluation = rerank_set(splits["test"], args.test_queries, 20, seed=1)
+        evaluation = rerank_set(splits["test"], args.test_queries, args.documents, seed=1)
         ranks, rate = bi_encoder_rerank(backbone, evaluation, args.max_length)
         ndcg, mrr = ndcg_mrr(ranks)
-        results["rerank"] = {"queries": len(evaluation), "documents_per_query": 20,
+        results["rerank"] = {"queries": len(evaluation), "documents_per_query": args.documents,
                              "bi_encoder": {"ndcg@10": ndcg, "mrr": mrr, "embeddings_per_s": rate}}
         print(f"rerank  bi-encoder (frozen MiniLM cosine): nDCG@10 {ndcg:.4f}  MRR {mrr:.4f}  ({rate:.0f} texts/s)",
               flush=True)
         train_ex = rerank_training(splits["train"], args.train_queries, args.negatives, seed=2)
         dev_ex = rerank_training(splits["dev"], max(40, args.train_queries // 10), args.negatives, seed=3)
-        for kind, pooling in recipes:
-            name = f"{kind}/{pooling}"
-            cfg = TrainConfig(kind=kind, epochs=args.epochs, max_length=args.max_length, seed=0, patience=1,
-                              pooling=pooling, precision=args.precision)
-            start = time.time()
-            adapter, report = train(backbone, train_ex, cfg, dev_ex, progress=False)
-            seconds = time.time() - start
+        for name, adapter, report, seconds in trained(backbone, recipes, train_ex, dev_ex, args):
             ranks, rate = cross_encoder_rerank(backbone, adapter, evaluation, args.max_length)
             ndcg, mrr = ndcg_mrr(ranks)
             results["rerank"][name] = {"ndcg@10": ndcg, "mrr": mrr, "pairs_per_s": rate, "train_seconds": seconds,
@@ -296,13 +302,7 @@ def main() -> None:
                                       ys["test"])
             results["pairs"][name] = {"accuracy": accuracy, "C": c}
             print(f"pairs   {name}: accuracy {accuracy:.4f} (C={c})", flush=True)
-        for kind, pooling in recipes:
-            name = f"{kind}/{pooling}"
-            cfg = TrainConfig(kind=kind, epochs=args.epochs, max_length=args.max_length, seed=0, patience=1,
-                              pooling=pooling, precision=args.precision)
-            start = time.time()
-            adapter, report = train(backbone, train_ex, cfg, dev_ex, progress=False)
-            seconds = time.time() - start
+        for name, adapter, report, seconds in trained(backbone, recipes, train_ex, dev_ex, args):
             held_out = calibration(backbone, adapter, test_ex, args.max_length)
             results["pairs"][name] = {**held_out, "train_seconds": seconds, "steps": report["steps"],
                                       "bytes": adapter.nbytes}

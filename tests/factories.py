@@ -75,3 +75,18 @@ KINDS = [dict(kind="ia3"), dict(kind="houlsby", width=8, activation="relu"), dic
          dict(kind="mixed", hidden=True, num_labels=2), dict(kind="ia3", layer_norm=True, num_labels=4),
          dict(kind="houlsby", activation="swish", layer_norm=True), dict(kind="ia3", num_labels=6),
          dict(kind="mixed", activation="tanh", pooling="mean")]
+
+
+def peft_ia3(base: torch.nn.Module, seed: int, **config_kwargs):  # noqa: ANN201 (a peft.PeftModel)
+    """A PEFT (IA)3 sequence classifier on `base` with random vectors far from 1 and a random head."""
+    from peft import IA3Config, TaskType, get_peft_model
+
+    model = get_peft_model(base, IA3Config(task_type=TaskType.SEQ_CLS, **config_kwargs))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
+            elif "classifier" in name:
+                param.copy_(torch.randn(param.shape, generator=g))
+    return model.eval()

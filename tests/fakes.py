@@ -13,7 +13,7 @@ import torch
 
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.books import SlotBooks
+from switchboard.server.core.books import BooksView, SlotBooks
 from switchboard.server.core.engine import CapacityError, ResidentTask
 
 
@@ -22,7 +22,7 @@ def expected_logits(slot: int, input_ids: torch.Tensor, width: int) -> torch.Ten
 
 
 @dataclass
-class FakeEngine:
+class FakeEngine(BooksView):
     spec: BackboneSpec
     max_adapter_bytes: int = 1 << 30
     width: int = 8
@@ -34,18 +34,6 @@ class FakeEngine:
 
     def __post_init__(self) -> None:
         self.books = SlotBooks(self.max_adapter_bytes)
-
-    @property
-    def resident_tasks(self) -> int:
-        return self.books.resident_tasks
-
-    @property
-    def resident_bytes(self) -> int:
-        return self.books.resident_bytes
-
-    @property
-    def pool_count(self) -> int:
-        return self.books.resident_tasks
 
     def load(self, adapter: TaskAdapter, sha256: str | None = None, blob: bytes | None = None) -> ResidentTask:
         adapter.validate(self.spec)

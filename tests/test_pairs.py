@@ -9,14 +9,13 @@ import httpx
 import numpy as np
 import pytest
 import torch
-from peft import IA3Config, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from switchboard.adapter_store.upload import parse_upload
 from switchboard.server.core.backbone import default_model_path, wrap_model
 from switchboard.server.core.engine import Engine
 from switchboard.server.core.tokenize import TextEncoder, segment_mask, tokenize
-from tests.factories import TEXTS, TINY_CONFIG, random_adapter
+from tests.factories import TEXTS, TINY_CONFIG, peft_ia3, random_adapter
 from tests.server_fixture import serving_in_thread, upload
 
 QUERIES = ["command line parsing", "web server", "plot figures", "radio contest logging"]
@@ -59,15 +58,7 @@ def _base() -> BertForSequenceClassification:
 
 
 def _peft_pair_model(seed: int) -> torch.nn.Module:
-    model = get_peft_model(_base(), IA3Config(task_type=TaskType.SEQ_CLS))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ia3_l" in name:
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
-            elif "classifier" in name:
-                param.copy_(torch.randn(param.shape, generator=g))
-    return model.eval()
+    return peft_ia3(_base(), seed)
 
 
 def test_mixed_pairs_and_texts_equal_peft_on_hugging_face_pairs(tokenizer, tmp_path):

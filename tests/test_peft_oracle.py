@@ -7,26 +7,13 @@ import json
 
 import pytest
 import torch
-from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 from switchboard.adapter_store.formats import peft as peft_format
 from switchboard.adapter_store.upload import parse_upload
 from switchboard.server.core.backbone import default_model_path, wrap_model
 from switchboard.server.core.engine import Engine
-from tests.factories import TEXTS, TINY_CONFIG
-
-
-def _peft_ia3(base: BertForSequenceClassification, seed: int, **config_kwargs) -> PeftModel:
-    model = get_peft_model(base, IA3Config(task_type=TaskType.SEQ_CLS, **config_kwargs))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "ia3_l" in name:
-                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=g))
-            elif "classifier" in name:
-                param.copy_(torch.randn(param.shape, generator=g))
-    return model.eval()
+from tests.factories import TEXTS, TINY_CONFIG, peft_ia3
 
 
 def _check_against_peft(base_factory, tokenizer, tmp_path, seeds=(1, 2, 3), atol=1e-4, **config_kwargs):
@@ -37,7 +24,7 @@ def _check_against_peft(base_factory, tokenizer, tmp_path, seeds=(1, 2, 3), atol
     expected, slots = [], []
     enc = tokenizer(TEXTS[:6], padding=True, return_tensors="pt")
     for seed in seeds:
-        model = _peft_ia3(base_factory(), seed, **config_kwargs)
+        model = peft_ia3(base_factory(), seed, **config_kwargs)
         out = tmp_path / f"adapter{seed}"
         model.save_pretrained(out)
         # the files exactly as PEFT saved them, through the server's upload parser

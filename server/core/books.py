@@ -29,6 +29,27 @@ class Booking:
     holder: object = None  # what the slot is held for (the registry's version); None: not evictable
 
 
+class BooksView:
+    """An engine's counts, read from its books (the in-process engine, the worker-process engine's
+    books, a test's fake engine)."""
+
+    books: SlotBooks
+
+    @property
+    def resident_tasks(self) -> int:
+        """Resident adapters (built-in tasks outside the budget not counted)."""
+        return self.books.resident_tasks
+
+    @property
+    def resident_bytes(self) -> int:
+        """Bytes counted against the budget."""
+        return self.books.resident_bytes
+
+    @property
+    def pool_count(self) -> int:
+        return self.books.pool_count
+
+
 class SlotBooks:
     """Task slots (1, 2, …; 0 is the identity) booked against `max_bytes`. Thread-safe."""
 

@@ -17,7 +17,7 @@ import torch
 from switchboard.server.core import memory
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec
-from switchboard.server.core.books import CapacityError, SlotBooks
+from switchboard.server.core.books import BooksView, CapacityError, SlotBooks
 from switchboard.server.core.forward import BatchParams, encode, encoder_forward
 from switchboard.server.core.precision import Precision, prepare
 from switchboard.server.core.slot_pool import StackedPool
@@ -67,7 +67,7 @@ def plan_chunks(attention_mask: torch.Tensor, chunk_rows: int) -> list[tuple[tor
     return [(rows, int(lengths[rows].max()) if right_padded else T) for rows in torch.split(order, chunk_rows)]
 
 
-class SlotBudget:
+class SlotBudget(BooksView):
     """What a task costs resident, and whether it could ever fit: shared by the in-process engine and
     the worker-process engine, whose `books` (core/books.py) are the one record of slots and bytes."""
 
@@ -83,20 +83,6 @@ class SlotBudget:
     @max_adapter_bytes.setter
     def max_adapter_bytes(self, value: int) -> None:
         self.books.max_bytes = value
-
-    @property
-    def resident_tasks(self) -> int:
-        """Resident adapters (built-in tasks outside the budget not counted)."""
-        return self.books.resident_tasks
-
-    @property
-    def resident_bytes(self) -> int:
-        """Bytes counted against `max_adapter_bytes`."""
-        return self.books.resident_bytes
-
-    @property
-    def pool_count(self) -> int:
-        return self.books.pool_count
 
     def components(self, adapter: TaskAdapter) -> list[Component]:
         return [c for kind, w in adapter.items() for c in kind.components(w, self.spec, self.model)]
