@@ -222,3 +222,16 @@ def test_pair_pooling_equals_sbert_features_of_hugging_faces_forward(tokenizer, 
             x = torch.tanh(head.hidden_w @ x + head.hidden_b)
         want = head.out_w @ x + head.out_b
         assert (ours[row, :2] - want).abs().max().item() <= 1e-4, (row, ours[row], want)
+
+
+def test_a_task_that_cannot_rerank_is_refused_before_any_row_is_computed(pair_server):
+    from tests.server_fixture import metric_samples
+
+    ok = httpx.post(f"{pair_server}/v1/rerank", json={"task": "relevance", "query": "q", "documents": ["a"]})
+    assert ok.status_code == 200
+    before = metric_samples(pair_server)["switchboard_batches_total"]
+    assert before > 0  # the counter the refusal must leave alone
+    r = httpx.post(f"{pair_server}/v1/rerank", json={"task": "three", "query": "q", "documents": ["a"] * 64},
+                   timeout=30)
+    assert r.status_code == 422 and r.json()["error"]["type"] == "not_a_rerank_task"
+    assert metric_samples(pair_server)["switchboard_batches_total"] == before

@@ -112,7 +112,7 @@ class Pipeline:
             self.serving.precheck(tenant, len(pairs), floor)
         ids, mask = await self.tokenize(pairs)
         answer = await self.forward(Job(tenant, [body.task], ids, mask, self.settings.request_timeout_s,
-                                        call.authorization, call.tenant_header), call)
+                                        call.authorization, call.tenant_header, max_labels=2), call)
         return encode_rerank(body, answer)
 
     # ----- stages ------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import msgspec
 import numpy as np
 
 from switchboard.server.core.engine import CapacityError
-from switchboard.server.errors import InsufficientCapacity
+from switchboard.server.errors import InsufficientCapacity, NotARerankTask
 
 if TYPE_CHECKING:
     from switchboard.server.core.backbone import BackboneSpec
@@ -36,6 +36,7 @@ class Job(msgspec.Struct, frozen=True):
     timeout_s: float
     authorization: str | None = None
     tenant_header: str | None = None
+    max_labels: int | None = None  # refuse a task with more labels before any work (rerank: 2)
 
     @property
     def embed(self) -> bool:
@@ -94,6 +95,12 @@ class LocalServing:
                 cold = False
             else:
                 leases = [held.enter_context(runtime.registry.acquire((tenant, name))) for name in job.tasks]
+                if job.max_labels is not None:
+                    for name, lease in zip(job.tasks, leases, strict=True):
+                        if len(lease.record.labels) > job.max_labels:
+                            raise NotARerankTask(
+                                f"task {name!r} has {len(lease.record.labels)} labels; /v1/rerank needs a task with "
+                                "one label (a relevance score) or two (the second meaning relevant), trained on pairs")
                 cold = False
                 for name, lease in zip(job.tasks, leases, strict=True):
                     if lease.slot is None:  # evicted or restored from the store: load it off the loop
