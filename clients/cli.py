@@ -495,6 +495,7 @@ def _train_local(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     cfg = TrainConfig(kind=args.kind, width=args.width, activation=args.activation, train_layer_norm=args.layer_norm,
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      recipe=args.recipe,
                       max_length=args.max_length, precision=args.precision, head_lr=args.head_lr,
                       head_init=args.head_init, pooling=args.pooling or default_pooling(examples))
     backbone = _load_backbone(args.model)
@@ -756,6 +757,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--layer-norm", action="store_true", help="also train per-task LayerNorm gains/biases")
     tr.add_argument("--epochs", type=int, default=10, help="at most this many passes (early stop on eval)")
     tr.add_argument("--steps", type=int, default=None, help="a fixed number of steps instead (no early stop)")
+    tr.add_argument("--recipe", choices=["auto", "few-shot", "epochs"], default="auto",
+                    help="auto: the few-shot recipe at <= 32 examples per class, else epochs (docs/training.md)")
     tr.add_argument("--batch-size", type=int, default=32, help="examples per step")
     tr.add_argument("--lr", type=float, default=None,
                     help="peak learning rate of the adapter (default: 3e-3 for ia3, 1e-3 for houlsby)")

@@ -113,7 +113,7 @@ def test_early_stopping_says_so_and_keeps_the_best_epoch(caplog):
     caplog.set_level(logging.INFO)
     backbone = tiny_backbone(seed=3)
     examples = synthetic(6, seed=1)
-    cfg = TrainConfig(kind="ia3", epochs=30, patience=1, batch_size=8, lr=1e-9, head_init="random",
+    cfg = TrainConfig(kind="ia3", recipe="epochs", epochs=30, patience=1, batch_size=8, lr=1e-9, head_init="random",
                       max_length=32)  # nothing improves after epoch 1
     _, report = train(backbone, examples, cfg, synthetic(3, seed=2), progress=False)
     stop = report["stopped_early"]

@@ -6,15 +6,19 @@ warm-up over 10 % of steps then linear decay, batch 32, lr 1e-3 (adapters) ; (IA
 fixed number of steps, good in the few-shot regime. The head starts from a linear probe (a softmax
 regression on the frozen backbone's pooled features: "LP-FT", Kumar et al. 2022), so training starts
 where frozen-embedding logistic regression ends and the adapter adds to it (docs/accuracy.md).
+At ≤ 32 examples per class the default recipe ("auto") is the few-shot one (`FEW_SHOT`): for Houlsby,
+SetFit's contrastive warm-up applied to the adapter, then the probe (docs/training.md).
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import statistics
 import time
+from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +62,44 @@ class TrainConfig:
     probe_weight_decay: float = 1e-3  # the probe's L2 penalty (logistic regression's 1/C, per example)
     calibrate: bool = True  # fit the head's temperature on the eval split (probabilities, not raw scores)
     min_calibration_examples: int = 20  # fewer eval examples: temperature 1 (a fit on a handful overfits)
+    recipe: str = "auto"  # auto: few-shot at ≤ few_shot_max_per_class examples per class, else epochs;
+    #                       "few-shot" / "epochs" force one (an explicit `steps` is always a fixed schedule as given)
+    few_shot_max_per_class: int = 32
+    label_smoothing: float = 0.0  # cross-entropy label smoothing
+    ia3_sites: tuple[str, ...] | None = None  # None: the paper's (k_out, v_out, ffn_out_in); see tuners/ia3
+    contrastive_steps: int = 0  # SetFit-style warm-up of the adapter before the probe (0: none)
+    contrastive_pairs: int = 8  # pairs per warm-up step (half same-label, half different-label)
+    contrastive_lr: float | None = None  # default: the adapter's lr
+
+
+# The small-data recipe per --kind (bench/fewshot.py, docs/accuracy.md "Issue 22"), trained on every example
+# (no held-out split), replacing these fields of the config. Houlsby: SetFit's two phases for a width-16
+# adapter (contrastive warm-up on pairs, then the probe head on the adapted features; no joint phase);
+# (IA)3: T-Few's fixed schedule at all five sites; mixed (not measured): T-Few's schedule.
+FEW_SHOT: dict[str, dict] = {
+    "houlsby": {"width": 16, "contrastive_steps": 150, "contrastive_pairs": 8, "steps": 0, "head_init": "probe"},
+    "ia3": {"steps": 200, "batch_size": 8, "ia3_sites": ("k_out", "v_out", "attn_out_in", "ffn_int_out", "ffn_out_in")},
+    "mixed": {"steps": 200, "batch_size": 8},
+}
+
+
+def resolve_recipe(cfg: TrainConfig, examples: list[Example]) -> tuple[TrainConfig, str]:
+    """(the config actually trained, its recipe name): "fixed steps" when `cfg.steps` is given, "few-shot"
+    when asked for or, with recipe "auto", when the median label has at most `few_shot_max_per_class`
+    examples of single texts (pair tasks were not measured: auto keeps them on epochs); else "epochs"
+    (early stop on an eval split)."""
+    if cfg.steps is not None:
+        return cfg, "fixed steps"
+    if cfg.recipe not in ("auto", "few-shot", "epochs"):
+        raise ValueError(f"unknown recipe {cfg.recipe!r}: auto, few-shot or epochs")
+    per_class = statistics.median(Counter(label for _, label in examples).values()) if examples else 0
+    single_texts = all(isinstance(text, str) for text, _ in examples)
+    if cfg.recipe == "few-shot" or (cfg.recipe == "auto" and single_texts and per_class <= cfg.few_shot_max_per_class):
+        settings = dict(FEW_SHOT[cfg.kind])
+        if cfg.kind == "ia3" and cfg.ia3_sites is not None:
+            settings.pop("ia3_sites", None)  # sites asked for explicitly stay
+        return replace(cfg, **settings), "few-shot"
+    return cfg, "epochs"
 
 
 def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generator: torch.Generator) -> TaskAdapter:
@@ -68,9 +110,62 @@ def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generat
     return TaskAdapter(labels=labels, parts=parts)
 
 
-def single_task_params(adapter: TaskAdapter) -> BatchParams:
-    """One task's parameters with a leading dim of 1, broadcast over the batch (differentiable)."""
-    return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()})
+def single_task_params(adapter: TaskAdapter, readout: bool = True) -> BatchParams:
+    """One task's parameters with a leading dim of 1, broadcast over the batch (differentiable);
+    `readout=False`: the encoder's parts only (no head)."""
+    return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()
+                        if readout or kind.name != READOUT})
+
+
+def contrastive_pairs(examples: list[Example], n: int, rng: random.Random) -> list[tuple[int, int, float]]:
+    """`n` pairs of example indices with a target: half same label (1.0), half different labels (0.0)."""
+    by_label: dict[str, list[int]] = {}
+    for i, (_, label) in enumerate(examples):
+        by_label.setdefault(label, []).append(i)
+    labels = sorted(by_label)
+    pairable = [label for label in labels if len(by_label[label]) > 1]
+    pairs = []
+    for j in range(n):
+        if j % 2 == 0 and pairable:
+            a, b = rng.sample(by_label[rng.choice(pairable)], 2)
+            pairs.append((a, b, 1.0))
+        else:
+            la, lb = rng.sample(labels, 2)
+            pairs.append((rng.choice(by_label[la]), rng.choice(by_label[lb]), 0.0))
+    return pairs
+
+
+def contrastive_warmup(backbone: Backbone, adapter: TaskAdapter, examples: list[Example], cfg: TrainConfig,
+                       lr: float, rng: random.Random) -> list[float]:
+    """SetFit's first phase for the adapter instead of the body: pairs of same / different-label
+    examples, cosine similarity of the adapted model's pooled features regressed on 1 / 0 (MSE,
+    sentence-transformers' CosineSimilarityLoss). Trains the encoder parts only; returns the losses."""
+    head = adapter.parts[READOUT]
+    head_ids = set(map(id, KINDS_BY_NAME[READOUT].tensors(head).values()))
+    body = [t for t in adapter.tensors().values() if id(t) not in head_ids]
+    for t in body:
+        t.requires_grad_(True)
+    optimizer = torch.optim.AdamW(body, lr=lr, weight_decay=0.0)
+    total = cfg.contrastive_steps
+    warmup = max(1, int(total * cfg.warmup))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
+    pooler = getattr(backbone.model, "pooler", None)
+    losses = []
+    for _ in range(total):
+        pairs = contrastive_pairs(examples, cfg.contrastive_pairs, rng)
+        ids, mask = _batch(backbone, [examples[i][0] for a, b, _ in pairs for i in (a, b)], cfg.max_length)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
+            hidden = encode(backbone.model, ids, mask, single_task_params(adapter, readout=False))
+        features = pool(hidden.float(), mask, head.pooling, pooler)
+        cosine = F.cosine_similarity(features[0::2], features[1::2], dim=-1)
+        loss = F.mse_loss(cosine, torch.tensor([t for _, _, t in pairs]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        losses.append(round(loss.item(), 5))
+    return losses
 
 
 def stratified_split(examples: list[Example], fraction: float,
@@ -98,13 +193,14 @@ def stratified_split(examples: list[Example], fraction: float,
 
 
 def probe_head(backbone: Backbone, head, examples: list[Example], index: dict[str, int],  # noqa: ANN001
-               cfg: TrainConfig, batch_size: int = 64) -> None:
-    """Fit the head alone on the frozen backbone's pooled features (softmax regression, L-BFGS, L2), in place."""
+               cfg: TrainConfig, batch_size: int = 64, params: BatchParams | None = None) -> None:
+    """Fit the head alone on pooled features (softmax regression, L-BFGS, L2), in place: of the frozen
+    backbone, or of the backbone with `params` (an adapter's, after a contrastive warm-up)."""
     feats = []
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
             ids, mask = _batch(backbone, [t for t, _ in examples[i:i + batch_size]], cfg.max_length)
-            feats.append(pool(encode(backbone.model, ids, mask, BatchParams()), mask, head.pooling,
+            feats.append(pool(encode(backbone.model, ids, mask, params or BatchParams()), mask, head.pooling,
                               getattr(backbone.model, "pooler", None)).float())
     x = torch.cat(feats)
     y = torch.tensor([index[label] for _, label in examples])
@@ -212,15 +308,25 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     examples = list(examples)
-    if eval_examples is None:
+    cfg, recipe = resolve_recipe(cfg, examples)
+    eval_on = "eval examples"
+    if eval_examples is None and recipe == "few-shot":
+        # a fixed schedule selects nothing on an eval split: train on every example, report on them
+        eval_examples, eval_on = examples, "training examples"
+    elif eval_examples is None:
         examples, eval_examples = stratified_split(examples, cfg.eval_fraction, rng)
+        eval_on = "held-out split"
     labels = sorted({label for _, label in examples} | {label for _, label in eval_examples})
     index = {label: i for i, label in enumerate(labels)}
     adapter = new_adapter(backbone, labels, cfg, generator)
     head = adapter.parts[READOUT]
-    if cfg.head_init == "probe" and not head.has_hidden:
-        probe_head(backbone, head, examples, index, cfg)
+    start = time.time()
     lr = cfg.lr or (3e-3 if cfg.kind == "ia3" else 1e-3)
+    contrastive = (contrastive_warmup(backbone, adapter, examples, cfg, cfg.contrastive_lr or lr, rng)
+                   if cfg.contrastive_steps else [])
+    if cfg.head_init == "probe" and not head.has_hidden:
+        probe_head(backbone, head, examples, index, cfg,
+                   params=single_task_params(adapter, readout=False) if contrastive else None)
     head_lr = cfg.head_lr or lr
     _trainable(adapter)
     head_params = set(map(id, KINDS_BY_NAME[READOUT].tensors(head).values()))
@@ -228,16 +334,15 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
               {"params": [t for t in adapter.tensors().values() if id(t) in head_params], "lr": head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     steps_per_epoch = max(1, -(-len(examples) // cfg.batch_size))
-    total = cfg.steps or steps_per_epoch * cfg.epochs
+    total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs  # 0: no joint phase
     warmup = max(1, int(total * cfg.warmup))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / warmup, max(0.0, (total - s) / max(1, total - warmup))))
     eval_texts = [t for t, _ in eval_examples]
     eval_y = torch.tensor([index[label] for _, label in eval_examples])
     best, best_state, bad_epochs, step, epoch, best_epoch = -1.0, None, 0, 0, 0, 0
-    history: dict[str, list] = {"loss": [], "eval": []}  # loss per step; (step, eval accuracy) per epoch
+    history: dict[str, list] = {"loss": [], "eval": [], "contrastive_loss": contrastive}  # (step, eval acc) / epoch
     stopped_early: dict | None = None
-    start = time.time()
     bar = tqdm(total=total, disable=not progress, desc=f"train {cfg.kind}")
     backbone.model.eval()
     while step < total:
@@ -245,7 +350,8 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
             ids, mask = _batch(backbone, [t for t, _ in batch], cfg.max_length)
             with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
                 logits = encoder_forward(backbone.model, ids, mask, single_task_params(adapter))
-            loss = F.cross_entropy(logits.float(), torch.tensor([index[label] for _, label in batch]))
+            loss = F.cross_entropy(logits.float(), torch.tensor([index[label] for _, label in batch]),
+                                   label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -284,7 +390,8 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     eval_logits = logits_of(backbone, adapter, eval_texts, cfg.max_length)
     eval_pred = eval_logits.argmax(-1)
     final = scores(eval_y, eval_pred, labels)
-    calibration = calibrate(head, eval_logits, eval_y, cfg)
+    calibration = calibrate(head, eval_logits, eval_y, cfg,
+                            skip="scored on the training examples" if eval_on == "training examples" else None)
     resolved = {**cfg.__dict__, "lr": lr, "head_lr": head_lr, "total_steps": total, "warmup_steps": warmup,
                 "steps_per_epoch": steps_per_epoch,
                 "max_length": cfg.max_length or backbone.spec.max_length, "optimizer": "AdamW",
@@ -292,19 +399,20 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     report = {**final, "kind": adapter.kind, "params": adapter.num_params, "train_examples": len(examples),
               "eval_examples": len(eval_examples), "steps": step, "train_seconds": time.time() - start,
               "labels": labels, "config": resolved, "stopped_early": stopped_early, "history": history,
-              "calibration": calibration,
+              "calibration": calibration, "recipe": recipe, "eval_on": eval_on,
               "eval_predictions": [labels[i] for i in eval_pred.tolist()]}
     return adapter, report
 
 
-def calibrate(head, eval_logits: torch.Tensor, eval_y: torch.Tensor, cfg: TrainConfig) -> dict:  # noqa: ANN001
+def calibrate(head, eval_logits: torch.Tensor, eval_y: torch.Tensor, cfg: TrainConfig,  # noqa: ANN001
+              skip: str | None = None) -> dict:
     """Fit and set the head's temperature on the eval split; the report's ECE before and after (on that
-    same split: docs/accuracy.md measures it on held-out test data)."""
+    same split: docs/accuracy.md measures it on held-out test data). `skip`: why not (temperature 1)."""
     before = expected_calibration_error(F.softmax(eval_logits, -1), eval_y) if len(eval_y) else None
-    if not cfg.calibrate or len(eval_y) < cfg.min_calibration_examples:
+    if skip or not cfg.calibrate or len(eval_y) < cfg.min_calibration_examples:
         head.temperature = 1.0
         return {"temperature": 1.0, "ece_before": before, "ece_after": before,
-                "skipped": "off" if not cfg.calibrate else
+                "skipped": skip if skip else "off" if not cfg.calibrate else
                 f"{len(eval_y)} eval examples; at least {cfg.min_calibration_examples} are needed"}
     head.temperature = fit_temperature(eval_logits, eval_y)
     after = expected_calibration_error(F.softmax(eval_logits / head.temperature, -1), eval_y)
