@@ -256,6 +256,7 @@ def main() -> None:
                         help="training matmuls (autocast; weights and evaluation stay fp32)")
     parser.add_argument("--tasks", default="rerank,pairs", help="any of rerank, pairs, serving")
     parser.add_argument("--seconds", type=float, default=30.0, help="per side of the serving measurement")
+    parser.add_argument("--clients", type=int, default=2, help="closed-loop clients of the serving measurement")
     parser.add_argument("--data", type=Path, default=Path("bench/data/debian-sections"))
     parser.add_argument("--out", type=Path, default=Path("bench/out/pairs.json"))
     args = parser.parse_args()
@@ -311,7 +312,7 @@ def main() -> None:
                   flush=True)
             _save(args.out, results)
     if "serving" in args.tasks:
-        serving = rerank_serving(rerank_set(splits["test"], 64, 20, seed=1), args.seconds)
+        serving = rerank_serving(rerank_set(splits["test"], 64, 20, seed=1), args.seconds, args.clients)
         results["serving"] = serving
         print(f"serving /v1/rerank 1 × 64: {serving['server_rows_per_s']:.0f} rows/s; the engine alone on the same "
               f"64 pairs {serving['engine_rows_per_s']:.0f} rows/s → {serving['server_vs_engine']:.2f}", flush=True)
