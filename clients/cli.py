@@ -734,8 +734,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "Houlsby m=64, lr 1e-3; AdamW, 10 % warm-up then linear decay, batch 32, early "
                                     "stop on eval accuracy; the head starts as a linear probe on the frozen features "
                                     "(LP-FT). At <= 32 examples per class (single texts) --recipe auto picks the "
-                                    "few-shot recipe instead (Houlsby m=16 with a contrastive warm-up; (IA)3 on T-Few's "
-                                    "fixed schedule); pair data train a pair-pooled head (docs/pairs.md).")
+                                    "few-shot recipe instead (Houlsby m=16 with a contrastive warm-up; (IA)3 on "
+                                    "T-Few's fixed schedule); pair data train a pair-pooled head (docs/pairs.md).")
     tr.add_argument("--data", required=True, help="training data, .csv or .jsonl (text and label columns)")
     tr.add_argument("--kind", choices=["houlsby", "ia3", "mixed"], default=None, help="what to train (local)")
     tr.add_argument("--out", default=None, help="output directory: adapter.safetensors, report.json (local)")
