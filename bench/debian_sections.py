@@ -101,7 +101,11 @@ def load(out: Path) -> dict[str, list[dict]]:
 def write(out: Path, cap: int = 400) -> dict[str, list[dict]]:
     with tempfile.TemporaryDirectory() as tmp:
         records = join_records(*fetch_lists(Path(tmp)))
-    splits = build(records, cap=cap)
+    return save_splits(out, build(records, cap=cap), len(records))
+
+
+def save_splits(out: Path, splits: dict[str, list[dict]], packages: int) -> dict[str, list[dict]]:
+    """train/dev/test JSONL files and stats.json (label counts per split) under `out`."""
     out.mkdir(parents=True, exist_ok=True)
     for name, rows in splits.items():
         with open(out / f"{name}.jsonl", "w") as f:
@@ -109,7 +113,7 @@ def write(out: Path, cap: int = 400) -> dict[str, list[dict]]:
                 f.write(json.dumps({"text": r["text"], "synopsis": r["synopsis"], "label": r["label"],
                                     "source": r["source"]}) + "\n")
     counts = {name: Counter(r["label"] for r in rows) for name, rows in splits.items()}
-    (out / "stats.json").write_text(json.dumps({"packages": len(records), "counts": counts}, indent=1))
+    (out / "stats.json").write_text(json.dumps({"packages": packages, "counts": counts}, indent=1))
     return splits
 
 

@@ -28,7 +28,6 @@ import os
 import subprocess
 import tempfile
 import time
-from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import StratifiedKFold, cross_val_score
 
 from bench.accuracy import as_examples, embed, logistic_regression, metrics, per_class
-from bench.debian_sections import build, fetch_lists, join_records
+from bench.debian_sections import build, fetch_lists, join_records, save_splits
 from switchboard.adapter_store.formats import native
 from switchboard.server.core.backbone import default_model_path, load_backbone
 from switchboard.server.runtime.training.trainer import TrainConfig, predict, train
@@ -58,16 +57,7 @@ def write_hidden(out: Path = DATA, cap: int = 200) -> dict[str, list[dict]]:
     else:
         with tempfile.TemporaryDirectory() as tmp:
             records = join_records(*fetch_lists(Path(tmp)))
-    splits = build(records, classes=HIDDEN, cap=cap)
-    out.mkdir(parents=True, exist_ok=True)
-    for name, rows in splits.items():
-        with open(out / f"{name}.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps({"text": r["text"], "synopsis": r["synopsis"], "label": r["label"],
-                                    "source": r["source"]}) + "\n")
-    counts = {name: Counter(r["label"] for r in rows) for name, rows in splits.items()}
-    (out / "stats.json").write_text(json.dumps({"packages": len(records), "counts": counts}, indent=1))
-    return splits
+    return save_splits(out, build(records, classes=HIDDEN, cap=cap), len(records))
 
 
 def load_hidden(out: Path = DATA) -> dict[str, list[dict]]:
