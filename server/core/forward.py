@@ -89,7 +89,7 @@ def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     """Last hidden states [B, T, d] with each row's task modules applied. attention_mask: a segment mask
     (core/tokenize.py: 0 pad, 1 first text, 2 second text of a pair) or a plain 0/1 mask."""
     attention, token_types = split_segments(attention_mask)
-    if token_types is not None and getattr(model.config, "type_vocab_size", 1) > 1:
+    if getattr(model.config, "type_vocab_size", 1) > 1:
         h = model.embeddings(input_ids=input_ids, token_type_ids=token_types)
     else:
         h = model.embeddings(input_ids=input_ids)

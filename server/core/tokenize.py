@@ -36,10 +36,16 @@ def segment_mask(attention_mask: np.ndarray, type_ids: np.ndarray) -> np.ndarray
     return attention_mask * (1 + (type_ids > 0))
 
 
-def split_segments(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(attention mask 0/1, token types or None when no row is a pair) from a segment mask."""
-    second = segments > 1
-    return (segments > 0).to(segments.dtype), (second.to(segments.dtype) if bool(second.any()) else None)
+def split_segments(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(attention mask 0/1, token types 0/1) from a segment mask. Two elementwise ops, no test of whether
+    any row is a pair: on a GPU that test would be a host sync per chunk, and all-zero types are what
+    the model uses when given none."""
+    return (segments > 0).to(segments.dtype), (segments > 1).to(segments.dtype)
+
+
+def input_chars(item: Input) -> int:
+    """Characters of an input; a pair's two texts together (what `max_input_chars` bounds)."""
+    return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
 
 
 class InvalidText(ValueError):

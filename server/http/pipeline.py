@@ -26,8 +26,8 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.tokenize import Input, TextEncoder
-from switchboard.server.errors import ApiError, NotARerankTask, PayloadTooLarge
+from switchboard.server.core.tokenize import Input, TextEncoder, input_chars
+from switchboard.server.errors import ApiError, PayloadTooLarge
 from switchboard.server.http.schemas import ClassifyRequest, EmbedRequest, RerankRequest
 from switchboard.server.log_config import REQUEST_ID
 from switchboard.server.runtime.executors import BoundedExecutor
@@ -117,7 +117,7 @@ class Pipeline:
 
     # ----- stages ------------------------------------------------------------------------------------
     async def tokenize(self, texts: list[Input]) -> tuple[np.ndarray, np.ndarray]:
-        if sum(map(_chars, texts)) <= self.settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
+        if sum(map(input_chars, texts)) <= self.settings.inline_tokenize_chars:  # cheaper here than a hop to a thread
             return self.encoder(texts)
         return await self.pool.run(self.encoder, texts)
 
@@ -140,7 +140,7 @@ class Pipeline:
         texts = [inputs] if isinstance(inputs, str) else list(inputs)
         if len(texts) > s.max_inputs_per_request:
             raise PayloadTooLarge(f"{len(texts)} inputs; at most {s.max_inputs_per_request} per request")
-        longest = max(map(_chars, texts))  # a pair's two texts together
+        longest = max(map(input_chars, texts))  # a pair's two texts together
         if longest > s.max_input_chars:
             raise PayloadTooLarge(f"an input of {longest} characters; at most {s.max_input_chars} "
                                   f"(inputs are truncated to {self.encoder.max_length} tokens anyway)")
@@ -150,13 +150,9 @@ class Pipeline:
         """Fewest padded tokens the texts can take: subword tokenizers split on whitespace first, so each word
         is at least one token (plus the two special tokens), up to max_length. Worked out for large requests
         only — a small one is tokenized on the loop at once anyway."""
-        if sum(map(_chars, texts)) <= self.settings.inline_tokenize_chars:
+        if sum(map(input_chars, texts)) <= self.settings.inline_tokenize_chars:
             return 0
         return len(texts) * min(self.encoder.max_length, max(map(_words, texts)) + 2)
-
-
-def _chars(item: Input) -> int:
-    return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
 
 
 def _words(item: Input) -> int:
@@ -197,18 +193,16 @@ def encode_classify(names: list[str], answer: Answer, raw: bool, top_k: int | No
     return orjson.dumps({"results": results} if fan_out else results[0])
 
 
-def relevance(logits: np.ndarray, labels: list[str], raw: bool, task: str, temperature: float = 1.0) -> np.ndarray:
+def relevance(logits: np.ndarray, labels: list[str], raw: bool, temperature: float = 1.0) -> np.ndarray:
     """One relevance score per row: a one-label task's logit (sigmoid unless raw); a two-label task's
-    second label (softmax probability, or the logit margin over the first if raw)."""
+    second label (softmax probability, or the logit margin over the first if raw). Tasks with more
+    labels never get here: the scheduler refuses them at resolve (`Job.max_labels`)."""
     scores = np.nan_to_num(logits[:, : len(labels)].astype(np.float64), nan=-F32_MAX, posinf=F32_MAX,
                            neginf=-F32_MAX)
     if len(labels) == 1:
         return scores[:, 0] if raw else _sigmoid(scores[:, 0] / temperature)
-    if len(labels) == 2:
-        margin = scores[:, 1] - scores[:, 0]
-        return margin if raw else _sigmoid(margin / temperature)  # = softmax(scores / T)[:, 1]
-    raise NotARerankTask(f"task {task!r} has {len(labels)} labels; /v1/rerank needs a task with one label (a "
-                         "relevance score) or two (the second meaning relevant), trained on pairs")
+    margin = scores[:, 1] - scores[:, 0]
+    return margin if raw else _sigmoid(margin / temperature)  # = softmax(scores / T)[:, 1]
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -217,7 +211,7 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
 
 def encode_rerank(body: RerankRequest, answer: Answer) -> bytes:
     task = answer.tasks[0]
-    values = relevance(answer.logits, task.labels, body.raw_scores, body.task, task.temperature)
+    values = relevance(answer.logits, task.labels, body.raw_scores, task.temperature)
     order = np.argsort(-values, kind="stable")[: body.top_n]
     scores = values.tolist()
     results = [{"index": i, "relevance_score": scores[i], "document": body.documents[i]} if body.return_documents

@@ -12,7 +12,7 @@ import random
 from collections.abc import Iterator
 from pathlib import Path
 
-from switchboard.server.core.tokenize import Input
+from switchboard.server.core.tokenize import Input, input_chars
 
 Example = tuple[Input, str]  # (text or (text, text_pair), label)
 RERANK_LABELS = ("irrelevant", "relevant")  # sorted, so "relevant" is the second label: /v1/rerank's score
@@ -100,10 +100,6 @@ def default_pooling(examples: list[Example]) -> str:
     """The head's pooling when none is asked for: `pair` for pair tasks (it starts from the bi-encoder's
     geometry; measured against mean pooling in docs/accuracy.md), `mean` for single texts."""
     return "pair" if examples and not isinstance(examples[0][0], str) else "mean"
-
-
-def input_chars(item: Input) -> int:
-    return len(item) if isinstance(item, str) else len(item[0]) + len(item[1])
 
 
 def epoch_batches(examples: list[Example], batch_size: int, rng: random.Random,
