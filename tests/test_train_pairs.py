@@ -148,3 +148,17 @@ def test_cli_trains_a_reranker_that_rerank_serves(tmp_path, tiny_dir):
         answer = httpx.post(f"{url}/v1/rerank", json={"task": "rel", "query": rows[0]["query"],
                                                       "documents": [rows[0]["positive"], *rows[0]["negatives"]]})
         assert answer.status_code == 200 and len(answer.json()["results"]) == 3
+
+
+def test_a_job_with_pairs_is_bounded_and_refuses_a_mix(tiny, tmp_path):
+    """Both texts of a pair count against max_train_text_chars; pairs and single texts do not mix."""
+    with serving_in_thread(tmp_path, tiny, max_train_text_chars=100) as (url, _):
+        mixed = {"examples": [{"text": "a", "text_pair": "b", "label": "x"}, {"text": "c", "label": "y"}],
+                 "steps": 1}
+        r = httpx.post(f"{url}/v1/tasks/p/train", json=mixed)
+        assert r.status_code == 422 and "mix of pairs" in r.json()["error"]["message"], r.text
+        long = {"examples": [{"text": "a" * 60, "text_pair": "b" * 41, "label": "x"},
+                             {"text": "c", "text_pair": "d", "label": "y"}], "steps": 1}
+        r = httpx.post(f"{url}/v1/tasks/p/train", json=long)
+        assert r.status_code == 413 and r.json()["error"]["type"] == "payload_too_large", r.text
+        assert httpx.get(f"{url}/v1/jobs").json()["jobs"] == []  # nothing was queued
