@@ -9,7 +9,7 @@ from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone, BackboneSpec, default_model_path, wrap_model
 from switchboard.server.core.tuners.head.config import HeadWeights, pooled_width
 from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights
-from switchboard.server.core.tuners.ia3.config import IA3_SITES, Ia3Weights, site_dim
+from switchboard.server.core.tuners.ia3.config import IA3_SITES, Ia3Weights
 from switchboard.server.core.tuners.layer_norm.config import LayerNormWeights
 
 TINY_CONFIG = dict(vocab_size=30522, hidden_size=64, num_hidden_layers=3, num_attention_heads=4,
@@ -25,7 +25,7 @@ def tiny_backbone(seed: int = 0) -> Backbone:
 
 def random_adapter(spec: BackboneSpec, *, seed: int, kind: str = "ia3", num_labels: int = 3,
                    width: int = 8, activation: str = "gelu", pooling: str = "cls", hidden: bool = False,
-                   layer_norm: bool = False, ia3_sites: tuple[str, ...] = tuple(IA3_SITES),
+                   layer_norm: bool = False, ia3_sites: tuple[str, ...] | None = None,
                    backbone_model: torch.nn.Module | None = None) -> TaskAdapter:
     """Random adapters far from the identity, so a wrong row/task mapping changes the logits."""
     g = torch.Generator().manual_seed(seed)
@@ -36,7 +36,8 @@ def random_adapter(spec: BackboneSpec, *, seed: int, kind: str = "ia3", num_labe
     L, d = spec.num_layers, spec.hidden_size
     ia3 = houlsby = ln = None
     if kind in ("ia3", "mixed"):
-        ia3 = Ia3Weights({s: 1.0 + rnd(L, site_dim(s, spec)) for s in ia3_sites})
+        sites = ia3_sites if ia3_sites is not None else tuple(s for s in IA3_SITES if s in spec.sites)
+        ia3 = Ia3Weights({s: 1.0 + rnd(*spec.sites[s]) for s in sites})
     if kind in ("houlsby", "mixed"):
         houlsby = HoulsbyWeights(down_w=rnd(L, 2, width, d), down_b=rnd(L, 2, width, std=0.1),
                                  up_w=rnd(L, 2, d, width), up_b=rnd(L, 2, d, std=0.1), activation=activation)
@@ -90,3 +91,46 @@ def peft_ia3(base: torch.nn.Module, seed: int, **config_kwargs):  # noqa: ANN201
             elif "classifier" in name:
                 param.copy_(torch.randn(param.shape, generator=g))
     return model.eval()
+
+
+# Tiny random configs of every encoder family (core/families/), each small enough for a unit test; the
+# MiniLM tokenizer's ids (< 30522) fit every vocabulary.
+def family_configs() -> dict[str, object]:
+    import transformers as tf
+
+    small = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, intermediate_size=128)
+    return {
+        "distilbert": tf.DistilBertConfig(vocab_size=30522, dim=64, n_layers=2, n_heads=4, hidden_dim=128,
+                                          max_position_embeddings=128),
+        "mpnet": tf.MPNetConfig(vocab_size=30527, max_position_embeddings=130, **small),
+        "deberta-v3": tf.DebertaV2Config(vocab_size=30522, max_position_embeddings=128, relative_attention=True,
+                                         pos_att_type=["p2c", "c2p"], share_att_key=True, position_buckets=32,
+                                         max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                                         position_biased_input=False, type_vocab_size=0, **small),
+        "modernbert": tf.ModernBertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=3,
+                                          num_attention_heads=4, intermediate_size=96, max_position_embeddings=256,
+                                          pad_token_id=0, bos_token_id=101, eos_token_id=102, cls_token_id=101,
+                                          sep_token_id=102, global_attn_every_n_layers=2, local_attention=16),
+        "qwen2": tf.Qwen2Config(vocab_size=30522, num_key_value_heads=2, max_position_embeddings=256,
+                                pad_token_id=0, **small),
+        "qwen3": tf.Qwen3Config(vocab_size=30522, num_key_value_heads=2, head_dim=16, max_position_embeddings=256,
+                                pad_token_id=0, **small),
+        "llama": tf.LlamaConfig(vocab_size=30522, num_key_value_heads=2, max_position_embeddings=256,
+                                pad_token_id=0, **small),
+    }
+
+
+def family_classifier(name: str, num_labels: int = 3, seed: int = 0):  # noqa: ANN201 (a transformers model)
+    """A tiny random *ForSequenceClassification of the family (eval mode, fp32)."""
+    from transformers import AutoModelForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = family_configs()[name]
+    config.num_labels = num_labels
+    return AutoModelForSequenceClassification.from_config(config).eval()
+
+
+def family_backbone(name: str, seed: int = 0) -> Backbone:
+    """A tiny random backbone of the family, wrapped as the server wraps a loaded one."""
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    return wrap_model(family_classifier(name, seed=seed).base_model, tokenizer, name=f"tiny-{name}", max_length=128)

@@ -1,24 +1,26 @@
-"""Load the frozen encoder once and describe it.
+"""Load the frozen backbone once and describe it.
 
-The engine runs its own forward over the backbone's weights, so it only needs the module tree of a
-BERT-family encoder (BERT, RoBERTa and their relatives share the same module names).
+A backbone belongs to a family (core/families/): the map of where each site is in its module tree.
+The spec carries the family's sites with their sizes, so adapter validation needs no model.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoConfig, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-SUPPORTED_MODEL_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "electra")
+from switchboard.server.core.families import SUPPORTED_MODEL_TYPES, Family, family_for
+from switchboard.server.core.site_hooks import reinstall
 
 
 class UnsupportedBackboneError(ValueError):
-    """The model at the given path is not a BERT-family encoder the engine can run."""
+    """The model at the given path is not of a family the engine can run."""
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,16 @@ class BackboneSpec:
     max_length: int
     has_pooler: bool
     fingerprint: str
+    family: str = "bert"
+    # site → (layers, vector length): where per-task modules may act on this backbone
+    sites: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
+    pooling: str = "cls"  # the family's own pooling (heads default to it)
+
+    def site_dim(self, site: str) -> int:
+        return int(self.sites[site][1])
+
+    def site_layers(self, site: str) -> int:
+        return int(self.sites[site][0])
 
     def as_dict(self) -> dict[str, object]:
         return {
@@ -44,6 +56,7 @@ class BackboneSpec:
             "intermediate_size": self.intermediate_size,
             "max_length": self.max_length,
             "fingerprint": self.fingerprint,
+            "family": self.family,
         }
 
 
@@ -72,47 +85,60 @@ def weights_fingerprint(model: torch.nn.Module) -> str:
     return "sha256:" + digest.hexdigest()[:32]
 
 
-def check_architecture(model: PreTrainedModel) -> None:
+def _refusal(model_type: str) -> UnsupportedBackboneError:
+    return UnsupportedBackboneError(
+        f"unsupported backbone architecture {model_type!r}: Switchboard runs these model types: "
+        f"{', '.join(SUPPORTED_MODEL_TYPES)} (docs/backbones.md)")
+
+
+def check_architecture(model: PreTrainedModel) -> Family:
+    """The model's family, after checking every site's module is where the family says."""
     model_type = getattr(model.config, "model_type", "?")
-    needed = ("embeddings", "encoder")
-    if model_type not in SUPPORTED_MODEL_TYPES or not all(hasattr(model, n) for n in needed):
-        raise UnsupportedBackboneError(
-            f"unsupported backbone architecture {model_type!r}: Switchboard runs BERT-family encoders "
-            f"({', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
-    layer = model.encoder.layer[0]
-    for path in ("attention.self.query", "attention.self.key", "attention.self.value",
-                 "attention.output.dense", "attention.output.LayerNorm", "intermediate.dense",
-                 "output.dense", "output.LayerNorm"):
-        if layer.get_submodule(path) is None:  # pragma: no cover - get_submodule raises instead
-            raise UnsupportedBackboneError(f"backbone layer lacks {path}")
-    if getattr(model.config, "is_decoder", False):
-        raise UnsupportedBackboneError("decoder configurations are not supported; load an encoder")
+    family = family_for(model_type)
+    if family is None:
+        raise _refusal(model_type)
+    if family.name != "decoder" and family.auto_class == "AutoModel" and getattr(model.config, "is_decoder", False):
+        raise UnsupportedBackboneError("decoder configurations of an encoder are not supported; load an encoder")
+    for site, ref in family.sites.items():
+        try:
+            layers = model.get_submodule(ref.stack)
+            layers[0].get_submodule(ref.path)
+        except (AttributeError, IndexError, TypeError):
+            raise UnsupportedBackboneError(
+                f"{model_type} backbone lacks {ref.stack}.N.{ref.path} (site {site})") from None
+    return family
 
 
 def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str,
                max_length: int | None = None) -> Backbone:
     """Freeze a loaded encoder and compute its spec (used by tests with tiny random models too)."""
-    check_architecture(model)
-    # Absolute position ids and first-token pooling assume right padding.
+    family = check_architecture(model)
+    # Absolute position ids, first-token pooling and a decoder's last-token pooling assume right padding.
     tokenizer.padding_side = "right"
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     cfg = model.config
-    position_limit = cfg.max_position_embeddings - (cfg.pad_token_id + 1 if cfg.model_type != "bert" else 0)
-    limit = min(position_limit, tokenizer.model_max_length or position_limit)
+    sites = family.site_shapes(model)
+    position_limit = family.position_limit(cfg)
+    tokenizer_limit = tokenizer.model_max_length if (tokenizer.model_max_length or 0) < 1_000_000 else None
+    limit = min(x for x in (position_limit, tokenizer_limit, 1 << 16) if x)
     spec = BackboneSpec(
         name=name,
         model_type=cfg.model_type,
         hidden_size=cfg.hidden_size,
         num_layers=cfg.num_hidden_layers,
-        intermediate_size=cfg.intermediate_size,
+        intermediate_size=sites["ffn_out_in"][1],
         num_heads=cfg.num_attention_heads,
         max_length=min(limit, max_length) if max_length else limit,
         has_pooler=getattr(model, "pooler", None) is not None,
         fingerprint=weights_fingerprint(model),
+        family=family.name,
+        sites=sites,
+        pooling=family.pooling,
     )
+    if family.name != "bert":  # BERT runs the functional fast path (forward.py), no hooks
+        reinstall(model, family)
     return Backbone(model=model, tokenizer=tokenizer, spec=spec)
 
 
@@ -122,13 +148,12 @@ def load_backbone(path: str | Path | None = None, max_length: int | None = None)
     if not (path / "config.json").is_file():
         raise UnsupportedBackboneError(f"no config.json in model directory {path}")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise UnsupportedBackboneError(
-            f"unsupported backbone architecture {config.model_type!r}: Switchboard runs BERT-family "
-            f"encoders ({', '.join(SUPPORTED_MODEL_TYPES)})"
-        )
+    family = family_for(config.model_type)
+    if family is None:
+        raise _refusal(config.model_type)
     transformers.utils.logging.disable_progress_bar()  # a bar on stderr would break JSON log lines
-    model = AutoModel.from_pretrained(path, local_files_only=True, attn_implementation="sdpa")
+    auto_class = getattr(transformers, family.auto_class)
+    model = auto_class.from_pretrained(path, local_files_only=True, attn_implementation=family.attention)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, use_fast=True)
     name = getattr(config, "_name_or_path", "") or path.name
     if path == default_model_path():

@@ -217,7 +217,7 @@ class Engine(SlotBudget):
             slots = self._routes[key].index_select(0, task_slots)
             kind = KINDS_BY_NAME[str(key[0])]
             parts[kind.name] = kind.gather(parts.get(kind.name), key, self._pools[key], slots, self)
-        return BatchParams(parts)
+        return BatchParams(parts, task_slots=task_slots)
 
     def chunks(self, attention_mask: torch.Tensor) -> list[tuple[torch.Tensor, int]]:
         return plan_chunks(attention_mask, self.chunk_rows)

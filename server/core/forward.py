@@ -1,8 +1,10 @@
-"""The functional forward of a BERT-family encoder with per-row task parameters.
+"""The forward of a backbone with per-row task parameters, for every family (core/families/).
 
 Both the serving engine (parameters gathered from slot pools) and the trainer (one task's parameters,
 broadcast over the batch) call `encoder_forward`, so what is trained is exactly what is served. The
-forward knows only sites (tuners/base.py); each kind's gathered parameters say where they act.
+forward knows only sites (tuners/base.py); each kind's gathered parameters say where they act. BERT's
+layer runs as the functional fast path below; every other family runs Hugging Face's own forward with
+the sites' hooks (core/site_hooks.py) reading this batch's parameters.
 """
 
 from __future__ import annotations
@@ -13,26 +15,52 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from switchboard.server.core.families import BERT, Family, family_for
+from switchboard.server.core.site_hooks import site_hooks
 from switchboard.server.core.tokenize import split_segments
-from switchboard.server.core.tuners import READOUT
-from switchboard.server.core.tuners.base import NORM_SITES, SITES, Readout, SiteParams
+from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.core.tuners.base import NORM_SITES, Readout, SiteParams
 
 
 class BatchParams:
-    """Every kind's parameters for one batch, indexed by the site where they act."""
+    """Every kind's parameters for one batch, indexed by the site where they act.
 
-    def __init__(self, parts: Mapping[str, Any] | None = None) -> None:
+    task_slots: each row's task (CPU), for the few places that must run per task of a chunk
+    (DeBERTa's shared-key position bias); None when one task's parameters are broadcast."""
+
+    def __init__(self, parts: Mapping[str, Any] | None = None, task_slots: torch.Tensor | None = None) -> None:
         self.parts = dict(parts or {})
-        self._by_site: dict[str, list[SiteParams]] = {site: [] for site in SITES}
-        for part in self.parts.values():
+        self.task_slots = task_slots
+        self._by_site: dict[str, list[SiteParams]] = {}
+        order = {name: i for i, name in enumerate(KINDS_BY_NAME)}  # kinds sharing a site apply in KINDS order
+        for name in sorted(self.parts, key=lambda n: order.get(n, len(order))):
+            part = self.parts[name]
             if isinstance(part, SiteParams):
                 for site in part.sites:
-                    self._by_site[site].append(part)
-        if any(len(self._by_site[site]) > 1 for site in NORM_SITES):
+                    self._by_site.setdefault(site, []).append(part)
+        if any(len(self._by_site.get(site, ())) > 1 for site in NORM_SITES):
             raise ValueError("at most one kind may replace a LayerNorm")
 
     def at(self, site: str) -> list[SiteParams]:
-        return self._by_site[site]
+        return self._by_site.get(site, [])
+
+    def per_row(self, site: str) -> bool:
+        """Whether rows may differ at this site (parameters gathered per row, not one broadcast task)."""
+        return any(part.per_row(site) for part in self.at(site))
+
+    def task_groups(self) -> list[torch.Tensor] | None:
+        """Row indices of each task in the batch; None when every row shares one task."""
+        if self.task_slots is None:
+            return None
+        tasks = torch.unique(self.task_slots)
+        if len(tasks) < 2:
+            return None
+        return [(self.task_slots == t).nonzero().squeeze(1) for t in tasks]
+
+    def rows(self, index: torch.Tensor, sites: tuple[str, ...]) -> BatchParams:
+        """These rows' parameters at these sites only (for a piece of a layer run per task)."""
+        return BatchParams({name: part.rows(index) for name, part in self.parts.items()
+                            if isinstance(part, SiteParams) and part.sites & set(sites)})
 
     @property
     def readout(self) -> Readout:
@@ -60,12 +88,12 @@ def _linear(x: torch.Tensor, module: torch.nn.Module) -> torch.Tensor:
     return module(x.float())
 
 
-def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, index: int,
-                   p: BatchParams, num_heads: int) -> torch.Tensor:
+def _bert_layer(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, index: int,
+                p: BatchParams, num_heads: int) -> torch.Tensor:
     B, T, d = h.shape
     attn = layer.attention
     sa = attn.self
-    q = _linear(h, sa.query)
+    q = _site(p, "q_out", _linear(h, sa.query), index, sa.query)
     k = _site(p, "k_out", _linear(h, sa.key), index, sa.key)
     v = _site(p, "v_out", _linear(h, sa.value), index, sa.value)
     heads = (B, T, num_heads, d // num_heads)
@@ -84,11 +112,8 @@ def _encoder_layer(layer: torch.nn.Module, h: torch.Tensor, mask: torch.Tensor, 
     return _norm(p, "ffn_norm", out.to(h.dtype) + h, index, output.LayerNorm)
 
 
-def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-           params: BatchParams) -> torch.Tensor:
-    """Last hidden states [B, T, d] with each row's task modules applied. attention_mask: a segment mask
-    (core/tokenize.py: 0 pad, 1 first text, 2 second text of a pair) or a plain 0/1 mask."""
-    attention, token_types = split_segments(attention_mask)
+def _bert_encode(model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                 token_types: torch.Tensor, params: BatchParams) -> torch.Tensor:
     if getattr(model.config, "type_vocab_size", 1) > 1:
         h = model.embeddings(input_ids=input_ids, token_type_ids=token_types)
     else:
@@ -96,12 +121,45 @@ def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     mask = attention.bool()[:, None, None, :]
     num_heads = model.config.num_attention_heads
     for index, layer in enumerate(model.encoder.layer):
-        h = _encoder_layer(layer, h, mask, index, params, num_heads)
+        h = _bert_layer(layer, h, mask, index, params, num_heads)
     return h
+
+
+def _hooked_encode(family: Family, model: torch.nn.Module, input_ids: torch.Tensor, attention: torch.Tensor,
+                   token_types: torch.Tensor) -> torch.Tensor:
+    kwargs: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention, **family.call_kwargs}
+    if getattr(model.config, "type_vocab_size", 1) > 1:
+        kwargs["token_type_ids"] = token_types
+    return family.encoder(model)(**kwargs).last_hidden_state
+
+
+def family_of(model: torch.nn.Module) -> Family:
+    family = family_for(getattr(model.config, "model_type", "?"))
+    if family is None:
+        raise ValueError(f"no backbone family for model type {model.config.model_type!r}")
+    return family
+
+
+def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+           params: BatchParams) -> torch.Tensor:
+    """Last hidden states [B, T, d] with each row's task modules applied. attention_mask: a segment mask
+    (core/tokenize.py: 0 pad, 1 first text, 2 second text of a pair) or a plain 0/1 mask."""
+    attention, token_types = split_segments(attention_mask)
+    family = family_of(model)
+    if family is BERT:
+        return _bert_encode(model, input_ids, attention, token_types, params)
+    with site_hooks(model, family).active(params):
+        return _hooked_encode(family, model, input_ids, attention, token_types)
 
 
 def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     params: BatchParams) -> torch.Tensor:
-    """Logits [B, C_max] (float32, -inf past each row's label count)."""
-    hidden = encode(model, input_ids, attention_mask, params)
-    return params.readout.logits(model, hidden, attention_mask)  # the segment mask: pair pooling reads it
+    """Logits [B, C_max] (float32, -inf past each row's label count). The readout reads the segment
+    mask (pair pooling); a rank-classification readout runs the decoder, with the hooks still active."""
+    family = family_of(model)
+    if family is BERT:
+        return params.readout.logits(model, encode(model, input_ids, attention_mask, params), attention_mask)
+    attention, token_types = split_segments(attention_mask)
+    with site_hooks(model, family).active(params):
+        hidden = _hooked_encode(family, model, input_ids, attention, token_types)
+        return params.readout.logits(model, hidden, attention_mask)

@@ -19,6 +19,9 @@ import logging
 
 import torch
 
+from switchboard.server.core.families import family_for
+from switchboard.server.core.site_hooks import reinstall
+
 log = logging.getLogger(__name__)
 
 
@@ -64,8 +67,14 @@ def resolve(requested: str, device: torch.device) -> Precision:
 def prepare(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     """Convert the encoder in place for `precision`; the forward (forward.py) adapts to what it finds."""
     model.float()
+    family = family_for(model.config.model_type)
+    layers = [layer for stack in (family.stacks if family else ("encoder.layer",))
+              for layer in model.get_submodule(stack)]
+    if precision is Precision.BF16 and family is not None and family.name != "bert":
+        raise ValueError(f"precision bf16 (bf16 matmuls in a float32 stream) needs the functional BERT path; "
+                         f"the {family.name} family runs Hugging Face's forward: use bf16-full or fp32")
     if precision is Precision.BF16:
-        for layer in model.encoder.layer:
+        for layer in layers:
             for module in layer.modules():
                 if isinstance(module, torch.nn.Linear):
                     module.to(torch.bfloat16)
@@ -74,6 +83,8 @@ def prepare(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     elif precision is Precision.INT8:
         if next(model.parameters()).device.type != "cpu":
             raise ValueError("int8 dynamic quantization runs on the CPU only; use bf16 on a GPU")
-        for layer in model.encoder.layer:
+        for layer in layers:
             torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
+    if family is not None and family.name != "bert":
+        reinstall(model, family)  # quantization replaced the Linears the hooks were on
     return model

@@ -18,10 +18,10 @@ import torch
 
 from switchboard.server.core.backbone import BackboneSpec
 
-# Where a kind may act inside one encoder layer, in forward order. `*_norm` sites replace the
-# sublayer's LayerNorm (the input is the pre-norm sum); every other site transforms a tensor.
-SITES: tuple[str, ...] = ("k_out", "v_out", "attn_out_in", "attn_out", "attn_norm",
-                          "ffn_int_out", "ffn_out_in", "ffn_out", "ffn_norm")
+# Where a kind may act inside one layer is named by a site; each backbone family maps the sites it has
+# to its modules (core/families/: q_out, k_out, v_out, attn_out_in, attn_out, attn_norm, ffn_int_out,
+# ffn_out_in, ffn_out, ffn_norm, and T5's decoder sites). `*_norm` sites replace the sublayer's
+# LayerNorm (the input is the pre-norm sum); every other site transforms a tensor.
 NORM_SITES: frozenset[str] = frozenset({"attn_norm", "ffn_norm"})
 
 # pool field name → (shape of one slot, identity fill: a scalar or a tensor of that shape)
@@ -69,6 +69,14 @@ class SiteParams(ABC):
     @abstractmethod
     def apply(self, site: str, x: torch.Tensor, layer: int, module: torch.nn.Module) -> torch.Tensor:
         """x at `site` of encoder layer `layer`; `module` is the backbone module there (Linear or LayerNorm)."""
+
+    def per_row(self, site: str) -> bool:
+        """Whether rows may carry different parameters at `site` (False: one task broadcast)."""
+        return True
+
+    def rows(self, index: torch.Tensor) -> SiteParams:
+        """These rows' parameters only (for a family that must run a piece of its layer per task)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot select rows")
 
 
 class Readout(ABC):

@@ -10,8 +10,12 @@ import torch
 # (dense + tanh on the first token), as BertForSequenceClassification / PEFT heads use; pair: each
 # text of a pair mean-pooled on its own and L2-normalised, u and v, then [u; v; |u − v|; u ∗ v]
 # (SBERT's classification features, 4 × hidden wide): a pair head starts from the bi-encoder's geometry
-# (Σ u ∗ v is the cosine) and the adapter adds what reading both texts together can.
-POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler", "pair")
+# (Σ u ∗ v is the cosine) and the adapter adds what reading both texts together can; last: the last real
+# token's hidden state (decoder backbones, whose causal attention gathers the text there).
+POOLINGS: tuple[str, ...] = ("cls", "mean", "pooler", "pair", "last")
+# the hidden layer's activation: tanh (BERT/RoBERTa/MPNet heads), relu (DistilBERT's pre_classifier),
+# gelu (DeBERTa's pooler, ModernBERT's head)
+HEAD_ACTIVATIONS: tuple[str, ...] = ("tanh", "relu", "gelu", "gelu_tanh", "silu")
 
 
 def pooled_width(pooling: str, hidden_size: int) -> int:
@@ -31,6 +35,11 @@ class HeadWeights:
     # probabilities are softmax(logits / temperature): fitted on the eval split after training
     # (calibration); raw scores stay the logits themselves
     temperature: float = 1.0
+    activation: str = "tanh"
+    # a LayerNorm after the hidden layer (ModernBERT's head: dense → activation → norm); bias may be absent
+    norm_w: torch.Tensor | None = None
+    norm_b: torch.Tensor | None = None
+    norm_eps: float = 1e-5
 
     @property
     def num_labels(self) -> int:
@@ -39,3 +48,7 @@ class HeadWeights:
     @property
     def has_hidden(self) -> bool:
         return self.hidden_w is not None
+
+    @property
+    def has_norm(self) -> bool:
+        return self.norm_w is not None

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from switchboard.server.core.tuners.base import Readout
+from switchboard.server.core.tuners.houlsby.layer import ACTIVATION_FNS
 
 
 def _mean(hidden: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
@@ -26,6 +27,9 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.n
         u = F.normalize(_mean(hidden, mask == 1).float(), dim=-1)
         v = F.normalize(_mean(hidden, mask > 1).float(), dim=-1)
         return torch.cat([u, v, (u - v).abs(), u * v], dim=-1).to(hidden.dtype)
+    if pooling == "last":
+        last = ((mask > 0).sum(1) - 1).clamp_min(0)
+        return hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
     if pooling == "pooler":
         if pooler is None:
             raise ValueError("this backbone has no pooler; use 'cls' or 'mean' pooling")
@@ -35,11 +39,15 @@ def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str, pooler: torch.n
 
 
 def classify(features: torch.Tensor, out_w: torch.Tensor, out_b: torch.Tensor,
-             hidden_w: torch.Tensor | None, hidden_b: torch.Tensor | None) -> torch.Tensor:
+             hidden_w: torch.Tensor | None, hidden_b: torch.Tensor | None, activation: str = "tanh",
+             norm_w: torch.Tensor | None = None, norm_b: torch.Tensor | None = None,
+             norm_eps: float = 1e-5) -> torch.Tensor:
     """features [R, d]; weights in (in, out) layout with a row dim of R or 1 → logits [R, C]."""
     x = features.unsqueeze(1)
     if hidden_w is not None and hidden_b is not None:
-        x = torch.tanh(torch.matmul(x, hidden_w) + hidden_b)
+        x = ACTIVATION_FNS[activation](torch.matmul(x, hidden_w) + hidden_b)
+    if norm_w is not None and norm_b is not None:
+        x = torch.addcmul(norm_b, F.layer_norm(x, x.shape[-1:], eps=norm_eps), norm_w)
     return (torch.matmul(x, out_w) + out_b).squeeze(1)
 
 
@@ -53,6 +61,10 @@ class HeadGroup:
     out_b: torch.Tensor
     hidden_w: torch.Tensor | None = None
     hidden_b: torch.Tensor | None = None
+    activation: str = "tanh"
+    norm_w: torch.Tensor | None = None
+    norm_b: torch.Tensor | None = None
+    norm_eps: float = 1e-5
 
 
 class HeadParams(Readout):
@@ -69,7 +81,8 @@ class HeadParams(Readout):
             rows_h = hidden if g.rows is None else hidden.index_select(0, g.rows)
             rows_m = attention_mask if g.rows is None else attention_mask.index_select(0, g.rows)
             feats = pool(rows_h, rows_m, g.pooling, pooler).to(g.out_w.dtype)
-            out = classify(feats, g.out_w, g.out_b, g.hidden_w, g.hidden_b).float()
+            out = classify(feats, g.out_w, g.out_b, g.hidden_w, g.hidden_b, g.activation, g.norm_w, g.norm_b,
+                           g.norm_eps).float()
             if g.rows is None:
                 logits[:, : out.shape[1]] = out
             else:

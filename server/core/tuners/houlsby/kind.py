@@ -46,6 +46,8 @@ class HoulsbyKind(TunerKind[HoulsbyWeights, HoulsbyParams]):
         return {"down_w": (L, s, m, d), "down_b": (L, s, m), "up_w": (L, s, d, m), "up_b": (L, s, d)}
 
     def validate(self, weights: HoulsbyWeights, spec: BackboneSpec) -> None:
+        if spec.sites and not {"attn_out", "ffn_out"} <= set(spec.sites):
+            raise AdapterValidationError(f"the {spec.family} family has no sublayer-output sites for Houlsby adapters")
         try:
             weights.activation = canonical_activation(weights.activation)
         except ValueError as exc:

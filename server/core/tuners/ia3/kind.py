@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.families.t5 import TFEW_SITES
 from switchboard.server.core.tuners.base import (
     AdapterValidationError,
     Component,
@@ -16,7 +17,7 @@ from switchboard.server.core.tuners.base import (
     PoolKey,
     TunerKind,
 )
-from switchboard.server.core.tuners.ia3.config import IA3_SITES, PAPER_SITES, Ia3Weights, site_dim
+from switchboard.server.core.tuners.ia3.config import PAPER_SITES, VECTOR_SITES, Ia3Weights
 from switchboard.server.core.tuners.ia3.layer import Ia3Params
 
 
@@ -28,21 +29,22 @@ class Ia3Kind(TunerKind[Ia3Weights, Ia3Params]):
         return dict(weights.vectors)
 
     def from_tensors(self, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> Ia3Weights | None:
-        vectors = {site: tensors.pop(site) for site in IA3_SITES if site in tensors}
+        vectors = {site: tensors.pop(site) for site in VECTOR_SITES if site in tensors}
         return Ia3Weights(vectors) if vectors else None
 
     def expected_shapes(self, weights: Ia3Weights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
-        return {s: (spec.num_layers, site_dim(s, spec)) for s in weights.vectors}
+        return {s: tuple(spec.sites[s]) for s in weights.vectors if s in spec.sites}
 
     def validate(self, weights: Ia3Weights, spec: BackboneSpec) -> None:
-        unknown = set(weights.vectors) - set(IA3_SITES)
+        unknown = [s for s in weights.vectors if s not in spec.sites or s.endswith("_norm")]
         if unknown:
-            raise AdapterValidationError(f"unknown (IA)3 site(s) {sorted(unknown)}")
+            raise AdapterValidationError(
+                f"(IA)3 site(s) {sorted(unknown)} do not exist on this {spec.family} backbone; its sites: "
+                f"{', '.join(s for s in spec.sites if not s.endswith('_norm'))}")
 
     def components(self, weights: Ia3Weights, spec: BackboneSpec, model: torch.nn.Module) -> list[Component]:
-        L = spec.num_layers
-        return [Component((self.name, site), {"v": ((L, 1, site_dim(site, spec)), 1.0)}, {"v": vec})
-                for site, vec in weights.vectors.items()]
+        return [Component((self.name, site), {"v": ((spec.site_layers(site), 1, spec.site_dim(site)), 1.0)},
+                          {"v": vec}) for site, vec in weights.vectors.items()]
 
     def gather(self, params: Ia3Params | None, key: PoolKey, pool: Pool, slots: torch.Tensor,
                ctx: GatherContext) -> Ia3Params:
@@ -59,5 +61,6 @@ class Ia3Kind(TunerKind[Ia3Weights, Ia3Params]):
 
     def new(self, spec: BackboneSpec, model: torch.nn.Module, generator: torch.Generator,
             options: Mapping[str, Any]) -> Ia3Weights:
-        """Ones: the paper's init, an exact identity."""
-        return Ia3Weights.identity(spec, tuple(options.get("ia3_sites") or PAPER_SITES))
+        """Ones: the paper's init, an exact identity (T5: T-Few's sites in both stacks)."""
+        default = tuple(s for s in (TFEW_SITES if spec.family == "t5" else PAPER_SITES) if s in spec.sites)
+        return Ia3Weights.identity(spec, tuple(options.get("ia3_sites") or default))

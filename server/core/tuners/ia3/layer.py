@@ -30,3 +30,10 @@ class Ia3Params(SiteParams):
 
     def apply(self, site: str, x: torch.Tensor, layer: int, module: torch.nn.Module) -> torch.Tensor:
         return scale(x, self.vectors[site], layer)
+
+    def per_row(self, site: str) -> bool:
+        return self.vectors[site].shape[0] > 1
+
+    def rows(self, index: torch.Tensor) -> Ia3Params:
+        return Ia3Params({site: v.index_select(0, index.to(v.device)) if v.shape[0] > 1 else v
+                          for site, v in self.vectors.items()})

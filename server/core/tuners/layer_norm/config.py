@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from switchboard.server.core.families import family_for
+
 
 @dataclass
 class LayerNormWeights:
@@ -17,9 +19,12 @@ class LayerNormWeights:
     @classmethod
     def from_backbone(cls, model: torch.nn.Module) -> LayerNormWeights:
         """Start from the backbone's own values, so a fresh copy changes nothing."""
-        layers = model.encoder.layer
-        weight = torch.stack([torch.stack([l.attention.output.LayerNorm.weight, l.output.LayerNorm.weight])
-                              for l in layers])
-        bias = torch.stack([torch.stack([l.attention.output.LayerNorm.bias, l.output.LayerNorm.bias])
-                            for l in layers])
+        family = family_for(model.config.model_type)
+        refs = [family.sites[s] for s in ("attn_norm", "ffn_norm")] if family else []
+        if len(refs) != 2:
+            raise ValueError("this backbone has no post-sublayer LayerNorms to tune")
+        layers = model.get_submodule(refs[0].stack)
+        norms = [[layer.get_submodule(ref.path) for ref in refs] for layer in layers]
+        weight = torch.stack([torch.stack([n.weight for n in pair]) for pair in norms])
+        bias = torch.stack([torch.stack([n.bias for n in pair]) for pair in norms])
         return cls(weight.detach().float().clone(), bias.detach().float().clone())

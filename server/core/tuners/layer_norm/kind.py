@@ -33,6 +33,12 @@ class LayerNormKind(TunerKind[LayerNormWeights, LayerNormParams]):
             raise AdapterValidationError("layer_norm needs both layer_norm.weight and layer_norm.bias")
         return LayerNormWeights(weight=tensors.pop("weight"), bias=tensors.pop("bias"))
 
+    def validate(self, weights: LayerNormWeights, spec: BackboneSpec) -> None:
+        if spec.sites and not {"attn_norm", "ffn_norm"} <= set(spec.sites):
+            raise AdapterValidationError(
+                f"the {spec.family} family normalises before each sublayer (pre-norm): it has no post-sublayer "
+                "LayerNorms for a layer_norm part to replace")
+
     def expected_shapes(self, weights: LayerNormWeights, spec: BackboneSpec) -> dict[str, tuple[int, ...]]:
         shape = (spec.num_layers, 2, spec.hidden_size)
         return {"weight": shape, "bias": shape}
