@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.tuners import KINDS, KINDS_BY_NAME, READOUT, AdapterValidationError
+from switchboard.server.core.tuners import KINDS, KINDS_BY_NAME, READOUTS, AdapterValidationError, readout_name
 
 __all__ = ["MAX_ABS_WEIGHT", "AdapterValidationError", "TaskAdapter"]
 
@@ -32,7 +32,8 @@ class TaskAdapter:
 
     @property
     def head(self) -> Any:
-        return self.parts[READOUT]
+        """The readout: the classification head, or a T5 task's answer choices."""
+        return self.parts[readout_name(self.parts)]
 
     @property
     def kind(self) -> str:
@@ -93,8 +94,10 @@ class TaskAdapter:
         unknown = set(self.parts) - set(KINDS_BY_NAME)
         if unknown:
             raise AdapterValidationError(f"unknown module kind(s) {sorted(unknown)}")
-        if READOUT not in self.parts:
-            raise AdapterValidationError(f"the task has no {READOUT}")
+        readouts = [name for name in READOUTS if name in self.parts]
+        if len(readouts) != 1:
+            raise AdapterValidationError(
+                "the task has no head" if not readouts else f"the task has {len(readouts)} readouts {readouts}; one")
         for kind, w in self.items():
             kind.validate(w, spec)
         if len(self.labels) != self.num_labels:

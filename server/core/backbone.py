@@ -40,6 +40,7 @@ class BackboneSpec:
     # site → (layers, vector length): where per-task modules may act on this backbone
     sites: dict[str, tuple[int, int]] = dataclasses.field(default_factory=dict)
     pooling: str = "cls"  # the family's own pooling (heads default to it)
+    vocab_size: int = 0  # token ids a task may name (T5 answer choices)
 
     def site_dim(self, site: str) -> int:
         return int(self.sites[site][1])
@@ -136,6 +137,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
         family=family.name,
         sites=sites,
         pooling=family.pooling,
+        vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
     )
     if family.name != "bert":  # BERT runs the functional fast path (forward.py), no hooks
         reinstall(model, family)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from switchboard.server.core.families import BERT, Family, family_for
 from switchboard.server.core.site_hooks import site_hooks
 from switchboard.server.core.tokenize import split_segments
-from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.core.tuners import KINDS_BY_NAME, readout_name
 from switchboard.server.core.tuners.base import NORM_SITES, Readout, SiteParams
 
 
@@ -64,7 +64,7 @@ class BatchParams:
 
     @property
     def readout(self) -> Readout:
-        return self.parts[READOUT]
+        return self.parts[readout_name(self.parts)]
 
 
 def _site(p: BatchParams, site: str, x: torch.Tensor, layer: int, module: torch.nn.Module) -> torch.Tensor:
@@ -160,6 +160,11 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     if family is BERT:
         return params.readout.logits(model, encode(model, input_ids, attention_mask, params), attention_mask)
     attention, token_types = split_segments(attention_mask)
+    readout = params.readout
+    templated = readout.prepare_inputs(input_ids, attention, int(model.config.pad_token_id or 0))
+    if templated[0] is not input_ids:  # a prompt template around each row's text (T5 tasks)
+        input_ids, attention = templated
+        attention_mask = attention
     with site_hooks(model, family).active(params):
         hidden = _hooked_encode(family, model, input_ids, attention, token_types)
-        return params.readout.logits(model, hidden, attention_mask)
+        return readout.logits(model, hidden, attention_mask)

@@ -48,7 +48,7 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
             if name not in tensors:
                 raise AdapterValidationError(f"missing tensor head.{name}")
         return HeadWeights(out_w=tensors.pop("out_w"), out_b=tensors.pop("out_b"),
-                           pooling=metadata.get("pooling", "cls"), temperature=_temperature(metadata),
+                           pooling=metadata.get("pooling", "cls"), temperature=temperature_of(metadata),
                            hidden_w=tensors.pop("hidden_w", None), hidden_b=tensors.pop("hidden_b", None),
                            activation=metadata.get("head_activation", "tanh")[:40],
                            norm_w=tensors.pop("norm_w", None), norm_b=tensors.pop("norm_b", None),
@@ -70,6 +70,9 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
             raise AdapterValidationError("head pooling 'pooler' needs a backbone pooler; this backbone has none")
         if weights.num_labels < 1:
             raise AdapterValidationError("the head has no labels")
+        if spec.family == "t5":
+            raise AdapterValidationError("a T5 backbone classifies by answer choices (rank classification): give "
+                                         "the task choices, not a head (docs/backbones.md)")
         if (weights.hidden_w is None) != (weights.hidden_b is None):
             raise AdapterValidationError("head hidden layer needs both weight and bias")
         if weights.activation not in HEAD_ACTIVATIONS:
@@ -144,7 +147,8 @@ def _norm_eps(metadata: Mapping[str, str]) -> float:
     return value
 
 
-def _temperature(metadata: Mapping[str, str]) -> float:
+def temperature_of(metadata: Mapping[str, str]) -> float:
+    """A readout's calibration temperature from file metadata, within bounds."""
     text = metadata.get("temperature", "1.0")
     try:
         value = float(text[:40])

@@ -1,0 +1,1 @@
+"""Rank classification over answer choices (T-Few): config (weights), layer (compute), kind (the interface)."""

@@ -1,0 +1,109 @@
+"""Rank classification for a batch: the template wrapped around each row's text, then every row's
+own choices scored by the decoder (teacher-forced), one decoder pass per choice index (a loop over
+choices, never over rows)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_outputs import BaseModelOutput
+
+from switchboard.server.core.tuners.base import Readout
+
+
+@dataclass
+class ChoiceGroup:
+    """Rows sharing a choice-pool shape. ids [R|1, C, Lc]; prefix / suffix [R|1, M] (-1 = none)."""
+
+    rows: torch.Tensor | None
+    ids: torch.Tensor
+    prefix: torch.Tensor
+    suffix: torch.Tensor
+
+
+def _per_row(groups: list[ChoiceGroup], B: int, field: str, device: torch.device) -> torch.Tensor:
+    """One [B, *, width] tensor of every row's values (-1 padded), assembled from the groups."""
+    values = [getattr(g, field).long() for g in groups]
+    shape = [max(v.shape[d] for v in values) for d in range(1, values[0].dim())]
+    out = torch.full((B, *shape), -1, dtype=torch.long, device=device)
+    for g, value in zip(groups, values):
+        window = (slice(None), *(slice(0, n) for n in value.shape[1:]))
+        if g.rows is None:
+            out[window] = value
+        else:
+            out[(g.rows, *window[1:])] = value
+    return out
+
+
+def wrap_in_template(input_ids: torch.Tensor, attention: torch.Tensor, prefix: torch.Tensor,
+                     suffix: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row → prefix + its text (without its closing token) + suffix + its closing token; right padded.
+    input_ids, attention [B, T] (right padded); prefix, suffix [B, M] (-1 padded)."""
+    B, T = input_ids.shape
+    n = attention.sum(1)  # tokens of each text, its closing token last
+    p, s = (prefix >= 0).sum(1), (suffix >= 0).sum(1)
+    total = p + n + s
+    width = int(total.max())
+    j = torch.arange(width, device=input_ids.device)[None, :]
+    text_at = (j - p[:, None]).clamp(0, T - 1)
+    suffix_at = (j - p[:, None] - (n[:, None] - 1)).clamp(0, suffix.shape[1] - 1)
+    ids = torch.where(j < p[:, None], prefix.gather(1, j.clamp(max=prefix.shape[1] - 1).expand(B, -1)),
+                      input_ids.gather(1, text_at))
+    in_suffix = (j >= p[:, None] + n[:, None] - 1) & (j < total[:, None] - 1)
+    ids = torch.where(in_suffix, suffix.gather(1, suffix_at), ids)
+    last = j == total[:, None] - 1
+    ids = torch.where(last, input_ids.gather(1, (n - 1).clamp_min(0)[:, None]).expand(B, width), ids)
+    real = j < total[:, None]
+    return torch.where(real, ids, pad_id), real.to(attention.dtype)
+
+
+def choice_log_probs(model: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor,
+                     ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token log-probabilities of every choice [B, C, Lc] and where they are real tokens (bool).
+    ids [B, C, Lc] (-1 padded; a row with fewer choices has all -1 there)."""
+    B, C, Lc = ids.shape
+    start = int(model.config.decoder_start_token_id or 0)
+    valid = ids >= 0
+    labels = ids.clamp_min(0)
+    encoded = BaseModelOutput(last_hidden_state=hidden)
+    out = []
+    for c in range(C):
+        decoder_in = torch.cat([torch.full((B, 1), start, dtype=labels.dtype, device=labels.device),
+                                labels[:, c, :-1]], dim=1)
+        logits = model(encoder_outputs=encoded, attention_mask=attention, decoder_input_ids=decoder_in,
+                       use_cache=False).logits
+        out.append(F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, c, :, None]).squeeze(-1))
+    return torch.stack(out, dim=1), valid
+
+
+def length_normalised(log_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """[B, C]: each choice's mean token log-probability; -inf for a choice the row does not have."""
+    count = valid.sum(-1)
+    scores = (log_probs * valid).sum(-1) / count.clamp_min(1)
+    return scores.masked_fill(count == 0, float("-inf"))
+
+
+class ChoiceParams(Readout):
+    def __init__(self, groups: list[ChoiceGroup] | None = None) -> None:
+        self.groups = groups if groups is not None else []
+
+    def _rows(self, B: int, field: str, device: torch.device) -> torch.Tensor:
+        return _per_row(self.groups, B, field, device)
+
+    def prepare_inputs(self, input_ids: torch.Tensor, attention: torch.Tensor,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        prefix = self._rows(input_ids.shape[0], "prefix", input_ids.device)
+        suffix = self._rows(input_ids.shape[0], "suffix", input_ids.device)
+        if bool((prefix < 0).all() and (suffix < 0).all()):
+            return input_ids, attention
+        return wrap_in_template(input_ids, attention, prefix, suffix, pad_id)
+
+    def token_log_probs(self, model: torch.nn.Module, hidden: torch.Tensor,
+                        attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return choice_log_probs(model, hidden, attention, self._rows(hidden.shape[0], "ids", hidden.device))
+
+    def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, C_max] length-normalised log-probabilities; -inf past each row's choice count."""
+        return length_normalised(*self.token_log_probs(model, hidden, (attention_mask > 0).long()))
