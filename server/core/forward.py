@@ -159,6 +159,20 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     family = family_of(model)
     if family is BERT:
         return params.readout.logits(model, encode(model, input_ids, attention_mask, params), attention_mask)
+    return _hooked_forward(family, model, input_ids, attention_mask, params,
+                           lambda readout, hidden, mask: readout.logits(model, hidden, mask))
+
+
+def choice_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           params: BatchParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """A rank-classification batch's per-token choice log-probabilities [B, C, Lc] and their validity
+    (T-Few's training loss reads them; serving reads their length-normalised means)."""
+    return _hooked_forward(family_of(model), model, input_ids, attention_mask, params,
+                           lambda readout, hidden, mask: readout.token_log_probs(model, hidden, (mask > 0).long()))
+
+
+def _hooked_forward(family: Family, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    params: BatchParams, read: Any) -> Any:
     attention, token_types = split_segments(attention_mask)
     readout = params.readout
     templated = readout.prepare_inputs(input_ids, attention, int(model.config.pad_token_id or 0))
@@ -167,4 +181,4 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
         attention_mask = attention
     with site_hooks(model, family).active(params):
         hidden = _hooked_encode(family, model, input_ids, attention, token_types)
-        return readout.logits(model, hidden, attention_mask)
+        return read(readout, hidden, attention_mask)

@@ -26,12 +26,14 @@ from tqdm import tqdm
 
 from switchboard.server.core.adapter import TaskAdapter
 from switchboard.server.core.backbone import Backbone
-from switchboard.server.core.forward import BatchParams, encode, encoder_forward
+from switchboard.server.core.forward import BatchParams, choice_token_log_probs, encode, encoder_forward
 from switchboard.server.core.tokenize import Input, tokenize
 from switchboard.server.core.tuners import KINDS_BY_NAME, READOUT
+from switchboard.server.core.tuners.choices.config import choices_from_text
 from switchboard.server.core.tuners.head.kind import MAX_TEMPERATURE, MIN_TEMPERATURE
 from switchboard.server.core.tuners.head.layer import pool
 from switchboard.server.runtime.training.data import Example, epoch_batches
+from switchboard.server.runtime.training.tfew import tfew_loss
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +72,10 @@ class TrainConfig:
     contrastive_steps: int = 0  # SetFit-style warm-up of the adapter before the probe (0: none)
     contrastive_pairs: int = 8  # pairs per warm-up step (half same-label, half different-label)
     contrastive_lr: float | None = None  # default: the adapter's lr
+    # T5 backbones (rank classification, T-Few): the answer choices, one per label, and an optional prompt
+    # template holding {text} once; labels of the examples must be among the choices
+    choices: tuple[str, ...] | None = None
+    template: str | None = None
 
 
 # The small-data recipe per --kind (bench/fewshot.py, docs/accuracy.md "Issue 22"), trained on every example
@@ -83,11 +89,23 @@ FEW_SHOT: dict[str, dict] = {
 }
 
 
-def resolve_recipe(cfg: TrainConfig, examples: list[Example]) -> tuple[TrainConfig, str]:
+# T-Few's own recipe (Liu et al. 2022): (IA)3 at k, v, wo of both T5 stacks, Adafactor-free AdamW at lr 3e-3,
+# 1,000 steps of batch 8, loss = LM cross-entropy + unlikelihood on the wrong choices + length-normalised
+# cross-entropy over the choices (training/tfew.py)
+T_FEW: dict = {"steps": 1000, "batch_size": 8, "lr": 3e-3, "warmup": 0.06}
+
+
+def resolve_recipe(cfg: TrainConfig, examples: list[Example],
+                   family: str = "bert") -> tuple[TrainConfig, str]:
     """(the config actually trained, its recipe name): "fixed steps" when `cfg.steps` is given, "few-shot"
     when asked for or, with recipe "auto", when the median label has at most `few_shot_max_per_class`
     examples of single texts (pair tasks were not measured: auto keeps them on epochs); else "epochs"
     (early stop on an eval split)."""
+    if family == "t5":
+        if cfg.kind != "ia3":
+            raise ValueError("a T5 backbone trains (IA)3 by T-Few's recipe: --kind ia3")
+        settings = {k: v for k, v in T_FEW.items() if getattr(cfg, k) in (None, getattr(TrainConfig, k))}
+        return replace(cfg, **settings), "t-few"
     if cfg.steps is not None:
         return cfg, "fixed steps"
     if cfg.recipe not in ("auto", "few-shot", "epochs"):
@@ -104,8 +122,11 @@ def resolve_recipe(cfg: TrainConfig, examples: list[Example]) -> tuple[TrainConf
 
 def new_adapter(backbone: Backbone, labels: list[str], cfg: TrainConfig, generator: torch.Generator) -> TaskAdapter:
     """Fresh weights for every kind the recipe trains; each kind reads the options it knows from cfg."""
-    names = (READOUT, *TRAINED_KINDS[cfg.kind], *(("layer_norm",) if cfg.train_layer_norm else ()))
+    readout = "choices" if backbone.spec.family == "t5" else READOUT
+    names = (readout, *TRAINED_KINDS[cfg.kind], *(("layer_norm",) if cfg.train_layer_norm else ()))
     options = {**vars(cfg), "num_labels": len(labels)}
+    if readout == "choices":
+        options["choices"] = choices_from_text(backbone.tokenizer, labels, cfg.template)
     parts = {name: KINDS_BY_NAME[name].new(backbone.spec, backbone.model, generator, options) for name in names}
     return TaskAdapter(labels=labels, parts=parts)
 
@@ -114,7 +135,7 @@ def single_task_params(adapter: TaskAdapter, readout: bool = True) -> BatchParam
     """One task's parameters with a leading dim of 1, broadcast over the batch (differentiable);
     `readout=False`: the encoder's parts only (no head)."""
     return BatchParams({kind.name: kind.single_task(w) for kind, w in adapter.items()
-                        if readout or kind.name != READOUT})
+                        if readout or not kind.is_readout})
 
 
 def contrastive_pairs(examples: list[Example], n: int, rng: random.Random) -> list[tuple[int, int, float]]:
@@ -226,7 +247,8 @@ def _batch(backbone: Backbone, texts: list[Input], max_length: int | None) -> tu
 
 
 def _trainable(adapter: TaskAdapter) -> list[torch.Tensor]:
-    tensors = list(adapter.tensors().values())
+    """Every learned tensor (answer choices are token ids, never trained)."""
+    tensors = [t for kind, w in adapter.items() if kind.name != "choices" for t in kind.tensors(w).values()]
     for t in tensors:
         t.requires_grad_(True)
     return tensors
@@ -308,7 +330,8 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     examples = list(examples)
-    cfg, recipe = resolve_recipe(cfg, examples)
+    cfg, recipe = resolve_recipe(cfg, examples, backbone.spec.family)
+    rank = backbone.spec.family == "t5"
     eval_on = "eval examples"
     if eval_examples is None and recipe == "few-shot":
         # a fixed schedule selects nothing on an eval split: train on every example, report on them
@@ -317,21 +340,26 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
         examples, eval_examples = stratified_split(examples, cfg.eval_fraction, rng)
         eval_on = "held-out split"
     labels = sorted({label for _, label in examples} | {label for _, label in eval_examples})
+    if rank:  # the answer choices are the labels, in the order given
+        unknown = sorted(set(labels) - set(cfg.choices or ()))
+        if not cfg.choices or unknown:
+            raise ValueError(f"a T5 task needs answer choices covering every label; not among them: {unknown[:5]}")
+        labels = list(cfg.choices)
     index = {label: i for i, label in enumerate(labels)}
     adapter = new_adapter(backbone, labels, cfg, generator)
-    head = adapter.parts[READOUT]
+    head = adapter.head
     start = time.time()
     lr = cfg.lr or (3e-3 if cfg.kind == "ia3" else 1e-3)
     contrastive = (contrastive_warmup(backbone, adapter, examples, cfg, cfg.contrastive_lr or lr, rng)
                    if cfg.contrastive_steps else [])
-    if cfg.head_init == "probe" and not head.has_hidden:
+    if not rank and cfg.head_init == "probe" and not head.has_hidden:
         probe_head(backbone, head, examples, index, cfg,
                    params=single_task_params(adapter, readout=False) if contrastive else None)
     head_lr = cfg.head_lr or lr
-    _trainable(adapter)
-    head_params = set(map(id, KINDS_BY_NAME[READOUT].tensors(head).values()))
-    groups = [{"params": [t for t in adapter.tensors().values() if id(t) not in head_params], "lr": lr},
-              {"params": [t for t in adapter.tensors().values() if id(t) in head_params], "lr": head_lr}]
+    trained = _trainable(adapter)
+    head_params = set(map(id, KINDS_BY_NAME[READOUT].tensors(head).values())) if not rank else set()
+    groups = [{"params": [t for t in trained if id(t) not in head_params], "lr": lr},
+              {"params": [t for t in trained if id(t) in head_params], "lr": head_lr}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], weight_decay=0.0)
     steps_per_epoch = max(1, -(-len(examples) // cfg.batch_size))
     total = cfg.steps if cfg.steps is not None else steps_per_epoch * cfg.epochs  # 0: no joint phase
@@ -348,10 +376,14 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     while step < total:
         for batch in epoch_batches(examples, cfg.batch_size, rng, cfg.group_by_length):
             ids, mask = _batch(backbone, [t for t, _ in batch], cfg.max_length)
+            y = torch.tensor([index[label] for _, label in batch])
             with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16"):
-                logits = encoder_forward(backbone.model, ids, mask, single_task_params(adapter))
-            loss = F.cross_entropy(logits.float(), torch.tensor([index[label] for _, label in batch]),
-                                   label_smoothing=cfg.label_smoothing)
+                if rank:
+                    loss = tfew_loss(*choice_token_log_probs(backbone.model, ids, mask, single_task_params(adapter)), y)
+                else:
+                    logits = encoder_forward(backbone.model, ids, mask, single_task_params(adapter))
+            if not rank:
+                loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
