@@ -9,6 +9,7 @@
     switchboard train --remote TASK --data F            a few-shot job on the server, with a progress bar
     switchboard jobs [ID] [--cancel]           training jobs
     switchboard keys create|list|revoke        API keys (the admin key)
+    switchboard tfew-task PEFT_DIR --model T5 --choices A,B --out F   a T5 (IA)3 adapter with its answer choices
     switchboard backbone | convert DIR | --version
 
 Client commands talk to --url (SWITCHBOARD_URL, default http://127.0.0.1:8000) with --api-key
@@ -497,7 +498,8 @@ def _train_local(args: argparse.Namespace) -> int:
                       epochs=args.epochs, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                       recipe=args.recipe,
                       max_length=args.max_length, precision=args.precision, head_lr=args.head_lr,
-                      head_init=args.head_init, pooling=args.pooling or default_pooling(examples))
+                      head_init=args.head_init, pooling=args.pooling or default_pooling(examples),
+                      choices=_choices(args.choices), template=args.template)
     backbone = _load_backbone(args.model)
     adapter, report = train(backbone, examples, cfg, eval_examples)
     out = Path(args.out)
@@ -511,6 +513,46 @@ def _train_local(args: argparse.Namespace) -> int:
           f"{report['train_seconds']:.0f} s -> {out / 'adapter.safetensors'}")
     if not plotted:
         print("(pip install matplotlib, or the [plot] extra, for a learning-curve report.png)", file=sys.stderr)
+    return 0
+
+
+def _choices(text: str | None) -> tuple[str, ...] | None:
+    """--choices "positive,negative" → the answer choices of a T5 task, in label order."""
+    if not text:
+        return None
+    choices = tuple(c.strip() for c in text.split(","))
+    if len(choices) < 2 or not all(choices) or len(set(choices)) != len(choices):
+        raise CliError(f"--choices {text[:80]!r}: at least two distinct, non-empty choices, comma-separated",
+                       "e.g. --choices positive,negative", EXIT_USAGE)
+    return choices
+
+
+def _cmd_tfew_task(args: argparse.Namespace) -> int:
+    """A PEFT (IA)3 adapter of a T5 model (T0, Flan-T5) + its answer choices and template → one native file."""
+    from safetensors.torch import load
+
+    from switchboard.adapter_store.formats import native, peft
+    from switchboard.server.core.adapter import AdapterValidationError
+    from switchboard.server.core.tuners.choices.config import choices_from_text
+
+    backbone = _load_backbone(args.model)
+    if backbone.spec.family != "t5":
+        raise CliError(f"--model is a {backbone.spec.family} backbone", "tfew-task needs a T5 model directory",
+                       EXIT_USAGE)
+    directory = Path(args.dir)
+    choices = _choices(args.choices) or ()
+    try:
+        config = json.loads((directory / "adapter_config.json").read_text())
+        tensors = load((directory / "adapter_model.safetensors").read_bytes())
+        adapter = peft.parse(config, tensors, backbone.spec, labels=list(choices))
+        adapter.parts["choices"] = choices_from_text(backbone.tokenizer, list(choices), args.template)
+        adapter.validate(backbone.spec)
+    except (OSError, ValueError, AdapterValidationError) as exc:
+        raise CliError(str(exc), "DIR: a PEFT IA3 adapter saved with save_pretrained (safetensors)",
+                       EXIT_USAGE) from exc
+    out = Path(args.out)
+    out.write_bytes(native.dumps(adapter, backbone.spec.fingerprint, backbone_name=backbone.spec.name))
+    print(f"{len(choices)} choices, {adapter.num_params:,} params -> {out}; upload with: switchboard upload TASK {out}")
     return 0
 
 
@@ -564,8 +606,10 @@ def _train_remote(args: argparse.Namespace) -> int:
 
     examples = _read_training(args, args.data)
     eval_examples = _read_training(args, args.eval) if args.eval else None
+    choices = _choices(args.choices)
     options = {k: v for k, v in {"steps": args.steps, "batch_size": args.batch_size, "lr": args.lr,
-                                 "seed": args.seed}.items() if v is not None}
+                                 "seed": args.seed, "choices": list(choices) if choices else None,
+                                 "template": args.template}.items() if v is not None}
 
     def call(client):  # noqa: ANN001, ANN202
         job = client.train(args.remote, examples, eval_examples, **options)
@@ -774,7 +818,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="bf16: autocast matmuls while training (faster on CPUs with bf16; weights stay fp32)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (split, init, order)")
     tr.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    tr.add_argument("--choices", default=None,
+                    help="T5 backbones: the answer choice of each label, comma-separated (the labels themselves); "
+                         "trains T-Few's recipe (docs/backbones.md)")
+    tr.add_argument("--template", default=None,
+                    help='T5 backbones: the prompt around each text, e.g. "{text} Is it positive or negative?"')
     tr.set_defaults(func=_cmd_train)
+
+    tfew = sub.add_parser("tfew-task", help="a PEFT (IA)3 adapter of a T5 model + its answer choices and template "
+                                            "-> one adapter file to upload (docs/backbones.md)")
+    tfew.add_argument("dir", metavar="PEFT_DIR")
+    tfew.add_argument("--model", required=True, help="the T5 / T0 / Flan-T5 model directory the server runs")
+    tfew.add_argument("--choices", required=True, help="answer choices, comma-separated (they become the labels)")
+    tfew.add_argument("--template", default=None, help='the prompt around each text, holding {text} once')
+    tfew.add_argument("--out", required=True, help="the adapter file to write (.safetensors)")
+    tfew.set_defaults(func=_cmd_tfew_task)
 
     keys = sub.add_parser("keys", parents=[client], help="API keys (the admin key: --api-key or SWITCHBOARD_ADMIN_KEY)")
     keys_sub = keys.add_subparsers(dest="keys_command", required=True, metavar="create|list|revoke")

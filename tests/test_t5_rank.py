@@ -122,7 +122,7 @@ def test_identity_t5_task_equals_hugging_face(tokenizer):
         assert (got[r, :2] - want).abs().max().item() <= 1e-4
 
 
-def test_choices_are_refused_on_an_encoder_and_heads_on_t5(tokenizer):
+def test_choices_are_refused_on_an_encoder(tokenizer):
     from tests.factories import random_adapter, tiny_backbone
 
     bert = tiny_backbone()
@@ -131,6 +131,45 @@ def test_choices_are_refused_on_an_encoder_and_heads_on_t5(tokenizer):
     adapter.labels = ["a", "b"]
     with pytest.raises(AdapterValidationError, match="encoder-decoder"):
         adapter.validate(bert.spec)
-    t5 = wrap_model(tiny_t5(), tokenizer, name="tiny-t5")
-    with pytest.raises(AdapterValidationError, match="answer choices"):
-        random_adapter(t5.spec, seed=1, ia3_sites=("k_out",)).validate(t5.spec)
+
+
+def test_head_tasks_ride_beside_choice_tasks_on_t5(tokenizer):
+    """A T5 backbone also serves encoder-head tasks (and the built-in embeddings): one batch, each row as alone."""
+    from tests.factories import random_adapter
+
+    backbone = wrap_model(tiny_t5(), tokenizer, name="tiny-t5")
+    engine = Engine(backbone, chunk_rows=0)
+    head_task = engine.load(random_adapter(backbone.spec, seed=3, pooling="mean", num_labels=5,
+                                           ia3_sites=("k_out", "dec_k_out"))).slot
+    choices, template = TASKS[1]
+    adapter = TaskAdapter(labels=choices, parts={"ia3": Ia3Weights.identity(backbone.spec, ("v_out",)),
+                                                 "choices": choices_from_text(tokenizer, choices, template)})
+    adapter.parts["ia3"].vectors["v_out"] *= 1.3
+    choice_task = engine.load(adapter).slot
+    slots = [head_task, choice_task, choice_task, head_task]
+    enc = engine.tokenize(TEXTS[:4])
+    mixed = engine.forward(enc["input_ids"], enc["attention_mask"], torch.tensor(slots))
+    for r, slot in enumerate(slots):
+        alone_enc = engine.tokenize([TEXTS[r]])
+        alone = engine.forward(alone_enc["input_ids"], alone_enc["attention_mask"], torch.tensor([slot]))[0]
+        n = 5 if slot == head_task else 3
+        assert (mixed[r, :n] - alone[:n]).abs().max().item() <= 1e-4
+        assert torch.isinf(mixed[r, n:]).all()
+
+
+@pytest.mark.parametrize("mutate, needle", [
+    (lambda w: setattr(w, "token_ids", torch.zeros(65, 2)), "1..64 choices"),
+    (lambda w: setattr(w, "token_ids", torch.zeros(2, 33)), "1..32 tokens"),
+    (lambda w: w.token_ids.__setitem__((0, 0), 0.5), "token ids"),
+    (lambda w: w.token_ids.__setitem__((0, 0), 1e9), "token ids"),
+    (lambda w: w.token_ids.__setitem__((0, 0), -1.0), "-1 only after|at least one token"),
+    (lambda w: w.prefix_ids.__setitem__(3, 7.0), "-1 only after"),
+])
+def test_hostile_choices_are_refused_before_loading(tokenizer, mutate, needle):
+    backbone = wrap_model(tiny_t5(), tokenizer, name="tiny-t5")
+    weights = choices_from_text(tokenizer, ["yes", "no"], "Q: {text}")
+    mutate(weights)
+    adapter = TaskAdapter(labels=[f"l{i}" for i in range(weights.token_ids.shape[0])],
+                          parts={"ia3": Ia3Weights.identity(backbone.spec, ("k_out",)), "choices": weights})
+    with pytest.raises(AdapterValidationError, match=needle):
+        Engine(backbone).load(adapter)

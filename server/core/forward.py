@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from switchboard.server.core.families import BERT, Family, family_for
 from switchboard.server.core.site_hooks import site_hooks
 from switchboard.server.core.tokenize import split_segments
-from switchboard.server.core.tuners import KINDS_BY_NAME, readout_name
+from switchboard.server.core.tuners import KINDS_BY_NAME, READOUTS
 from switchboard.server.core.tuners.base import NORM_SITES, Readout, SiteParams
 
 
@@ -64,7 +64,31 @@ class BatchParams:
 
     @property
     def readout(self) -> Readout:
-        return self.parts[readout_name(self.parts)]
+        """The batch's readout; rows of T5 tasks with a head and with answer choices: both, each on its rows."""
+        present = [self.parts[name] for name in READOUTS if name in self.parts]
+        return present[0] if len(present) == 1 else EachOnItsRows(present)
+
+
+class EachOnItsRows(Readout):
+    """Several readouts in one batch (a T5 backbone's head tasks beside its rank-classification tasks):
+    each scores only its own rows and leaves -inf elsewhere, so the row-wise maximum is every row's answer."""
+
+    def __init__(self, readouts: list[Readout]) -> None:
+        self.readouts = readouts
+
+    def prepare_inputs(self, input_ids: torch.Tensor, attention: torch.Tensor,
+                       pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        for readout in self.readouts:
+            input_ids, attention = readout.prepare_inputs(input_ids, attention, pad_id)
+        return input_ids, attention
+
+    def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        parts = [r.logits(model, hidden, attention_mask) for r in self.readouts]
+        width = max(p.shape[1] for p in parts)
+        out = torch.full((hidden.shape[0], width), float("-inf"), device=hidden.device)
+        for p in parts:
+            out[:, : p.shape[1]] = torch.maximum(out[:, : p.shape[1]], p)
+        return out
 
 
 def _site(p: BatchParams, site: str, x: torch.Tensor, layer: int, module: torch.nn.Module) -> torch.Tensor:

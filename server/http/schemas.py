@@ -265,6 +265,13 @@ class TrainRequest(StrictModel):
     batch_size: int = Field(16, ge=1, le=1024, description="max_train_batch_size at most")
     lr: float = Field(3e-3, gt=0, le=1, allow_inf_nan=False)
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    choices: list[Annotated[str, Field(min_length=1, max_length=MAX_LABEL_CHARS)]] | None = Field(
+        None, min_length=2, max_length=64,
+        description="T5 backbones only (rank classification, T-Few): the answer choice of each label, which "
+                    "are the labels themselves; every example's label must be one of them")
+    template: str | None = Field(None, min_length=1, max_length=2000,
+                                 examples=["{text} Is this review positive or negative?"],
+                                 description="T5 backbones only: the prompt around each text, holding {text} once")
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [
         {"examples": [{"text": "I loved it", "label": "positive"}, {"text": "awful", "label": "negative"}],

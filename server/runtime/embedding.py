@@ -17,7 +17,8 @@ from switchboard.server.runtime.lease import FixedSlot, Lease
 
 def identity_head(spec: BackboneSpec) -> TaskAdapter:
     d = spec.hidden_size
-    head = HeadWeights(out_w=torch.eye(d), out_b=torch.zeros(d), pooling="mean")
+    # mean pooling as sentence-transformers' models do; a decoder's last token as Qwen3-Embedding does
+    head = HeadWeights(out_w=torch.eye(d), out_b=torch.zeros(d), pooling="last" if spec.pooling == "last" else "mean")
     return TaskAdapter(labels=[str(i) for i in range(d)], parts={"head": head})
 
 

@@ -57,16 +57,29 @@ async def _submit(task: str, body: TrainRequest, runtime: RuntimeDep, settings: 
     # Token budget: every step runs at most batch_size rows of at most the longest example's tokens.
     _, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer,
                                              [_input(e) for e in body.examples], runtime.engine.spec.max_length)
-    budget = body.steps * min(body.batch_size, len(body.examples)) * int(mask.shape[1])
+    passes = 1 + len(body.choices or ())  # rank classification: a decoder pass per answer choice
+    budget = body.steps * min(body.batch_size, len(body.examples)) * int(mask.shape[1]) * passes
     if budget > s.max_train_tokens:
         raise InvalidRequest(f"the job could process {budget} tokens (steps × batch rows × {mask.shape[1]} tokens of "
                              f"the longest example); at most {s.max_train_tokens}: use fewer steps, a smaller "
                              "batch_size or shorter examples")
+    rank = runtime.engine.spec.family == "t5"
+    if rank != (body.choices is not None) or (body.template is not None and not rank):
+        raise InvalidRequest("answer choices and a template are for T5 backbones (rank classification), and a T5 "
+                             "backbone needs choices" if rank else
+                             f"choices and template are for T5 backbones; this one is {runtime.engine.spec.family}")
+    if rank:
+        outside = sorted({e.label for e in examples} - set(body.choices or ()))
+        if outside or len(set(body.choices or ())) != len(body.choices or ()):
+            raise InvalidRequest(f"choices must be distinct and cover every label; not among them: {outside[:5]}")
+        if body.template is not None and body.template.count("{text}") != 1:
+            raise InvalidRequest("the template must hold {text} exactly once")
     if len({e.text_pair is None for e in examples}) > 1:
         raise InvalidRequest("mix of pairs and single texts: give every example a text_pair, or none")
     spec = JobSpec(examples=[(_input(e), e.label) for e in body.examples],
                    eval_examples=[(_input(e), e.label) for e in body.eval_examples] if body.eval_examples else None,
-                   steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed)
+                   steps=body.steps, batch_size=body.batch_size, lr=body.lr, seed=body.seed,
+                   choices=tuple(body.choices) if body.choices else None, template=body.template)
     return runtime.jobs.submit(tenant, task, spec)
 
 

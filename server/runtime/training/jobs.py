@@ -50,6 +50,8 @@ class JobSpec:
     batch_size: int = 16
     lr: float = 3e-3
     seed: int = 0
+    choices: tuple[str, ...] | None = None  # T5 backbones: rank classification over these (T-Few)
+    template: str | None = None
 
 
 @dataclass
@@ -123,7 +125,8 @@ def _train_in_child(conn: Connection, model_path: str | None, max_length: int | 
         backbone = load_backbone(model_path, max_length=max_length)
         # without eval_examples the job scores its training examples: no temperature is fitted on those
         cfg = TrainConfig(kind="ia3", steps=spec.steps, batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed,
-                          pooling=default_pooling(spec.examples), calibrate=spec.eval_examples is not None)
+                          pooling=default_pooling(spec.examples), calibrate=spec.eval_examples is not None,
+                          choices=spec.choices, template=spec.template)
         eval_examples = spec.eval_examples or spec.examples  # few-shot: no examples to spare for a split
         adapter, report = train(backbone, spec.examples, cfg, eval_examples, progress=False,
                                 on_step=lambda step, total, loss: conn.send(("progress", step, total, loss)))

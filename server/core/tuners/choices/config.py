@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 
 MAX_CHOICE_TOKENS = 32  # a verbalizer longer than this is a prompt, not an answer
+# each choice costs a decoder pass over every batch holding the task: more would let one tenant's task
+# slow every batch it rides in (the training job's schema has the same bound)
+MAX_CHOICES = 64
 MAX_TEMPLATE_TOKENS = 64  # each of the template's two sides (before and after the text)
 TEXT_SLOT = "{text}"
 

@@ -16,7 +16,12 @@ from switchboard.server.core.tuners.base import (
     PoolKey,
     TunerKind,
 )
-from switchboard.server.core.tuners.choices.config import MAX_CHOICE_TOKENS, MAX_TEMPLATE_TOKENS, ChoiceWeights
+from switchboard.server.core.tuners.choices.config import (
+    MAX_CHOICE_TOKENS,
+    MAX_CHOICES,
+    MAX_TEMPLATE_TOKENS,
+    ChoiceWeights,
+)
 from switchboard.server.core.tuners.choices.layer import ChoiceGroup, ChoiceParams
 from switchboard.server.core.tuners.head.kind import temperature_of
 
@@ -47,8 +52,9 @@ class ChoicesKind(TunerKind[ChoiceWeights, ChoiceParams]):
             raise AdapterValidationError(f"answer choices need an encoder-decoder (T5) backbone; this one is "
                                          f"{spec.family}: give the task a head")
         ids = weights.token_ids
-        if ids.dim() != 2 or ids.shape[0] < 1 or not 1 <= ids.shape[1] <= MAX_CHOICE_TOKENS:
-            raise AdapterValidationError(f"choices.token_ids must be [choices ≥ 1, 1..{MAX_CHOICE_TOKENS} tokens]")
+        if ids.dim() != 2 or not 1 <= ids.shape[0] <= MAX_CHOICES or not 1 <= ids.shape[1] <= MAX_CHOICE_TOKENS:
+            raise AdapterValidationError(
+                f"choices.token_ids must be [1..{MAX_CHOICES} choices, 1..{MAX_CHOICE_TOKENS} tokens]")
         vocab = spec.vocab_size or (1 << 24)
         for name, t in self.tensors(weights).items():
             if not bool(((t == t.round()) & (t >= -1) & (t < vocab)).all()):

@@ -105,5 +105,6 @@ class ChoiceParams(Readout):
         return choice_log_probs(model, hidden, attention, self._rows(hidden.shape[0], "ids", hidden.device))
 
     def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """[B, C_max] length-normalised log-probabilities; -inf past each row's choice count."""
+        """[B, C_max] length-normalised log-probabilities; -inf past each row's choice count, and on rows of
+        other readouts (the decoder runs over the whole batch, whose hooks hold every row's parameters)."""
         return length_normalised(*self.token_log_probs(model, hidden, (attention_mask > 0).long()))

@@ -44,6 +44,8 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
         return settings
 
     def from_tensors(self, tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> HeadWeights | None:
+        if not tensors.keys() & {"out_w", "out_b", "hidden_w", "hidden_b"}:
+            return None  # a task whose readout is another kind (T5 answer choices)
         for name in ("out_w", "out_b"):
             if name not in tensors:
                 raise AdapterValidationError(f"missing tensor head.{name}")
@@ -70,9 +72,6 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
             raise AdapterValidationError("head pooling 'pooler' needs a backbone pooler; this backbone has none")
         if weights.num_labels < 1:
             raise AdapterValidationError("the head has no labels")
-        if spec.family == "t5":
-            raise AdapterValidationError("a T5 backbone classifies by answer choices (rank classification): give "
-                                         "the task choices, not a head (docs/backbones.md)")
         if (weights.hidden_w is None) != (weights.hidden_b is None):
             raise AdapterValidationError("head hidden layer needs both weight and bias")
         if weights.activation not in HEAD_ACTIVATIONS:
