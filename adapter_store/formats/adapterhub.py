@@ -9,6 +9,21 @@ What the library computes (adapters 1.3, read from its source and checked agains
 - IA3 ("lora" architecture, composition "scale"): key / value / intermediate.dense outputs (bias
   included, before the activation) times alpha·lora_B — our k_out, v_out, ffn_int_out;
 - classification head: first token → [Dropout, Linear(d,d), act, Dropout, Linear(d,C)] (layers=2).
+
+Other families, module names read through the family's site map (core/families/):
+- IA3 on module M scales M's output: the family's "out" site at M (query → q_out, the FFN output → ffn_out,
+  ...). Llama/Qwen/Mistral's mlp.up_proj feeds a GLU, act(gate(x)) · up(x), so scaling its output is
+  scaling down_proj's input: ffn_out_in.
+- bottleneck: where the library puts it for the family (`_BOTTLENECK_MODULES`), each checked to be
+  Houlsby's placement — the sublayer's output projection, before the residual (+ LayerNorm):
+  DistilBERT (attention_adapters / output_adapters after out_lin / ffn.lin2, then sa_layer_norm /
+  output_layer_norm of the sum), DeBERTa-v2 (BERT's modules), Llama/Mistral (after o_proj / down_proj,
+  then the residual) and Qwen2/Qwen3 (the plugin interface's hooks on o_proj / mlp.down_proj).
+- heads: the flexible heads of DistilBert/DebertaV2/LlamaAdapterModel (a decoder's reads the last real
+  token), or a transformers model's own head (`"config": null`, as the plugin interface saves it — e.g.
+  Qwen2ForSequenceClassification's `score`), read as the PEFT importer reads that family's head.
+Refused: MPNet (the library has no MPNet support), ModernBERT (adapters 1.3 gives its bias-free attn.Wqkv
+an unsaved random bias, so no upload says what the library computed), T5 (answer-choice tasks).
 """
 
 from __future__ import annotations
@@ -17,22 +32,34 @@ import re
 
 import torch
 
+from switchboard.adapter_store.formats.peft import _HEADS, _bert_head
 from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
+from switchboard.server.core.families import FAMILIES, Family
 from switchboard.server.core.tokenize import InvalidText, check_text
 from switchboard.server.core.tuners.head.config import HeadWeights
 from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights, canonical_activation
 from switchboard.server.core.tuners.ia3.config import Ia3Weights, site_dim
 
-_BOTTLENECK_KEY = re.compile(
-    r"^(?:[A-Za-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.output|output)\.adapters\.([^.]+)\."
-    r"(adapter_down\.0|adapter_up)\.(weight|bias)$")
-_IA3_KEY = re.compile(
-    r"^(?:[A-Za-z_]+\.)?encoder\.layer\.(\d+)\.(attention\.self\.query|attention\.self\.key|attention\.self\.value|"
-    r"intermediate\.dense|output\.dense)\.loras\.([^.]+)\.lora_B$")
 _HEAD_KEY = re.compile(r"^heads\.([^.]+)\.(\d+)\.(weight|bias)$")
-_IA3_SITES = {"attention.self.key": "k_out", "attention.self.value": "v_out", "intermediate.dense": "ffn_int_out"}
+# where the library inserts the bottleneck layers (mh_adapter, output_adapter) in a family's layer; each
+# checked to apply to the sublayer's output projection before the residual (+ LayerNorm), as Houlsby sites 0/1
+_BOTTLENECK_MODULES: dict[str, tuple[str, str]] = {
+    "bert": ("attention.output", "output"),
+    "deberta-v2": ("attention.output", "output"),
+    "distilbert": ("attention_adapters", "output_adapters"),
+    "decoder": ("attention_adapters", "output_adapters"),
+}
+# outputs that are not a site of their own but equal one: Llama/Qwen's up_proj output only multiplies
+# act(gate_proj(x)), so scaling it scales down_proj's input
+_IA3_FOLDED: dict[str, dict[str, str]] = {"decoder": {"mlp.up_proj": "ffn_out_in"}}
+_REFUSED = {
+    "mpnet": "the adapters library (1.3) has no MPNet support",
+    "modernbert": "adapters 1.3 wraps ModernBERT's bias-free attn.Wqkv in a layer with a freshly random bias that "
+                  "no file saves, so an upload cannot say what the library computed (its own reload differs)",
+    "t5": "a T5 task classifies by its answer choices; convert a PEFT (IA)3 adapter with `switchboard tfew-task`",
+}
 # bottleneck options with the only values whose computation the engine reproduces
 _BOTTLENECK_REQUIRED = {"original_ln_before": False, "original_ln_after": True, "residual_before_ln": True,
                         "ln_before": False, "ln_after": False, "is_parallel": False, "use_gating": False,
@@ -52,10 +79,27 @@ def is_adapterhub(config: dict) -> bool:
                                         or inner.get("architecture") in ("lora", "prefix_tuning"))
 
 
+def _family(spec: BackboneSpec) -> Family:
+    if spec.family in _REFUSED:
+        raise AdapterValidationError(f"AdapterHub adapters are not served on the {spec.family} family: "
+                                     f"{_REFUSED[spec.family]}")
+    family = next((f for f in FAMILIES if f.name == spec.family), None)
+    if family is None:
+        raise AdapterValidationError(f"AdapterHub adapters are not served on the {spec.family} family")
+    return family
+
+
+def _layer_key(family: Family, module: str, suffix: str) -> re.Pattern[str]:
+    """`<prefix>.<stack>.<layer>.<module>.<suffix>`; prefix: the AdapterModel's base (bert., model., ...)."""
+    stacks = "|".join(re.escape(s) for s in family.stacks)
+    return re.compile(rf"^(?:[A-Za-z_]+\.)?(?:{stacks})\.(?P<layer>\d+)\.(?P<module>{module})\.{suffix}$")
+
+
 def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: BackboneSpec,
           head_config: dict | None, head_tensors: dict[str, torch.Tensor] | None,
           labels: list[str] | None = None, limits: UploadLimits | None = None) -> TaskAdapter:
     limits = limits or UploadLimits()
+    family = _family(spec)
     inner = _config(config)
     if head_config is None or head_tensors is None:
         raise AdapterValidationError(
@@ -65,20 +109,29 @@ def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: Backbone
         if not t.is_floating_point():
             raise AdapterValidationError(f"{name}: dtype {t.dtype} is not a float dtype")
     if inner.get("architecture") == "lora":
-        ia3, houlsby = _ia3(inner, adapter_tensors, spec), None
+        ia3, houlsby = _ia3(inner, adapter_tensors, spec, family), None
     elif inner.get("architecture") in (None, "bottleneck") and "reduction_factor" in inner:
-        ia3, houlsby = None, _bottleneck(inner, adapter_tensors, spec, limits)
+        ia3, houlsby = None, _bottleneck(inner, adapter_tensors, spec, family, limits)
     else:
         raise AdapterValidationError(
             f"unsupported AdapterHub architecture {inner.get('architecture')!r}: Switchboard serves bottleneck "
             "(double_seq_bn) and IA3 adapters")
-    head, head_labels = _head(_config(head_config), head_tensors, spec, limits)
+    if head_config.get("config") is None and "model_class" in head_config:
+        head, head_labels = _static_head(head_config, head_tensors, spec, limits)
+    else:
+        head, head_labels = _head(_config(head_config), head_tensors, spec, limits)
     parts = {name: w for name, w in (("ia3", ia3), ("houlsby", houlsby), ("head", head)) if w is not None}
     return TaskAdapter(labels=list(labels or head_labels), parts=parts, metadata={"source_format": "adapterhub"})
 
 
-def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
+def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec, family: Family,
                 limits: UploadLimits) -> HoulsbyWeights:
+    modules = _BOTTLENECK_MODULES.get(family.name)
+    if modules is None:
+        raise AdapterValidationError(f"bottleneck adapters are not served on the {family.name} family (where the "
+                                     "library puts them there is not Houlsby's placement, or unchecked)")
+    key_re = _layer_key(family, "|".join(re.escape(m) for m in modules),
+                        r"adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\.(?P<param>weight|bias)")
     for option, value in _BOTTLENECK_REQUIRED.items():
         if option not in config and option in ("original_ln_before", "original_ln_after", "residual_before_ln"):
             raise AdapterValidationError(f"bottleneck config lacks {option}; cannot tell where the adapter sits")
@@ -92,14 +145,14 @@ def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSp
     parts: dict[tuple[int, int, str, str], torch.Tensor] = {}
     names = set()
     for key, tensor in tensors.items():
-        match = _BOTTLENECK_KEY.match(key)
+        match = key_re.match(key)
         if not match:
             raise AdapterValidationError(f"unexpected tensor {key} in a bottleneck adapter")
-        layer, site = int(match.group(1)), 0 if match.group(2) == "attention.output" else 1
+        layer, site = int(match["layer"]), modules.index(match["module"])
         if not 0 <= layer < spec.num_layers:
             raise AdapterValidationError(f"{key}: layer {layer} outside the backbone's {spec.num_layers} layers")
-        names.add(match.group(3))
-        parts[(layer, site, match.group(4), match.group(5))] = tensor.float()
+        names.add(match["name"])
+        parts[(layer, site, match["part"], match["param"])] = tensor.float()
     if len(names) != 1:
         raise AdapterValidationError(f"expected one adapter in the file, found {sorted(names) or 'none'}")
     d, L = spec.hidden_size, spec.num_layers
@@ -134,27 +187,37 @@ def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSp
     return HoulsbyWeights(down_w=down_w, down_b=down_b, up_w=up_w, up_b=up_b, activation=activation)
 
 
-def _ia3(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec) -> Ia3Weights:
+def _ia3(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec, family: Family) -> Ia3Weights:
     if config.get("composition_mode") != "scale" or config.get("r", 1) != 1:
         raise AdapterValidationError("only IA3-style lora adapters (composition_mode 'scale', r=1) are supported")
     if config.get("use_gating") or config.get("use_dora"):
         raise AdapterValidationError("gated or DoRA lora adapters are not supported")
     alpha = float(config.get("alpha", 1))
+    # the lora layer scales its module's output: the family's "out" site at that module
+    sites = {ref.path: site for site, ref in family.sites.items() if ref.where == "out" and ref.part is None}
+    sites.update(_IA3_FOLDED.get(family.name, {}))
+    key_re = _layer_key(family, r"[A-Za-z_0-9.]+", r"loras\.(?P<name>[^.]+)\.lora_B")
     vectors: dict[str, torch.Tensor] = {}
+    seen: dict[tuple[str, int], str] = {}
     for key, tensor in tensors.items():
-        match = _IA3_KEY.match(key)
+        match = key_re.match(key)
         if not match:
             raise AdapterValidationError(f"unexpected tensor {key} in an IA3 adapter")
-        layer, module = int(match.group(1)), match.group(2)
-        site = _IA3_SITES.get(module)
-        if site is None:
-            raise AdapterValidationError(f"{key}: IA3 on {module} is not a site Switchboard supports")
-        if not 0 <= layer < spec.num_layers:
-            raise AdapterValidationError(f"{key}: layer {layer} outside the backbone's {spec.num_layers} layers")
+        layer, module = int(match["layer"]), match["module"]
+        site = sites.get(module)
+        if site is None or site not in spec.sites:
+            raise AdapterValidationError(
+                f"{key}: IA3 on {module} is not a site Switchboard supports on the {family.name} family")
+        if (site, layer) in seen:
+            raise AdapterValidationError(f"{key} and {seen[site, layer]} both scale layer {layer}'s {site}")
+        seen[site, layer] = key
+        layers = spec.site_layers(site)
+        if not 0 <= layer < layers:
+            raise AdapterValidationError(f"{key}: layer {layer} outside the backbone's {layers} layers")
         dim = site_dim(site, spec)
         if tuple(tensor.shape) != (dim, 1):
             raise AdapterValidationError(f"{key}: shape {tuple(tensor.shape)}, expected {(dim, 1)}")
-        vectors.setdefault(site, torch.ones(spec.num_layers, dim))[layer] = tensor.reshape(-1).float() * alpha
+        vectors.setdefault(site, torch.ones(layers, dim))[layer] = tensor.reshape(-1).float() * alpha
     if not vectors:
         raise AdapterValidationError("the IA3 adapter holds no lora_B vectors")
     return Ia3Weights(vectors)
@@ -183,6 +246,33 @@ def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
     num_labels = config.get("num_labels", out["weight"].shape[0])
     if not isinstance(num_labels, int) or num_labels != out["weight"].shape[0]:
         raise AdapterValidationError(f"head has {out['weight'].shape[0]} outputs but num_labels={num_labels!r}")
+    labels = _labels(config, num_labels, limits)
+    # the library's decoder models (LlamaAdapterModel, ...) pool the last non-pad token, as our "last" does
+    pooling = "pooler" if config.get("use_pooler") else "last" if spec.pooling == "last" else "cls"
+    return HeadWeights(out_w=out["weight"], out_b=out["bias"], pooling=pooling,
+                       hidden_w=hidden["weight"] if hidden else None,
+                       hidden_b=hidden["bias"] if hidden else None), labels
+
+
+def _static_head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
+                 limits: UploadLimits) -> tuple[HeadWeights, list[str]]:
+    """A transformers *ForSequenceClassification model's own head (the plugin interface's models have no
+    flexible heads): saved under the model's module names, read as the PEFT importer reads the family's."""
+    model_class = config.get("model_class")
+    if not isinstance(model_class, str) or not model_class.endswith("ForSequenceClassification"):
+        raise AdapterValidationError(f"unsupported head of model class {model_class!r}: a *ForSequenceClassification "
+                                     "model's head or a flexible classification head is served")
+    try:
+        head = _HEADS.get(spec.family, _bert_head)({k: t.float() for k, t in tensors.items()}, spec)
+    except AdapterValidationError as exc:
+        raise AdapterValidationError(f"model_head.safetensors ({model_class}): {exc}") from None
+    num_labels = config.get("num_labels", head.num_labels)
+    if not isinstance(num_labels, int) or num_labels != head.num_labels:
+        raise AdapterValidationError(f"head has {head.num_labels} outputs but num_labels={num_labels!r}")
+    return head, _labels(config, num_labels, limits)
+
+
+def _labels(config: dict, num_labels: int, limits: UploadLimits) -> list[str]:
     check_count(num_labels, limits, "head_config.json")
     label2id = config.get("label2id") or {}
     labels = [f"LABEL_{i}" for i in range(num_labels)]
@@ -192,7 +282,4 @@ def _head(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
         check_text(labels, "labels")  # label2id's keys: JSON's "\ud800" escape makes a str nothing can encode
     except InvalidText as exc:
         raise AdapterValidationError(f"head_config.json label2id: {exc}") from None
-    pooling = "pooler" if config.get("use_pooler") else "cls"
-    return HeadWeights(out_w=out["weight"], out_b=out["bias"], pooling=pooling,
-                       hidden_w=hidden["weight"] if hidden else None,
-                       hidden_b=hidden["bias"] if hidden else None), labels
+    return labels
