@@ -165,3 +165,11 @@ def test_pre_norm_families_refuse_a_layer_norm_part():
     adapter.parts["ia3"] = Ia3Weights.identity(backbone.spec, ("k_out",))
     with pytest.raises(Exception, match="pre-norm"):
         adapter.validate(backbone.spec)
+
+
+def test_deberta_position_bias_per_task_fallback_gives_peft_logits_too(tokenizer, tmp_path, monkeypatch):
+    """A kind at q_out/k_out that is not a pure scale takes the per-task loop: same logits as the scale path."""
+    from switchboard.server.core.tuners.ia3.layer import Ia3Params
+
+    monkeypatch.setattr(Ia3Params, "scale", lambda self, site, layer: NotImplemented)
+    test_peft_ia3_adapters_give_peft_logits_in_a_mixed_batch("deberta-v3", tokenizer, tmp_path)

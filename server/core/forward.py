@@ -57,6 +57,22 @@ class BatchParams:
             return None
         return [(self.task_slots == t).nonzero().squeeze(1) for t in tasks]
 
+    def scale_at(self, site: str, layer: int) -> torch.Tensor | None:
+        """Each row's elementwise scale at `site` [B|1, dim] (None: no part acts there); NotImplemented
+        when a part there is not a pure scale."""
+        scale = None
+        for part in self.at(site):
+            s = part.scale(site, layer)
+            if s is NotImplemented:
+                return NotImplemented
+            scale = s if scale is None else scale * s
+        return scale
+
+    def without(self, sites: tuple[str, ...]) -> BatchParams:
+        """The same parameters with nothing acting at these sites (parts there must be pure scales)."""
+        return BatchParams({name: part.without(sites) if isinstance(part, SiteParams) else part
+                            for name, part in self.parts.items()}, task_slots=self.task_slots)
+
     def rows(self, index: torch.Tensor, sites: tuple[str, ...]) -> BatchParams:
         """These rows' parameters at these sites only (for a piece of a layer run per task)."""
         return BatchParams({name: part.rows(index) for name, part in self.parts.items()

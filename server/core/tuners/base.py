@@ -74,6 +74,17 @@ class SiteParams(ABC):
         """Whether rows may carry different parameters at `site` (False: one task broadcast)."""
         return True
 
+    def scale(self, site: str, layer: int) -> torch.Tensor:
+        """Each row's elementwise scale at `site` [B|1, dim] if that is all this kind does there, else
+        NotImplemented (a family may then move the scale to an equivalent place)."""
+        return NotImplemented
+
+    def without(self, sites: tuple[str, ...]) -> SiteParams:
+        """These parameters acting nowhere in `sites` (only for kinds whose action there is a scale)."""
+        if self.sites & set(sites):
+            raise NotImplementedError(f"{type(self).__name__} cannot drop sites")
+        return self
+
     def rows(self, index: torch.Tensor) -> SiteParams:
         """These rows' parameters only (for a family that must run a piece of its layer per task)."""
         raise NotImplementedError(f"{type(self).__name__} cannot select rows")

@@ -31,6 +31,12 @@ class Ia3Params(SiteParams):
     def apply(self, site: str, x: torch.Tensor, layer: int, module: torch.nn.Module) -> torch.Tensor:
         return scale(x, self.vectors[site], layer)
 
+    def scale(self, site: str, layer: int) -> torch.Tensor:
+        return self.vectors[site][:, layer, 0]
+
+    def without(self, sites: tuple[str, ...]) -> Ia3Params:
+        return Ia3Params({site: v for site, v in self.vectors.items() if site not in sites})
+
     def per_row(self, site: str) -> bool:
         return self.vectors[site].shape[0] > 1
 
