@@ -210,9 +210,134 @@ def bench_family(name: str, shape: dict[str, int], tokenizer: Any, ids: torch.Te
             "params": sum(p.numel() for p in bare_model.parameters())}
 
 
-def t5_section(args: argparse.Namespace) -> dict[str, Any] | None:
-    """T5 rank classification against its bare model: TO BE FILLED IN (another change); `--t5` only."""
-    return None
+def t5_rank(args: argparse.Namespace, rows_per_task: int) -> dict[str, Any]:
+    """T-Few rank classification with 16 tasks mixed: the engine (one encoder pass, one decoder pass per
+    choice index, every row with its own task's (IA)3 vectors, choices and template) vs PEFT scoring the
+    same rows one task at a time as T-Few's own code does (set_adapter, the encoder once on the task's
+    rows, the decoder once over rows × choices). Random weights of t5-small's shape."""
+    import copy
+    import random
+    import statistics
+
+    from peft import IA3Config, TaskType, get_peft_model
+    from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
+    from transformers.modeling_outputs import BaseModelOutput
+
+    from switchboard.server.core.adapter import TaskAdapter
+    from switchboard.server.core.backbone import default_model_path, wrap_model
+    from switchboard.server.core.engine import Engine
+    from switchboard.server.core.tuners.choices.config import choices_from_text
+    from switchboard.server.core.tuners.ia3.config import Ia3Weights
+
+    small = args.shape == "minilm"
+    config = T5Config(vocab_size=32128, d_model=512, d_kv=64, d_ff=2048, num_layers=6 if small else 12,
+                      num_decoder_layers=6 if small else 12, num_heads=8 if small else 12,
+                      feed_forward_proj="relu", decoder_start_token_id=0, pad_token_id=0)
+    if not small:
+        config.d_model, config.d_ff = 768, 3072
+    torch.manual_seed(0)
+    base = T5ForConditionalGeneration(config).eval()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path(), local_files_only=True)
+    n_tasks = NUM_TASKS
+    verbalizers = [["positive", "negative"], ["yes", "no", "maybe"], ["sports", "politics", "science", "art"],
+                   ["true", "false"]]
+    templates = ["{text} Is this review positive or negative?", "Question: {text} Answer:", "{text} Topic?", None]
+    backbone = wrap_model(copy.deepcopy(base), tokenizer, name="t5-random")  # before PEFT wraps `base` in place
+    peft = get_peft_model(base, IA3Config(task_type=TaskType.SEQ_2_SEQ_LM), adapter_name="t0")
+    for t in range(1, n_tasks):
+        peft.add_adapter(f"t{t}", IA3Config(task_type=TaskType.SEQ_2_SEQ_LM))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "ia3_l" in name:
+                param.copy_(1.0 + 0.1 * torch.randn(param.shape, generator=g))
+    peft.eval()
+    engine = Engine(backbone, chunk_rows=0)
+    slots, tasks = [], []
+    for t in range(n_tasks):
+        vectors: dict[str, torch.Tensor] = {}
+        for name, param in peft.named_parameters():
+            if name.endswith(f"ia3_l.t{t}"):
+                stack = "encoder" if name.split("base_model.model.")[-1].startswith("encoder") else "decoder"
+                layer = int(name.split(".block.")[1].split(".")[0])
+                module = name.split(".ia3_l")[0].rsplit(".", 2)[-2:]
+                site = {("SelfAttention", "k"): "k_out", ("SelfAttention", "v"): "v_out",
+                        ("DenseReluDense", "wo"): "ffn_out_in", ("EncDecAttention", "k"): "cross_k_out",
+                        ("EncDecAttention", "v"): "cross_v_out"}[tuple(module)]
+                if stack == "decoder" and site in ("k_out", "v_out", "ffn_out_in"):
+                    site = "dec_" + site
+                vectors.setdefault(site, torch.ones(*backbone.spec.sites[site]))[layer] = param.detach().reshape(-1)
+        choices, template = verbalizers[t % 4], templates[t % 4]
+        adapter = TaskAdapter(labels=choices, parts={"ia3": Ia3Weights(vectors),
+                                                     "choices": choices_from_text(tokenizer, choices, template)})
+        slots.append(engine.load(adapter).slot)
+        tasks.append((choices, template))
+    rng = random.Random(0)
+    words = ["the", "a", "package", "server", "library", "tool", "for", "with", "fast", "small", "graphical", "editor", "network", "game"]
+    texts = [" ".join(rng.choice(words) for _ in range(args.t5_words)) for _ in range(n_tasks * rows_per_task)]
+    assignment = [i % n_tasks for i in range(len(texts))]
+    rng.shuffle(assignment)
+    enc = engine.tokenize(texts)
+    task_slots = torch.tensor([slots[a] for a in assignment])
+
+    def engine_run() -> torch.Tensor:
+        return engine.forward(enc["input_ids"], enc["attention_mask"], task_slots)
+
+    def templated(text: str, template: str | None) -> list[int]:
+        ids = tokenizer(text)["input_ids"]
+        if not template:
+            return ids
+        before, after = template.split("{text}")
+        side = [tokenizer(s, add_special_tokens=False)["input_ids"] if s.strip() else [] for s in (before, after)]
+        return side[0] + ids[:-1] + side[1] + ids[-1:]
+
+    per_task = []  # (adapter name, input ids, mask, choice ids [C, Lc], choice mask, rows)
+    for t in range(n_tasks):
+        rows = [i for i, a in enumerate(assignment) if a == t]
+        choices, template = tasks[t]
+        batch = tokenizer.pad({"input_ids": [templated(texts[i], template) for i in rows]}, return_tensors="pt")
+        labels = tokenizer.pad({"input_ids": [tokenizer(c)["input_ids"] for c in choices]}, return_tensors="pt")
+        per_task.append((f"t{t}", batch["input_ids"], batch["attention_mask"], labels["input_ids"],
+                         labels["attention_mask"], rows))
+
+    def peft_run() -> torch.Tensor:
+        out = torch.full((len(texts), 4), float("-inf"))
+        with torch.inference_mode():
+            for name, ids, mask, labels, lmask, rows in per_task:
+                peft.set_adapter(name)
+                hidden = peft.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
+                R, C = ids.shape[0], labels.shape[0]
+                flat = labels.repeat(R, 1)
+                dec_in = torch.cat([torch.zeros(R * C, 1, dtype=torch.long), flat[:, :-1]], 1)
+                logits = peft(encoder_outputs=BaseModelOutput(hidden.repeat_interleave(C, 0)),
+                              attention_mask=mask.repeat_interleave(C, 0), decoder_input_ids=dec_in).logits
+                lp = torch.log_softmax(logits.float(), -1).gather(-1, flat[..., None]).squeeze(-1)
+                m = lmask.repeat(R, 1)
+                out[rows, :C] = ((lp * m).sum(-1) / m.sum(-1)).view(R, C)
+        return out
+
+    ours, theirs = engine_run(), peft_run()
+    finite = torch.isfinite(theirs)
+    agree = float((ours[finite] - theirs[finite]).abs().max())
+    times: dict[str, list[tuple[float, float]]] = {"engine": [], "peft": []}
+    for _ in range(args.repeats):
+        for name, fn in (("engine", engine_run), ("peft", peft_run)):
+            times[name].append(timed(fn))
+    # calls during which the process had its cores (CPU ÷ wall near the thread count), as bench_family does
+    busy = {k: [w for w, c in v if c / w >= 0.8 * args.threads] or [w for w, _ in v] for k, v in times.items()}
+    engine_ms, peft_ms = (statistics.median(busy[k]) * 1e3 for k in ("engine", "peft"))
+    result = {"clean_calls": {k: len(v) for k, v in busy.items()}, "tasks": n_tasks, "rows": len(texts), "rows_per_task": rows_per_task, "shape": args.shape,
+              "engine_ms": engine_ms, "peft_one_task_at_a_time_ms": peft_ms, "speedup": peft_ms / engine_ms,
+              "max_abs_score_difference": agree}
+    print(f"T5 rank classification, {n_tasks} tasks x {rows_per_task} rows mixed ({args.shape} shape): engine "
+          f"{engine_ms:.1f} ms, PEFT one task at a time {peft_ms:.1f} ms -> {peft_ms / engine_ms:.2f}x "
+          f"(scores agree within {agree:.1e})")
+    return result
+
+
+def t5_section(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """T5 rank classification, engine vs PEFT one task at a time, at each --t5-rows-per-task; `--t5` only."""
+    return [t5_rank(args, int(n)) for n in args.t5_rows_per_task.split(",")]
 
 
 def main() -> None:
@@ -227,6 +352,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--chunk-rows", type=int, default=None, help="the engine's chunk_rows (default: its own)")
     parser.add_argument("--t5", action="store_true", help="also the T5 rank-classification comparison")
+    parser.add_argument("--t5-only", action="store_true", help="only the T5 comparison (no encoder families)")
+    parser.add_argument("--t5-rows-per-task", default="1,4", help="rows of each of the 16 tasks, comma-separated")
+    parser.add_argument("--t5-words", type=int, default=12, help="words per T5 input text")
     parser.add_argument("--out", type=Path, default=Path("bench/out/backbones.json"))
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -245,7 +373,7 @@ def main() -> None:
     results = []
     print(f"\n{'family':12s}{'(IA)3 sites':36s}{'engine ms':>10s}{'bare ms':>9s}{'chunked ms':>11s}"
           f"{'bare/eng':>10s}{'(all)':>7s}{'(min)':>7s}{'chunk/eng':>11s}{'clean':>10s}")
-    for name in args.families.split(","):
+    for name in ([] if args.t5_only else args.families.split(",")):
         r = bench_family(name, shape, tokenizer, ids, mask, args)
         results.append(r)
         clean = "/".join(str(n) for n in r["clean_calls"].values()) + ("" if r["clean"] else "!")
@@ -253,7 +381,7 @@ def main() -> None:
         print(f"{name:12s}{','.join(r['sites']):36s}{r['engine_ms']:10.1f}{r['bare_ms']:9.1f}{r['bare_chunked_ms']:11.1f}"
               f"{r['bare_over_engine']:10.3f}{r['bare_over_engine_all']:7.3f}{r['bare_over_engine_min']:7.3f}"
               f"{r['chunked_over_engine']:11.3f}{clean:>10s}{flag}", flush=True)
-    t5 = t5_section(args) if args.t5 else None
+    t5 = t5_section(args) if args.t5 or args.t5_only else None
     summary = {"shape": args.shape, **shape, "rows": args.rows, "tokens_target": args.tokens,
                "tokens": int(lengths.sum()), "padded_width": int(ids.shape[1]), "threads": args.threads,
                "repeats": args.repeats, "tasks": NUM_TASKS, "torch": torch.__version__,

@@ -173,3 +173,10 @@ def test_hostile_choices_are_refused_before_loading(tokenizer, mutate, needle):
                           parts={"ia3": Ia3Weights.identity(backbone.spec, ("k_out",)), "choices": weights})
     with pytest.raises(AdapterValidationError, match=needle):
         Engine(backbone).load(adapter)
+
+
+def test_decoder_passes_split_to_bound_the_logits_give_the_same_scores(tokenizer, tmp_path, monkeypatch):
+    from switchboard.server.core.tuners.choices import layer
+
+    monkeypatch.setattr(layer, "MAX_DECODER_TOKENS", 5)  # a pass of one or two pairs at a time
+    test_peft_t5_ia3_rank_scores_in_a_shuffled_mixed_batch(tokenizer, tmp_path)

@@ -1,15 +1,20 @@
 """Rank classification for a batch: the template wrapped around each row's text, then every row's
-own choices scored by the decoder (teacher-forced), one decoder pass per choice index (a loop over
-choices, never over rows)."""
+own choices scored by the decoder (teacher-forced) in one pass over all (row, choice) pairs the batch
+has — each pair with its row's encoder states and task parameters — split only to bound the
+[pairs, tokens, vocabulary] logits (a loop over pieces of the batch, never over rows)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_outputs import BaseModelOutput
 
+from switchboard.server.core.families import family_for
+from switchboard.server.core.site_hooks import site_hooks
 from switchboard.server.core.tuners.base import Readout
 
 
@@ -59,23 +64,43 @@ def wrap_in_template(input_ids: torch.Tensor, attention: torch.Tensor, prefix: t
     return torch.where(real, ids, pad_id), real.to(attention.dtype)
 
 
+MAX_DECODER_TOKENS = 2048  # (pair, token) positions per decoder pass: bounds its [.., vocabulary] logits
+
+
+def _decoder_rows(model: torch.nn.Module) -> Callable[[torch.Tensor], AbstractContextManager[None]]:
+    """A context in which the site hooks hold the parameters of these rows of the batch (a row once per
+    pair it has), at the decoder's sites."""
+    family = family_for(model.config.model_type)
+    hooks = site_hooks(model, family) if family is not None else None
+    params = hooks.params() if hooks is not None else None
+    if hooks is None or family is None or params is None:
+        return lambda rows: nullcontext()
+    sites = tuple(s for s, ref in family.sites.items() if ref.stack == "decoder.block")
+    return lambda rows: hooks.active(params.rows(rows, sites))
+
+
 def choice_log_probs(model: torch.nn.Module, hidden: torch.Tensor, attention: torch.Tensor,
                      ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-token log-probabilities of every choice [B, C, Lc] and where they are real tokens (bool).
-    ids [B, C, Lc] (-1 padded; a row with fewer choices has all -1 there)."""
+    """Per-token log-probabilities of every choice [B, C, Lc] (0 where there is none) and where they are
+    real tokens (bool). ids [B, C, Lc] (-1 padded; a row with fewer choices has all -1 there)."""
     B, C, Lc = ids.shape
     start = int(model.config.decoder_start_token_id or 0)
     valid = ids >= 0
-    labels = ids.clamp_min(0)
-    encoded = BaseModelOutput(last_hidden_state=hidden)
-    out = []
-    for c in range(C):
-        decoder_in = torch.cat([torch.full((B, 1), start, dtype=labels.dtype, device=labels.device),
-                                labels[:, c, :-1]], dim=1)
-        logits = model(encoder_outputs=encoded, attention_mask=attention, decoder_input_ids=decoder_in,
-                       use_cache=False).logits
-        out.append(F.log_softmax(logits.float(), dim=-1).gather(-1, labels[:, c, :, None]).squeeze(-1))
-    return torch.stack(out, dim=1), valid
+    pair_row, pair_choice = valid[:, :, 0].nonzero(as_tuple=True)
+    out = torch.zeros(B, C, Lc, dtype=torch.float32, device=hidden.device)
+    rows_of = _decoder_rows(model)
+    per_pass = max(1, MAX_DECODER_TOKENS // Lc)
+    for first in range(0, len(pair_row), per_pass):
+        rows, choices = pair_row[first:first + per_pass], pair_choice[first:first + per_pass]
+        labels = ids[rows, choices].clamp_min(0)  # [P, Lc]
+        decoder_in = torch.cat([torch.full((len(rows), 1), start, dtype=labels.dtype, device=labels.device),
+                                labels[:, :-1]], dim=1)
+        with rows_of(rows):
+            logits = model(encoder_outputs=BaseModelOutput(last_hidden_state=hidden.index_select(0, rows)),
+                           attention_mask=attention.index_select(0, rows), decoder_input_ids=decoder_in,
+                           use_cache=False).logits
+        out[rows, choices] = F.log_softmax(logits.float(), dim=-1).gather(-1, labels[..., None]).squeeze(-1)
+    return out, valid
 
 
 def length_normalised(log_probs: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -106,5 +131,5 @@ class ChoiceParams(Readout):
 
     def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """[B, C_max] length-normalised log-probabilities; -inf past each row's choice count, and on rows of
-        other readouts (the decoder runs over the whole batch, whose hooks hold every row's parameters)."""
+        other readouts (which have no pairs: the decoder never runs for them)."""
         return length_normalised(*self.token_log_probs(model, hidden, (attention_mask > 0).long()))
