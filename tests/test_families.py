@@ -173,3 +173,14 @@ def test_deberta_position_bias_per_task_fallback_gives_peft_logits_too(tokenizer
 
     monkeypatch.setattr(Ia3Params, "scale", lambda self, site, layer: NotImplemented)
     test_peft_ia3_adapters_give_peft_logits_in_a_mixed_batch("deberta-v3", tokenizer, tmp_path)
+
+
+@pytest.mark.parametrize("value", ["nan", "1.0", "-1e-5", "x"])
+def test_a_broken_head_norm_eps_in_a_file_is_refused(value):
+    from switchboard.server.core.adapter import AdapterValidationError
+    from switchboard.server.core.tuners.head.kind import HeadKind
+
+    tensors = {"out_w": torch.zeros(2, 8), "out_b": torch.zeros(2), "hidden_w": torch.zeros(8, 8),
+               "hidden_b": torch.zeros(8), "norm_w": torch.ones(8), "norm_b": torch.zeros(8)}
+    with pytest.raises(AdapterValidationError, match="head_norm_eps"):
+        HeadKind().from_tensors(tensors, {"head_norm_eps": value})

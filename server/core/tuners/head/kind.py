@@ -135,25 +135,22 @@ class HeadKind(TunerKind[HeadWeights, HeadParams]):
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.01, 100.0  # a fitted temperature lands well inside; past these is a broken file
 
 
-def _norm_eps(metadata: Mapping[str, str]) -> float:
-    text = metadata.get("head_norm_eps", "1e-5")
+def _bounded_float(metadata: Mapping[str, str], name: str, default: str, low: float, high: float) -> float:
+    """A numeric setting from file metadata, within [low, high] (which also refuses nan and ±inf)."""
+    text = metadata.get(name, default)
     try:
         value = float(text[:40])
     except ValueError:
-        raise AdapterValidationError(f"metadata 'head_norm_eps' is not a number: {text[:40]!r}") from None
-    if not 1e-12 <= value <= 1e-1:
-        raise AdapterValidationError(f"metadata 'head_norm_eps' {value} is outside [1e-12, 0.1]")
+        raise AdapterValidationError(f"metadata {name!r} is not a number: {text[:40]!r}") from None
+    if not low <= value <= high:
+        raise AdapterValidationError(f"metadata {name!r} {value} is outside [{low}, {high}]")
     return value
+
+
+def _norm_eps(metadata: Mapping[str, str]) -> float:
+    return _bounded_float(metadata, "head_norm_eps", "1e-5", 1e-12, 0.1)
 
 
 def temperature_of(metadata: Mapping[str, str]) -> float:
     """A readout's calibration temperature from file metadata, within bounds."""
-    text = metadata.get("temperature", "1.0")
-    try:
-        value = float(text[:40])
-    except ValueError:
-        raise AdapterValidationError(f"metadata 'temperature' is not a number: {text[:40]!r}") from None
-    if not MIN_TEMPERATURE <= value <= MAX_TEMPERATURE:  # also refuses nan and ±inf
-        raise AdapterValidationError(
-            f"metadata 'temperature' {value} is outside [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]")
-    return value
+    return _bounded_float(metadata, "temperature", "1.0", MIN_TEMPERATURE, MAX_TEMPERATURE)
