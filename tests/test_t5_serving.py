@@ -36,6 +36,7 @@ def server(t5_dir, tmp_path_factory):
 
 
 def test_a_peft_t5_adapter_with_its_choices_answers_with_peft_rank_scores(server, t5_dir, tmp_path):
+    assert httpx.get(f"{server}/v1/backbone").json()["family"] == "t5"
     tokenizer = AutoTokenizer.from_pretrained(t5_dir)
     model = _peft_t5(seed=5)
     model.save_pretrained(tmp_path / "peft")

@@ -77,6 +77,8 @@ class BackboneInfo(BaseModel):
     intermediate_size: int = Field(examples=[1536])
     max_length: int = Field(examples=[128])
     fingerprint: str
+    family: str = Field("bert", examples=["bert"], description="the backbone family (docs/backbones.md); on "
+                        "t5 tasks classify by answer choices")
 
 
 TASK_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
