@@ -139,7 +139,7 @@ def test_head_tasks_ride_beside_choice_tasks_on_t5(tokenizer):
 
     backbone = wrap_model(tiny_t5(), tokenizer, name="tiny-t5")
     engine = Engine(backbone, chunk_rows=0)
-    head_task = engine.load(random_adapter(backbone.spec, seed=3, pooling="mean", num_labels=5,
+    head_task = engine.load(random_adapter(backbone.spec, seed=3, pooling="pair", num_labels=5,
                                            ia3_sites=("k_out", "dec_k_out"))).slot
     choices, template = TASKS[1]
     adapter = TaskAdapter(labels=choices, parts={"ia3": Ia3Weights.identity(backbone.spec, ("v_out",)),
@@ -147,10 +147,11 @@ def test_head_tasks_ride_beside_choice_tasks_on_t5(tokenizer):
     adapter.parts["ia3"].vectors["v_out"] *= 1.3
     choice_task = engine.load(adapter).slot
     slots = [head_task, choice_task, choice_task, head_task]
-    enc = engine.tokenize(TEXTS[:4])
+    inputs = [(TEXTS[0], TEXTS[5]), TEXTS[1], (TEXTS[2], TEXTS[6]), (TEXTS[3], TEXTS[7])]  # pair-pooled head rows
+    enc = engine.tokenize(inputs)
     mixed = engine.forward(enc["input_ids"], enc["attention_mask"], torch.tensor(slots))
     for r, slot in enumerate(slots):
-        alone_enc = engine.tokenize([TEXTS[r]])
+        alone_enc = engine.tokenize([inputs[r]])
         alone = engine.forward(alone_enc["input_ids"], alone_enc["attention_mask"], torch.tensor([slot]))[0]
         n = 5 if slot == head_task else 3
         assert (mixed[r, :n] - alone[:n]).abs().max().item() <= 1e-4

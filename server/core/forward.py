@@ -92,11 +92,11 @@ class EachOnItsRows(Readout):
     def __init__(self, readouts: list[Readout]) -> None:
         self.readouts = readouts
 
-    def prepare_inputs(self, input_ids: torch.Tensor, attention: torch.Tensor,
+    def prepare_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor,
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         for readout in self.readouts:
-            input_ids, attention = readout.prepare_inputs(input_ids, attention, pad_id)
-        return input_ids, attention
+            input_ids, segments = readout.prepare_inputs(input_ids, segments, pad_id)
+        return input_ids, segments
 
     def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         parts = [r.logits(model, hidden, attention_mask) for r in self.readouts]
@@ -213,12 +213,10 @@ def choice_token_log_probs(model: torch.nn.Module, input_ids: torch.Tensor, atte
 
 def _hooked_forward(family: Family, model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     params: BatchParams, read: Any) -> Any:
-    attention, token_types = split_segments(attention_mask)
     readout = params.readout
-    templated = readout.prepare_inputs(input_ids, attention, int(model.config.pad_token_id or 0))
-    if templated[0] is not input_ids:  # a prompt template around each row's text (T5 tasks)
-        input_ids, attention = templated
-        attention_mask = attention
+    # a prompt template around each row's text (T5 tasks); the same tensors otherwise
+    input_ids, attention_mask = readout.prepare_inputs(input_ids, attention_mask, int(model.config.pad_token_id or 0))
+    attention, token_types = split_segments(attention_mask)
     with site_hooks(model, family).active(params):
         hidden = _hooked_encode(family, model, input_ids, attention, token_types)
         return read(readout, hidden, attention_mask)

@@ -93,11 +93,11 @@ class SiteParams(ABC):
 class Readout(ABC):
     """The kind that turns hidden states into logits (the head): exactly one per task."""
 
-    def prepare_inputs(self, input_ids: torch.Tensor, attention: torch.Tensor,
+    def prepare_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor,
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The encoder's input for these rows (a rank-classification task wraps its prompt template
-        around the text); the same tensors when nothing changes."""
-        return input_ids, attention
+        """The encoder's input ids and segment mask for these rows (a rank-classification task wraps its
+        prompt template around the text); the same tensors when nothing changes."""
+        return input_ids, segments
 
     @abstractmethod
     def logits(self, model: torch.nn.Module, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

@@ -42,12 +42,14 @@ def _per_row(groups: list[ChoiceGroup], B: int, field: str, device: torch.device
     return out
 
 
-def wrap_in_template(input_ids: torch.Tensor, attention: torch.Tensor, prefix: torch.Tensor,
+def wrap_in_template(input_ids: torch.Tensor, segments: torch.Tensor, prefix: torch.Tensor,
                      suffix: torch.Tensor, pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row → prefix + its text (without its closing token) + suffix + its closing token; right padded.
-    input_ids, attention [B, T] (right padded); prefix, suffix [B, M] (-1 padded)."""
+    input_ids, segments [B, T] (right padded; a segment mask: 1 first text, 2 second, 0 pad); prefix,
+    suffix [B, M] (-1 padded). The text keeps its segments (a row without a template is unchanged, so a
+    pair-pooled head task in the same batch still sees both texts); template tokens count as the first."""
     B, T = input_ids.shape
-    n = attention.sum(1)  # tokens of each text, its closing token last
+    n = (segments > 0).sum(1)  # tokens of each text, its closing token last
     p, s = (prefix >= 0).sum(1), (suffix >= 0).sum(1)
     total = p + n + s
     width = int(total.max())
@@ -59,9 +61,13 @@ def wrap_in_template(input_ids: torch.Tensor, attention: torch.Tensor, prefix: t
     in_suffix = (j >= p[:, None] + n[:, None] - 1) & (j < total[:, None] - 1)
     ids = torch.where(in_suffix, suffix.gather(1, suffix_at), ids)
     last = j == total[:, None] - 1
-    ids = torch.where(last, input_ids.gather(1, (n - 1).clamp_min(0)[:, None]).expand(B, width), ids)
+    closing = (n - 1).clamp_min(0)[:, None]
+    ids = torch.where(last, input_ids.gather(1, closing).expand(B, width), ids)
+    in_text = (j >= p[:, None]) & (j < p[:, None] + n[:, None] - 1)
+    seg = torch.where(in_text, segments.gather(1, text_at), 1)
+    seg = torch.where(last, segments.gather(1, closing).expand(B, width), seg)
     real = j < total[:, None]
-    return torch.where(real, ids, pad_id), real.to(attention.dtype)
+    return torch.where(real, ids, pad_id), torch.where(real, seg, 0).to(segments.dtype)
 
 
 MAX_DECODER_TOKENS = 2048  # (pair, token) positions per decoder pass: bounds its [.., vocabulary] logits
@@ -117,13 +123,13 @@ class ChoiceParams(Readout):
     def _rows(self, B: int, field: str, device: torch.device) -> torch.Tensor:
         return _per_row(self.groups, B, field, device)
 
-    def prepare_inputs(self, input_ids: torch.Tensor, attention: torch.Tensor,
+    def prepare_inputs(self, input_ids: torch.Tensor, segments: torch.Tensor,
                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
         prefix = self._rows(input_ids.shape[0], "prefix", input_ids.device)
         suffix = self._rows(input_ids.shape[0], "suffix", input_ids.device)
         if bool((prefix < 0).all() and (suffix < 0).all()):
-            return input_ids, attention
-        return wrap_in_template(input_ids, attention, prefix, suffix, pad_id)
+            return input_ids, segments
+        return wrap_in_template(input_ids, segments, prefix, suffix, pad_id)
 
     def token_log_probs(self, model: torch.nn.Module, hidden: torch.Tensor,
                         attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
