@@ -48,7 +48,7 @@ def test_health_backbone_and_metrics(server, tiny_dir):
     spec = tiny_dir[1].spec
     assert info == {"name": info["name"], "model_type": "bert", "hidden_size": spec.hidden_size,
                     "num_layers": spec.num_layers, "intermediate_size": spec.intermediate_size,
-                    "max_length": 128, "fingerprint": spec.fingerprint}
+                    "max_length": 128, "fingerprint": spec.fingerprint, "family": "bert"}
     samples = metric_samples(server)
     assert samples["switchboard_ready"] == 1.0
     if shutil.which("promtool"):
