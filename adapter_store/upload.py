@@ -106,6 +106,10 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
                 "adapter_model.safetensors)")
         check_safetensors_header(weights[0], files[weights[0]], limits)
         adapter = native.loads(files[weights[0]], spec.fingerprint, backbone_name=spec.name)
+    if spec.family == "t5" and "choices" not in adapter.parts:
+        raise AdapterValidationError(
+            "a T5 task classifies by its answer choices: convert the adapter with `switchboard tfew-task "
+            "--choices ... [--template ...]` (docs/backbones.md), which stores them with it")
     if labels is not None:
         if len(labels) != adapter.num_labels:
             raise AdapterValidationError(f"{len(labels)} labels given for a head with {adapter.num_labels} outputs")
@@ -115,10 +119,6 @@ def _parse(files: dict[str, bytes], spec: BackboneSpec, labels: list[str] | None
     if adapter.nbytes > limits.max_task_bytes:
         raise AdapterValidationError(f"the adapter holds {adapter.nbytes} parameter bytes; one task may hold at most "
                                      f"{limits.max_task_bytes}")
-    if spec.family == "t5" and "choices" not in adapter.parts:
-        raise AdapterValidationError(
-            "a T5 task classifies by its answer choices: convert the adapter with `switchboard tfew-task "
-            "--choices ... [--template ...]` (docs/backbones.md), which stores them with it")
     adapter.validate(spec)
     return adapter
 

@@ -184,3 +184,26 @@ def test_a_broken_head_norm_eps_in_a_file_is_refused(value):
                "hidden_b": torch.zeros(8), "norm_w": torch.ones(8), "norm_b": torch.zeros(8)}
     with pytest.raises(AdapterValidationError, match="head_norm_eps"):
         HeadKind().from_tensors(tensors, {"head_norm_eps": value})
+
+
+def test_hooked_families_run_bf16_full_with_every_kind():
+    """bf16-full: the residual stream is bf16, the LayerNorm and head pools float32 — every site casts back."""
+    backbone = family_backbone("distilbert")
+    fp32, bf16 = Engine(backbone), Engine(family_backbone("distilbert"), precision="bf16-full")
+    adapter = random_adapter(backbone.spec, seed=4, kind="mixed", layer_norm=True, backbone_model=backbone.model)
+    enc = fp32.tokenize(TEXTS[:4])
+    want = fp32.forward(enc["input_ids"], enc["attention_mask"], torch.tensor([fp32.load(adapter).slot] * 4))
+    got = bf16.forward(enc["input_ids"], enc["attention_mask"], torch.tensor([bf16.load(adapter).slot] * 4))
+    assert (got - want).abs().max().item() < 0.1 * want.abs().max().item() + 0.05
+
+
+def test_the_few_shot_recipe_keeps_to_the_sites_a_family_has():
+    from switchboard.server.core.tuners.ia3.kind import Ia3Kind
+    from switchboard.server.runtime.training.trainer import TrainConfig, resolve_recipe
+
+    spec = family_backbone("qwen3").spec
+    small = [(f"text {i}", "ab"[i % 2]) for i in range(8)]
+    cfg, recipe = resolve_recipe(TrainConfig(kind="ia3"), small, spec.family, spec.sites)
+    assert recipe == "few-shot" and set(cfg.ia3_sites) == {"k_out", "v_out", "attn_out_in", "ffn_out_in"}
+    with pytest.raises(ValueError, match="ffn_int_out.*do not exist on this decoder backbone"):
+        Ia3Kind().new(spec, None, torch.Generator(), {"ia3_sites": ("ffn_int_out",)})

@@ -165,6 +165,7 @@ def test_head_tasks_ride_beside_choice_tasks_on_t5(tokenizer):
     (lambda w: w.token_ids.__setitem__((0, 0), 1e9), "token ids"),
     (lambda w: w.token_ids.__setitem__((0, 0), -1.0), "-1 only after|at least one token"),
     (lambda w: w.prefix_ids.__setitem__(3, 7.0), "-1 only after"),
+    (lambda w: setattr(w, "prefix_ids", torch.tensor(1.0)), r"prefix_ids must be \[64\]"),
 ])
 def test_hostile_choices_are_refused_before_loading(tokenizer, mutate, needle):
     backbone = wrap_model(tiny_t5(), tokenizer, name="tiny-t5")
@@ -180,4 +181,5 @@ def test_decoder_passes_split_to_bound_the_logits_give_the_same_scores(tokenizer
     from switchboard.server.core.tuners.choices import layer
 
     monkeypatch.setattr(layer, "MAX_DECODER_TOKENS", 5)  # a pass of one or two pairs at a time
+    monkeypatch.setattr(layer, "MAX_ENCODER_POSITIONS", 10)  # and by the encoder states each pair carries
     test_peft_t5_ia3_rank_scores_in_a_shuffled_mixed_batch(tokenizer, tmp_path)

@@ -44,6 +44,8 @@ def test_a_peft_t5_adapter_with_its_choices_answers_with_peft_rank_scores(server
              for name in ("adapter_config.json", "adapter_model.safetensors")]
     bare = httpx.put(f"{server}/v1/tasks/bare", files=files)
     assert bare.status_code == 422 and "tfew-task" in bare.json()["error"]["message"]
+    labelled = httpx.put(f"{server}/v1/tasks/bare", files=files, data={"labels": '["a", "b"]'})
+    assert labelled.status_code == 422 and "tfew-task" in labelled.json()["error"]["message"]
     out = tmp_path / "task.safetensors"
     done = subprocess.run([sys.executable, "-m", "switchboard.clients.cli", "tfew-task", str(tmp_path / "peft"),
                            "--model", str(t5_dir), "--choices", ",".join(CHOICES), "--template", TEMPLATE,
@@ -68,6 +70,13 @@ def test_a_t_few_job_on_the_server(server):
         assert job.status == "succeeded", job.error
         assert job.result["kind"] == "ia3" and sorted(job.result["labels"]) == sorted(CHOICES)
         assert {p.label for p in client.classify("moved", ["a bird flew"]).predictions[0]} == set(CHOICES)
-    refused = httpx.post(f"{server}/v1/tasks/x/train", json={"examples": [{"text": t, "label": lb}
-                                                                           for t, lb in examples]})
+    body = {"examples": [{"text": t, "label": lb} for t, lb in examples]}
+    refused = httpx.post(f"{server}/v1/tasks/x/train", json=body)
     assert refused.status_code == 422 and "choices" in refused.json()["error"]["message"]
+    # what the job's process would refuse later is refused at submission, before any job exists
+    for extra, needle in (({"template": "{text} " + "word " * 80}, "at most 64 tokens"),
+                          ({"template": "{text} and {text}"}, "exactly once"),
+                          ({"choices": ["positive", "negative", "positive "]}, "tokenize the same")):
+        bad = httpx.post(f"{server}/v1/tasks/x/train", json={**body, "choices": CHOICES, **extra})
+        assert bad.status_code == 422 and needle in bad.json()["error"]["message"], bad.text
+    assert httpx.get(f"{server}/v1/tasks/x").status_code == 404

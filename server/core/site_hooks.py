@@ -7,6 +7,7 @@ context variable, so concurrent forwards on other threads see their own batch an
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -109,21 +110,30 @@ class SiteHooks:
         def hook(module: torch.nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor | None:
             params = self._current.get()
             parts = params.at(site) if params is not None and module is home() else ()
-            return parts[0].apply(site, args[0], layer, module) if parts else None
+            if not parts:
+                return None
+            return parts[0].apply(site, args[0], layer, module).to(args[0].dtype)  # float32 pools, bf16 stream
         return hook
+
+
+_INSTALLING = threading.Lock()  # one installation at a time: two threads must not both hook one model
 
 
 def site_hooks(model: torch.nn.Module, family: Family) -> SiteHooks:
     """The model's hooks, installed on first use (again after precision conversion replaced modules)."""
     hooks: SiteHooks | None = model.__dict__.get(_ATTRIBUTE)
     if hooks is None:
-        hooks = SiteHooks(model, family)
-        model.__dict__[_ATTRIBUTE] = hooks
+        with _INSTALLING:
+            hooks = model.__dict__.get(_ATTRIBUTE)
+            if hooks is None:
+                hooks = SiteHooks(model, family)
+                model.__dict__[_ATTRIBUTE] = hooks
     return hooks
 
 
 def reinstall(model: torch.nn.Module, family: Family) -> SiteHooks:
-    hooks: SiteHooks | None = model.__dict__.pop(_ATTRIBUTE, None)
-    if hooks is not None:
-        hooks.remove()
+    with _INSTALLING:
+        hooks: SiteHooks | None = model.__dict__.pop(_ATTRIBUTE, None)
+        if hooks is not None:
+            hooks.remove()
     return site_hooks(model, family)

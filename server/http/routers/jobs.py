@@ -8,7 +8,8 @@ from fastapi import APIRouter, Path, Request, Response
 
 from switchboard.adapter_store.limits import check_labels
 from switchboard.server.core.adapter import AdapterValidationError
-from switchboard.server.core.tokenize import Input, tokenize
+from switchboard.server.core.tokenize import Input, InvalidText, check_text, tokenize
+from switchboard.server.core.tuners.choices.config import choices_from_text
 from switchboard.server.errors import InvalidRequest, PayloadTooLarge
 from switchboard.server.http.audit import audited
 from switchboard.server.http.auth import ManageAuth
@@ -54,26 +55,34 @@ async def _submit(task: str, body: TrainRequest, runtime: RuntimeDep, settings: 
     unseen = {e.label for e in body.eval_examples or []} - set(labels)
     if unseen:
         raise InvalidRequest(f"eval_examples use labels absent from examples: {sorted(unseen)[:5]}")
-    # Token budget: every step runs at most batch_size rows of at most the longest example's tokens.
-    _, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer,
-                                             [_input(e) for e in body.examples], runtime.engine.spec.max_length)
-    passes = 1 + len(body.choices or ())  # rank classification: a decoder pass per answer choice
-    budget = body.steps * min(body.batch_size, len(body.examples)) * int(mask.shape[1]) * passes
-    if budget > s.max_train_tokens:
-        raise InvalidRequest(f"the job could process {budget} tokens (steps × batch rows × {mask.shape[1]} tokens of "
-                             f"the longest example); at most {s.max_train_tokens}: use fewer steps, a smaller "
-                             "batch_size or shorter examples")
     rank = runtime.engine.spec.family == "t5"
     if rank != (body.choices is not None) or (body.template is not None and not rank):
         raise InvalidRequest("answer choices and a template are for T5 backbones (rank classification), and a T5 "
                              "backbone needs choices" if rank else
                              f"choices and template are for T5 backbones; this one is {runtime.engine.spec.family}")
+    template_tokens = 0
     if rank:
         outside = sorted({e.label for e in examples} - set(body.choices or ()))
         if outside or len(set(body.choices or ())) != len(body.choices or ()):
             raise InvalidRequest(f"choices must be distinct and cover every label; not among them: {outside[:5]}")
-        if body.template is not None and body.template.count("{text}") != 1:
-            raise InvalidRequest("the template must hold {text} exactly once")
+        try:
+            check_labels(list(body.choices or ()), runtime.upload_limits, "choices")
+            check_text([body.template or "x"], "template")
+            # what the job's process will build, here: a template or choice past its token bounds is a 422 now
+            built = await runtime.request_pool.run(choices_from_text, runtime.engine.backbone.tokenizer,
+                                                   list(body.choices or ()), body.template)
+        except (AdapterValidationError, InvalidText, ValueError) as exc:
+            raise InvalidRequest(str(exc)) from exc
+        template_tokens = int((built.prefix_ids >= 0).sum() + (built.suffix_ids >= 0).sum())
+    # Token budget: every step runs at most batch_size rows of at most the longest example's tokens.
+    _, mask = await runtime.request_pool.run(tokenize, runtime.engine.backbone.tokenizer,
+                                             [_input(e) for e in body.examples], runtime.engine.spec.max_length)
+    passes = 1 + len(body.choices or ())  # rank classification: a decoder pass per answer choice
+    budget = body.steps * min(body.batch_size, len(body.examples)) * (int(mask.shape[1]) + template_tokens) * passes
+    if budget > s.max_train_tokens:
+        raise InvalidRequest(f"the job could process {budget} tokens (steps × batch rows × {mask.shape[1]} tokens of "
+                             f"the longest example); at most {s.max_train_tokens}: use fewer steps, a smaller "
+                             "batch_size or shorter examples")
     if len({e.text_pair is None for e in examples}) > 1:
         raise InvalidRequest("mix of pairs and single texts: give every example a text_pair, or none")
     spec = JobSpec(examples=[(_input(e), e.label) for e in body.examples],

@@ -17,7 +17,7 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 
 import torch
@@ -95,15 +95,17 @@ FEW_SHOT: dict[str, dict] = {
 T_FEW: dict = {"steps": 1000, "batch_size": 8, "lr": 3e-3, "warmup": 0.06}
 
 
-def resolve_recipe(cfg: TrainConfig, examples: list[Example],
-                   family: str = "bert") -> tuple[TrainConfig, str]:
+def resolve_recipe(cfg: TrainConfig, examples: list[Example], family: str = "bert",
+                   sites: Collection[str] | None = None) -> tuple[TrainConfig, str]:
     """(the config actually trained, its recipe name): "fixed steps" when `cfg.steps` is given, "few-shot"
     when asked for or, with recipe "auto", when the median label has at most `few_shot_max_per_class`
     examples of single texts (pair tasks were not measured: auto keeps them on epochs); else "epochs"
-    (early stop on an eval split)."""
+    (early stop on an eval split). On a T5 backbone always "t-few": T-Few's recipe for every setting
+    left at its default. `sites`: the backbone's sites (the few-shot recipe's (IA)3 sites are those of
+    its five that the family has)."""
     if family == "t5":
-        if cfg.kind != "ia3":
-            raise ValueError("a T5 backbone trains (IA)3 by T-Few's recipe: --kind ia3")
+        if cfg.kind != "ia3" or cfg.contrastive_steps:
+            raise ValueError("a T5 backbone trains (IA)3 by T-Few's recipe: --kind ia3, no contrastive warm-up")
         settings = {k: v for k, v in T_FEW.items() if getattr(cfg, k) in (None, getattr(TrainConfig, k))}
         return replace(cfg, **settings), "t-few"
     if cfg.steps is not None:
@@ -116,6 +118,8 @@ def resolve_recipe(cfg: TrainConfig, examples: list[Example],
         settings = dict(FEW_SHOT[cfg.kind])
         if cfg.kind == "ia3" and cfg.ia3_sites is not None:
             settings.pop("ia3_sites", None)  # sites asked for explicitly stay
+        elif "ia3_sites" in settings and sites is not None:
+            settings["ia3_sites"] = tuple(s for s in settings["ia3_sites"] if s in sites)
         return replace(cfg, **settings), "few-shot"
     return cfg, "epochs"
 
@@ -330,10 +334,10 @@ def train(backbone: Backbone, examples: list[Example], cfg: TrainConfig,
     rng = random.Random(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     examples = list(examples)
-    cfg, recipe = resolve_recipe(cfg, examples, backbone.spec.family)
+    cfg, recipe = resolve_recipe(cfg, examples, backbone.spec.family, backbone.spec.sites)
     rank = backbone.spec.family == "t5"
     eval_on = "eval examples"
-    if eval_examples is None and recipe == "few-shot":
+    if eval_examples is None and recipe in ("few-shot", "t-few"):
         # a fixed schedule selects nothing on an eval split: train on every example, report on them
         eval_examples, eval_on = examples, "training examples"
     elif eval_examples is None:

@@ -49,6 +49,10 @@ def choices_from_text(tokenizer: object, choices: list[str], template: str | Non
     if not choices:
         raise ValueError("a rank-classification task needs at least one answer choice")
     ids = [list(tokenizer(c, add_special_tokens=True)["input_ids"]) for c in choices]  # type: ignore[operator]
+    if len({tuple(i) for i in ids}) != len(ids):
+        raise ValueError("two answer choices tokenize the same; they could never be told apart")
+    if len(ids) > MAX_CHOICES:
+        raise ValueError(f"{len(ids)} answer choices; at most {MAX_CHOICES}")
     longest = max(map(len, ids))
     if longest > MAX_CHOICE_TOKENS:
         raise ValueError(f"an answer choice is {longest} tokens long; at most {MAX_CHOICE_TOKENS}")

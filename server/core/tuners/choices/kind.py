@@ -55,6 +55,9 @@ class ChoicesKind(TunerKind[ChoiceWeights, ChoiceParams]):
         if ids.dim() != 2 or not 1 <= ids.shape[0] <= MAX_CHOICES or not 1 <= ids.shape[1] <= MAX_CHOICE_TOKENS:
             raise AdapterValidationError(
                 f"choices.token_ids must be [1..{MAX_CHOICES} choices, 1..{MAX_CHOICE_TOKENS} tokens]")
+        for name in ("prefix_ids", "suffix_ids"):
+            if tuple(getattr(weights, name).shape) != (MAX_TEMPLATE_TOKENS,):
+                raise AdapterValidationError(f"choices.{name} must be [{MAX_TEMPLATE_TOKENS}]")
         vocab = spec.vocab_size or (1 << 24)
         for name, t in self.tensors(weights).items():
             if not bool(((t == t.round()) & (t >= -1) & (t < vocab)).all()):

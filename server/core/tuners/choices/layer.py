@@ -71,6 +71,8 @@ def wrap_in_template(input_ids: torch.Tensor, segments: torch.Tensor, prefix: to
 
 
 MAX_DECODER_TOKENS = 2048  # (pair, token) positions per decoder pass: bounds its [.., vocabulary] logits
+MAX_ENCODER_POSITIONS = 16384  # (pair, input token) positions per pass: bounds each pair's copy of the
+# encoder states and the cross-attention keys and values projected from them
 
 
 def _decoder_rows(model: torch.nn.Module) -> Callable[[torch.Tensor], AbstractContextManager[None]]:
@@ -95,7 +97,7 @@ def choice_log_probs(model: torch.nn.Module, hidden: torch.Tensor, attention: to
     pair_row, pair_choice = valid[:, :, 0].nonzero(as_tuple=True)
     out = torch.zeros(B, C, Lc, dtype=torch.float32, device=hidden.device)
     rows_of = _decoder_rows(model)
-    per_pass = max(1, MAX_DECODER_TOKENS // Lc)
+    per_pass = max(1, min(MAX_DECODER_TOKENS // Lc, MAX_ENCODER_POSITIONS // max(1, hidden.shape[1])))
     for first in range(0, len(pair_row), per_pass):
         rows, choices = pair_row[first:first + per_pass], pair_choice[first:first + per_pass]
         labels = ids[rows, choices].clamp_min(0)  # [P, Lc]

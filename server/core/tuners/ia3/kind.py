@@ -63,4 +63,9 @@ class Ia3Kind(TunerKind[Ia3Weights, Ia3Params]):
             options: Mapping[str, Any]) -> Ia3Weights:
         """Ones: the paper's init, an exact identity (T5: T-Few's sites in both stacks)."""
         default = tuple(s for s in (TFEW_SITES if spec.family == "t5" else PAPER_SITES) if s in spec.sites)
-        return Ia3Weights.identity(spec, tuple(options.get("ia3_sites") or default))
+        sites = tuple(options.get("ia3_sites") or default)
+        unknown = [s for s in sites if s not in spec.sites or s.endswith("_norm")]
+        if unknown:
+            raise ValueError(f"(IA)3 site(s) {unknown} do not exist on this {spec.family} backbone; its sites: "
+                             f"{', '.join(s for s in spec.sites if not s.endswith('_norm'))}")
+        return Ia3Weights.identity(spec, sites)
