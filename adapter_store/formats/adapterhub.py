@@ -32,11 +32,12 @@ import re
 
 import torch
 
+from switchboard.adapter_store.formats.module_patterns import layer_tensor_key
 from switchboard.adapter_store.formats.peft import _HEADS, _bert_head
 from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.families import FAMILIES, Family
+from switchboard.server.core.families import Family, family_named
 from switchboard.server.core.tokenize import InvalidText, check_text
 from switchboard.server.core.tuners.head.config import HeadWeights
 from switchboard.server.core.tuners.houlsby.config import HoulsbyWeights, canonical_activation
@@ -83,16 +84,10 @@ def _family(spec: BackboneSpec) -> Family:
     if spec.family in _REFUSED:
         raise AdapterValidationError(f"AdapterHub adapters are not served on the {spec.family} family: "
                                      f"{_REFUSED[spec.family]}")
-    family = next((f for f in FAMILIES if f.name == spec.family), None)
+    family = family_named(spec.family)
     if family is None:
         raise AdapterValidationError(f"AdapterHub adapters are not served on the {spec.family} family")
     return family
-
-
-def _layer_key(family: Family, module: str, suffix: str) -> re.Pattern[str]:
-    """`<prefix>.<stack>.<layer>.<module>.<suffix>`; prefix: the AdapterModel's base (bert., model., ...)."""
-    stacks = "|".join(re.escape(s) for s in family.stacks)
-    return re.compile(rf"^(?:[A-Za-z_]+\.)?(?:{stacks})\.(?P<layer>\d+)\.(?P<module>{module})\.{suffix}$")
 
 
 def parse(config: dict, adapter_tensors: dict[str, torch.Tensor], spec: BackboneSpec,
@@ -130,7 +125,7 @@ def _bottleneck(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSp
     if modules is None:
         raise AdapterValidationError(f"bottleneck adapters are not served on the {family.name} family (where the "
                                      "library puts them there is not Houlsby's placement, or unchecked)")
-    key_re = _layer_key(family, "|".join(re.escape(m) for m in modules),
+    key_re = layer_tensor_key(family.stacks, "|".join(re.escape(m) for m in modules),
                         r"adapters\.(?P<name>[^.]+)\.(?P<part>adapter_down\.0|adapter_up)\.(?P<param>weight|bias)")
     for option, value in _BOTTLENECK_REQUIRED.items():
         if option not in config and option in ("original_ln_before", "original_ln_after", "residual_before_ln"):
@@ -196,7 +191,7 @@ def _ia3(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec, fam
     # the lora layer scales its module's output: the family's "out" site at that module
     sites = {ref.path: site for site, ref in family.sites.items() if ref.where == "out" and ref.part is None}
     sites.update(_IA3_FOLDED.get(family.name, {}))
-    key_re = _layer_key(family, r"[A-Za-z_0-9.]+", r"loras\.(?P<name>[^.]+)\.lora_B")
+    key_re = layer_tensor_key(family.stacks, r"[A-Za-z_0-9.]+", r"loras\.(?P<name>[^.]+)\.lora_B")
     vectors: dict[str, torch.Tensor] = {}
     seen: dict[tuple[str, int], str] = {}
     for key, tensor in tensors.items():

@@ -15,6 +15,7 @@ says to save the adapter with a list instead.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable
 
 from switchboard.server.core.adapter import AdapterValidationError
@@ -131,3 +132,11 @@ def module_matcher(rule: str | Iterable[str] | None, field: str) -> Matcher:
     targets = set(names)
     # PEFT's list rule (peft.tuners.tuners_utils.check_target_module_exists): exact, or a '.'-suffix
     return lambda name: name in targets or any(name.endswith("." + t) for t in targets)
+
+
+def layer_tensor_key(stacks: Iterable[str], module: str, suffix: str) -> re.Pattern[str]:
+    """A checkpoint key `<prefix>.<stack>.<layer>.<module>.<suffix>` of a backbone family (prefix: the
+    model class's base, `bert.`, `model.`, …): groups `stack`, `layer`, `module`. `module` and `suffix`
+    are our own patterns, never a client's."""
+    alternatives = "|".join(re.escape(s) for s in stacks)
+    return re.compile(rf"^(?:[A-Za-z_]+\.)?(?P<stack>{alternatives})\.(?P<layer>\d+)\.(?P<module>{module})\.{suffix}$")

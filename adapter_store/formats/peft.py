@@ -12,24 +12,15 @@ from collections.abc import Callable
 
 import torch
 
-from switchboard.adapter_store.formats.module_patterns import module_matcher
+from switchboard.adapter_store.formats.module_patterns import layer_tensor_key, module_matcher
 from switchboard.adapter_store.limits import UploadLimits, check_count
 from switchboard.server.core.adapter import AdapterValidationError, TaskAdapter
 from switchboard.server.core.backbone import BackboneSpec
-from switchboard.server.core.families import FAMILIES, Family
+from switchboard.server.core.families import family_named
 from switchboard.server.core.tuners.head.config import HeadWeights
 from switchboard.server.core.tuners.ia3.config import Ia3Weights
 
 _WRAPPER = re.compile(r"^base_model\.model\.")
-
-
-def _family(spec: BackboneSpec) -> Family:
-    return next(f for f in FAMILIES if f.name == spec.family)
-
-
-def _layer_key(family: Family) -> re.Pattern[str]:
-    stacks = "|".join(re.escape(s) for s in family.stacks)
-    return re.compile(rf"^(?:[A-Za-z_]+\.)?(?P<stack>{stacks})\.(?P<layer>\d+)\.(?P<module>[A-Za-z_0-9.]+)\.ia3_l$")
 
 
 def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
@@ -38,10 +29,12 @@ def parse(config: dict, tensors: dict[str, torch.Tensor], spec: BackboneSpec,
     if config.get("peft_type") != "IA3":
         raise AdapterValidationError(
             f"unsupported PEFT adapter type {config.get('peft_type')!r}: Switchboard serves PEFT IA3 adapters")
-    family = _family(spec)
+    family = family_named(spec.family)
+    if family is None:
+        raise AdapterValidationError(f"no backbone family {spec.family!r}")
     sites = {(ref.stack, ref.path, ref.where): site for site, ref in family.sites.items()
              if ref.part is None and ref.where != "norm"}
-    layer_key = _layer_key(family)
+    layer_key = layer_tensor_key(family.stacks, r"[A-Za-z_0-9.]+", "ia3_l")
     is_feedforward = module_matcher(config.get("feedforward_modules"), "feedforward_modules")
     seen: dict[tuple[str, int], str] = {}
     vectors: dict[str, torch.Tensor] = {}

@@ -139,8 +139,7 @@ def wrap_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name:
         pooling=family.pooling,
         vocab_size=int(getattr(cfg, "vocab_size", 0) or 0),
     )
-    if family.name != "bert":  # BERT runs the functional fast path (forward.py), no hooks
-        reinstall(model, family)
+    reinstall(model, family)
     return Backbone(model=model, tokenizer=tokenizer, spec=spec)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from switchboard.server.core.families import BERT, Family, family_for
+from switchboard.server.core.families import Family, family_for
 from switchboard.server.core.site_hooks import site_hooks
 from switchboard.server.core.tokenize import split_segments
 from switchboard.server.core.tuners import KINDS_BY_NAME, READOUTS
@@ -186,7 +186,7 @@ def encode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
     (core/tokenize.py: 0 pad, 1 first text, 2 second text of a pair) or a plain 0/1 mask."""
     attention, token_types = split_segments(attention_mask)
     family = family_of(model)
-    if family is BERT:
+    if family.functional:
         return _bert_encode(model, input_ids, attention, token_types, params)
     with site_hooks(model, family).active(params):
         return _hooked_encode(family, model, input_ids, attention, token_types)
@@ -197,7 +197,7 @@ def encoder_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_m
     """Logits [B, C_max] (float32, -inf past each row's label count). The readout reads the segment
     mask (pair pooling); a rank-classification readout runs the decoder, with the hooks still active."""
     family = family_of(model)
-    if family is BERT:
+    if family.functional:
         return params.readout.logits(model, encode(model, input_ids, attention_mask, params), attention_mask)
     return _hooked_forward(family, model, input_ids, attention_mask, params,
                            lambda readout, hidden, mask: readout.logits(model, hidden, mask))

@@ -70,7 +70,7 @@ def prepare(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
     family = family_for(model.config.model_type)
     layers = [layer for stack in (family.stacks if family else ("encoder.layer",))
               for layer in model.get_submodule(stack)]
-    if precision is Precision.BF16 and family is not None and family.name != "bert":
+    if precision is Precision.BF16 and family is not None and not family.functional:
         raise ValueError(f"precision bf16 (bf16 matmuls in a float32 stream) needs the functional BERT path; "
                          f"the {family.name} family runs Hugging Face's forward: use bf16-full or fp32")
     if precision is Precision.BF16:
@@ -85,6 +85,6 @@ def prepare(model: torch.nn.Module, precision: Precision) -> torch.nn.Module:
             raise ValueError("int8 dynamic quantization runs on the CPU only; use bf16 on a GPU")
         for layer in layers:
             torch.ao.quantization.quantize_dynamic(layer, {torch.nn.Linear}, dtype=torch.qint8, inplace=True)
-    if family is not None and family.name != "bert":
+    if family is not None:
         reinstall(model, family)  # quantization replaced the Linears the hooks were on
     return model

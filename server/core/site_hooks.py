@@ -39,7 +39,6 @@ class SiteHooks:
     """The hooks of one model; `active(params)` makes a batch's parameters visible to them."""
 
     def __init__(self, model: torch.nn.Module, family: Family) -> None:
-        self.family = family
         self._current: ContextVar[Any] = ContextVar(f"switchboard_params_{id(self)}", default=None)
         self._handles: list[Any] = []
         grouped: dict[tuple[int, str], tuple[torch.nn.Module, str, int, list[tuple[str, SiteRef]]]] = {}
@@ -131,7 +130,10 @@ def site_hooks(model: torch.nn.Module, family: Family) -> SiteHooks:
     return hooks
 
 
-def reinstall(model: torch.nn.Module, family: Family) -> SiteHooks:
+def reinstall(model: torch.nn.Module, family: Family) -> SiteHooks | None:
+    """Fresh hooks (after precision conversion replaced modules); none for a functional family."""
+    if family.functional:
+        return None
     with _INSTALLING:
         hooks: SiteHooks | None = model.__dict__.pop(_ATTRIBUTE, None)
         if hooks is not None:

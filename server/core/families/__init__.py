@@ -21,4 +21,9 @@ def family_for(model_type: str) -> Family | None:
     return next((f for f in FAMILIES if model_type in f.model_types), None)
 
 
-__all__ = ["ALL_SITES", "BERT", "FAMILIES", "SUPPORTED_MODEL_TYPES", "Family", "SiteRef", "family_for"]
+def family_named(name: str) -> Family | None:
+    """The family a BackboneSpec names (`spec.family`)."""
+    return next((f for f in FAMILIES if f.name == name), None)
+
+
+__all__ = ["ALL_SITES", "BERT", "FAMILIES", "SUPPORTED_MODEL_TYPES", "Family", "SiteRef", "family_for", "family_named"]

@@ -47,15 +47,13 @@ class Family:
     # extra per-model wiring a family needs besides the site hooks (DeBERTa's relative keys)
     install: Callable[[torch.nn.Module, Any], None] | None = None
     call_kwargs: Mapping[str, Any] = field(default_factory=dict)  # extra arguments of the encoder's forward
-    notes: str = ""
+    # runs forward.py's functional layer instead of Hugging Face's forward with site hooks (BERT: measured
+    # faster on the CPU); such a model gets no hooks
+    functional: bool = False
 
     @property
     def stacks(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(ref.stack for ref in self.sites.values()))
-
-    @property
-    def norm_sites(self) -> frozenset[str]:
-        return frozenset(s for s, ref in self.sites.items() if ref.where == "norm")
 
     def site_shapes(self, model: torch.nn.Module) -> dict[str, tuple[int, int]]:
         """site → (layers, vector length) for this model's sizes."""

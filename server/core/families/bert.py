@@ -19,7 +19,7 @@ BERT = Family(
         "ffn_norm": SiteRef(_L, "output.LayerNorm", "norm"),
     },
     pooling="cls",
+    functional=True,
     position_limit=lambda cfg: cfg.max_position_embeddings if cfg.model_type in ("bert", "electra")
     else offset_positions(cfg),
-    notes="functional fast path (forward.py); token types for pairs",
 )

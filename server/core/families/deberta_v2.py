@@ -90,5 +90,4 @@ DEBERTA_V2 = Family(
     pooling="cls",
     attention="eager",
     install=_install,
-    notes="shared-key relative position bias computed per task of a chunk",
 )

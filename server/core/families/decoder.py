@@ -18,5 +18,4 @@ DECODER = Family(
     },
     pooling="last",
     call_kwargs={"use_cache": False},
-    notes="pre-norm (RMSNorm): no LayerNorm sites; right padding, so the last real token sees no pad",
 )

@@ -17,5 +17,4 @@ MODERNBERT = Family(
         "ffn_out": SiteRef(_L, "mlp.Wo", "out"),
     },
     pooling="cls",
-    notes="pre-norm: no LayerNorm sites",
 )

@@ -28,7 +28,6 @@ T5 = Family(
     auto_class="AutoModelForSeq2SeqLM",
     encoder_path="encoder",
     position_limit=lambda cfg: None,
-    notes="rank classification over each task's answer choices; pre-norm: no LayerNorm sites",
 )
 
 # T-Few's (IA)3: PEFT's T5 targets in every stack
